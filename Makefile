@@ -1,0 +1,40 @@
+# fieldkube developer entry points. `make dev` sets up everything (idempotent); `make test` runs all checks.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+PKGS := vision/src trainer/src serving/src operator/src
+
+-include mk/*.mk
+
+.PHONY: dev test unit integration lint fmt typecheck cluster cluster-down demo demo-down demo-cluster \
+        bench-train bench-serve bench-accuracy bench-operator clean
+
+dev:  ## set up Debian packages, .venv, Horovod and the local control plane binaries
+	@hack/dev.sh
+
+test: lint  ## lint + type check + the whole test suite (unit and integration)
+	$(PY) -m pytest
+
+unit:
+	$(PY) -m pytest tests/unit
+
+integration:
+	$(PY) -m pytest tests/integration
+
+lint:  ## ruff (lint + format check) and mypy on all four packages
+	$(PY) -m ruff check $(PKGS) tests bench hack
+	$(PY) -m ruff format --check $(PKGS) tests bench hack
+	$(PY) -m mypy $(PKGS)
+
+fmt:
+	$(PY) -m ruff check --fix $(PKGS) tests bench hack
+	$(PY) -m ruff format $(PKGS) tests bench hack
+
+clean:
+	rm -rf .mypy_cache .ruff_cache .pytest_cache
+
+lock:  ## re-pin constraints.txt from the current .venv (after changing a pyproject's dependencies)
+	@{ echo "# Exact versions for the whole .venv, resolved on Python 3.11 / Debian 12 x86_64. Regenerate with"; \
+	   echo "# 'make lock' after changing a pyproject's dependencies. horovod is built from its sdist by hack/build-horovod.sh."; \
+	   $(PY) -m pip freeze --all --exclude-editable | grep -viE "^(horovod|fieldkube|pip)[=@ ]"; } > constraints.txt

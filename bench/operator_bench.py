@@ -1,0 +1,228 @@
+"""Operator overhead: N TrainingJobs through the operator vs the same N MPIJobs applied directly, one run.
+
+Starts the local control plane (hack/cluster/harness.py) and the operator with its own ServiceAccount,
+then: (1) `kubectl create` of N MPIJobs built by the operator's own builder, timed until all exist;
+(2) `kubectl create` of N equivalent TrainingJobs, timed until the operator has created every MPIJob,
+with per-job latency (TrainingJob seen → its MPIJob seen, by one watching client) and the operator's peak
+RSS. Writes bench/results/operator.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import platform
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+import yaml
+from kubernetes import client, config, watch
+
+from fieldkube.operator.mpijob_builder import build_mpijob
+from fieldkube.operator.spec import parse_spec
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def load_harness() -> Any:
+    spec = importlib.util.spec_from_file_location(
+        "fieldkube_cluster_harness", ROOT / "hack/cluster/harness.py"
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def job_spec() -> dict[str, Any]:
+    return {"dataset": {"path": "prepared/x"}, "workers": 1, "gpusPerWorker": 1, "pendingTimeoutSeconds": 0}
+
+
+def trainingjobs(n: int) -> list[dict[str, Any]]:
+    return [
+        {
+            "apiVersion": "fieldkube.io/v1alpha1",
+            "kind": "TrainingJob",
+            "metadata": {"name": f"tj-{i:04d}"},
+            "spec": job_spec(),
+        }
+        for i in range(n)
+    ]
+
+
+def mpijobs(n: int, namespace: str) -> list[dict[str, Any]]:
+    spec = parse_spec(job_spec())
+    return [build_mpijob(f"mj-{i:04d}", namespace, f"uid-{i}", spec) for i in range(n)]
+
+
+class Watcher(threading.Thread):
+    """Records when this client first sees each object of one kind in a namespace."""
+
+    def __init__(self, api: client.CustomObjectsApi, group: str, version: str, plural: str, namespace: str):
+        super().__init__(daemon=True)
+        self.args = (group, version, namespace, plural)
+        self.api, self.seen, self.stop_flag = api, {}, False
+        self.ready = threading.Event()
+
+    def run(self) -> None:
+        w = watch.Watch()
+        self.ready.set()
+        while not self.stop_flag:
+            for event in w.stream(self.api.list_namespaced_custom_object, *self.args, timeout_seconds=5):
+                name = event["object"]["metadata"]["name"]
+                self.seen.setdefault(name, time.monotonic())
+                if self.stop_flag:
+                    break
+
+
+class RssSampler(threading.Thread):
+    def __init__(self, pid: int) -> None:
+        super().__init__(daemon=True)
+        self.proc, self.peak, self.stop_flag = psutil.Process(pid), 0, False
+
+    def run(self) -> None:
+        while not self.stop_flag:
+            try:
+                procs = [self.proc, *self.proc.children(recursive=True)]
+                self.peak = max(self.peak, sum(p.memory_info().rss for p in procs))
+            except psutil.Error:
+                pass
+            time.sleep(0.1)
+
+
+def wait_all(watcher: Watcher, names: list[str], timeout: float) -> float:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if all(n in watcher.seen for n in names):
+            return max(watcher.seen[n] for n in names)
+        time.sleep(0.05)
+    missing = [n for n in names if n not in watcher.seen]
+    raise SystemExit(f"timed out: {len(missing)} of {len(names)} MPIJobs missing (e.g. {missing[:3]})")
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def run_one(
+    cluster: Any, api: client.CustomObjectsApi, n: int, operator_pid: int, run_id: str
+) -> dict[str, Any]:
+    direct_ns, operator_ns = f"direct-{run_id}", f"operator-{run_id}"
+    for ns in (direct_ns, operator_ns):
+        cluster.create_namespace(ns)
+
+    direct = Watcher(api, "kubeflow.org", "v2beta1", "mpijobs", direct_ns)
+    direct.start()
+    direct.ready.wait()
+    docs = mpijobs(n, direct_ns)
+    t0 = time.monotonic()
+    cluster.kubectl("create", "-n", direct_ns, "-f", "-", input=yaml.safe_dump_all(docs), timeout=1800)
+    direct_s = wait_all(direct, [d["metadata"]["name"] for d in docs], 1800) - t0
+    direct.stop_flag = True
+
+    tj_watch = Watcher(api, "fieldkube.io", "v1alpha1", "trainingjobs", operator_ns)
+    mj_watch = Watcher(api, "kubeflow.org", "v2beta1", "mpijobs", operator_ns)
+    for w in (tj_watch, mj_watch):
+        w.start()
+        w.ready.wait()
+    sampler = RssSampler(operator_pid)
+    sampler.start()
+    docs = trainingjobs(n)
+    t0 = time.monotonic()
+    cluster.kubectl("create", "-n", operator_ns, "-f", "-", input=yaml.safe_dump_all(docs), timeout=1800)
+    names = [d["metadata"]["name"] for d in docs]
+    all_s = wait_all(mj_watch, names, 3600) - t0
+    latencies = [mj_watch.seen[name] - tj_watch.seen.get(name, t0) for name in names]
+    time.sleep(2)
+    sampler.stop_flag = tj_watch.stop_flag = mj_watch.stop_flag = True
+    return {
+        "jobs": n,
+        "seconds_until_all_mpijobs": round(all_s, 3),
+        "reconcile_p50_s": round(percentile(latencies, 0.5), 3),
+        "reconcile_p95_s": round(percentile(latencies, 0.95), 3),
+        "reconcile_mean_s": round(statistics.fmean(latencies), 3),
+        "operator_peak_rss_mb": round(sampler.peak / 2**20, 1),
+        "direct_mpijobs_seconds": round(direct_s, 3),
+        "overhead_ratio": round(all_s / direct_s, 2) if direct_s > 0 else None,
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--jobs", type=int, default=100)
+    parser.add_argument("--jobs-large", type=int, default=0, help="a second, larger round (e.g. 1000)")
+    parser.add_argument("--nodes", type=int, default=16)
+    parser.add_argument("--out", type=Path, default=ROOT / "bench/results/operator.json")
+    args = parser.parse_args()
+
+    harness = load_harness()
+    state = Path(tempfile.mkdtemp(prefix="fieldkube-bench-operator-"))
+    cluster = harness.LocalCluster(state, nodes=args.nodes)
+    cluster.start()
+    operator = None
+    try:
+        sa = cluster.service_account_kubeconfig("fieldkube-system", "fieldkube-operator", create=False)
+        log = (state / "operator.log").open("w")
+        env = {**os.environ, "KUBECONFIG": str(sa)}
+        operator = subprocess.Popen(
+            [
+                str(BIN / "fieldkube-operator"),
+                "run",
+                "--standalone",
+                "--metrics-port",
+                str(free_port()),
+                "--health-port",
+                str(free_port()),
+            ],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        time.sleep(3)
+        config.load_kube_config(str(cluster.kubeconfig))
+        api = client.CustomObjectsApi()
+        rounds = [run_one(cluster, api, args.jobs, operator.pid, "a")]
+        if args.jobs_large:
+            rounds.append(run_one(cluster, api, args.jobs_large, operator.pid, "b"))
+        result = {
+            **rounds[0],
+            "rounds": rounds,
+            "nodes": args.nodes,
+            "cpus": os.cpu_count(),
+            "machine": platform.node(),
+            "python": platform.python_version(),
+        }
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+        print(json.dumps(result, indent=2))
+    finally:
+        if operator is not None:
+            os.killpg(operator.pid, signal.SIGTERM)
+            operator.wait(timeout=30)
+        cluster.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,270 @@
+"""Load benchmark of fieldkube-serve: req/s and latency percentiles at concurrency 1, 4 and 16 on a
+1280x720 count and a 2048x2048 segment, with batching on and off, side by side with the bare model's
+batched forward pass over the same tiles (serving overhead as a ratio). Writes bench/results/serve.json.
+
+Models have fixed random weights (speed does not depend on training); sizes are recorded in the output.
+Traffic goes only to a server this script starts on 127.0.0.1 and stops at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import requests
+import torch
+
+from fieldkube.serving.inference import cut_tiles, plan_tiles
+from fieldkube.vision.bundle import load_bundle, save_bundle
+from fieldkube.vision.imageio import encode_png
+from fieldkube.vision.models import build_model, count_parameters
+from fieldkube.vision.synthetic import make_aerial_scene, make_field_image
+
+CONCURRENCY = (1, 4, 16)
+WORKLOADS: dict[str, dict[str, Any]] = {
+    "count": {
+        "endpoint": "/v1/count",
+        "model": "counter-mcnn",
+        "params": {"width": 0.5},
+        "tile": 224,
+        "overlap": 32,
+        "size": (720, 1280),
+    },
+    "segment": {
+        "endpoint": "/v1/segment?mask=none",
+        "model": "segmenter-unet",
+        "params": {"base_channels": 4, "depth": 4, "dropout": 0.0},
+        "tile": 256,
+        "overlap": 32,
+        "size": (2048, 2048),
+    },
+}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def make_bundles(root: Path) -> dict[str, Path]:
+    torch.manual_seed(0)
+    paths = {}
+    for task, spec in WORKLOADS.items():
+        model = build_model(spec["model"], **spec["params"])
+        paths[task] = root / task
+        save_bundle(paths[task], model, spec["model"], spec["params"], tile=spec["tile"])
+    return paths
+
+
+def make_image(task: str) -> np.ndarray:
+    rng = np.random.default_rng(1)
+    height, width = WORKLOADS[task]["size"]
+    if task == "count":
+        return make_field_image(rng, height, width, 80).image
+    return make_aerial_scene(rng, height, width).image
+
+
+def bare_forward_rps(
+    bundle: Path, image: np.ndarray, tile: int, overlap: int, batch: int, seconds: float
+) -> float:
+    """Images/s of the model alone: the same tiles, batched forward passes, no HTTP, decode or stitch."""
+    model = load_bundle(bundle).model
+    plan = plan_tiles(image.shape[0], image.shape[1], tile, overlap, max_tiles=100_000)
+    tiles = torch.from_numpy(cut_tiles(image, plan))
+    with torch.inference_mode():
+        model(tiles[:batch])  # warm-up
+        images = 0
+        start = time.perf_counter()
+        while True:
+            for i in range(0, len(tiles), batch):
+                model(tiles[i : i + batch])
+            images += 1
+            if time.perf_counter() - start >= seconds:
+                break
+    return images / (time.perf_counter() - start)
+
+
+class Server:
+    """fieldkube-serve as a subprocess on a free loopback port."""
+
+    def __init__(self, bundles: dict[str, Path], batch_size: int, threads: int, log: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        command = [
+            str(Path(sys.executable).parent / "fieldkube-serve"),
+            "--counter", str(bundles["count"]),
+            "--segmenter", str(bundles["segment"]),
+            "--port", str(self.port),
+            "--max-batch-size", str(batch_size),
+            "--max-queue-tiles", "100000",
+            "--request-timeout-s", "600",
+            "--torch-threads", str(threads),
+            "--log-level", "warning",
+        ]  # fmt: skip
+        self._log = log.open("wb")
+        self.process = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 300
+        while True:
+            try:
+                if requests.get(f"{self.url}/v2/health/ready", timeout=2).status_code == 200:
+                    return
+            except requests.ConnectionError:
+                pass
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"fieldkube-serve did not become ready; see {log}")
+            time.sleep(0.2)
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+        self._log.close()
+
+
+def load(url: str, body: bytes, concurrency: int, requests_total: int) -> dict[str, float]:
+    """Closed-loop load: `concurrency` clients send `requests_total` requests; latency percentiles."""
+    latencies: list[float] = []
+    lock = threading.Lock()
+    remaining = [requests_total]
+
+    def client() -> None:
+        with requests.Session() as session:
+            while True:
+                with lock:
+                    if remaining[0] == 0:
+                        return
+                    remaining[0] -= 1
+                start = time.perf_counter()
+                response = session.post(url, data=body, headers={"Content-Type": "image/png"}, timeout=600)
+                elapsed = time.perf_counter() - start
+                if response.status_code != 200:
+                    raise RuntimeError(f"{url}: {response.status_code} {response.text[:200]}")
+                with lock:
+                    latencies.append(elapsed)
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=concurrency) as pool:
+        for future in [pool.submit(client) for _ in range(concurrency)]:
+            future.result()
+    wall = time.perf_counter() - start
+    p50, p95, p99 = np.percentile(latencies, [50, 95, 99])
+    return {
+        "requests": len(latencies),
+        "rps": len(latencies) / wall,
+        "p50_s": float(p50),
+        "p95_s": float(p95),
+        "p99_s": float(p99),
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("bench/results/serve.json"))
+    parser.add_argument("--requests", type=int, default=0, help="requests per level (default: max(6, 2c))")
+    parser.add_argument(
+        "--bare-seconds", type=float, default=8.0, help="time spent measuring each bare forward"
+    )
+    parser.add_argument(
+        "--threads", type=int, default=os.cpu_count() or 1, help="torch threads (server and bare)"
+    )
+    parser.add_argument("--batch-size", type=int, default=16, help="max batch size with batching on")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    started = time.time()
+    with tempfile.TemporaryDirectory(prefix="serve-bench-") as tmp:
+        root = Path(tmp)
+        bundles = make_bundles(root)
+        bodies = {task: encode_png(make_image(task)) for task in WORKLOADS}
+        results: dict[str, Any] = {}
+        for task, spec in WORKLOADS.items():
+            image = make_image(task)
+            plan = plan_tiles(image.shape[0], image.shape[1], spec["tile"], spec["overlap"], 100_000)
+            model = build_model(spec["model"], **spec["params"])
+            print(f"[{task}] bare forward ...", flush=True)
+            results[task] = {
+                "image": f"{image.shape[1]}x{image.shape[0]}",
+                "model": spec["model"],
+                "model_params": spec["params"],
+                "parameters": count_parameters(model),
+                "tile": spec["tile"],
+                "overlap": spec["overlap"],
+                "tiles_per_image": len(plan.boxes),
+                "png_bytes": len(bodies[task]),
+                "bare_forward_rps": bare_forward_rps(
+                    bundles[task], image, spec["tile"], spec["overlap"], args.batch_size, args.bare_seconds
+                ),
+            }
+        for mode, batch_size in (("batching_on", args.batch_size), ("batching_off", 1)):
+            server = Server(bundles, batch_size, args.threads, root / f"serve-{mode}.log")
+            try:
+                for task, spec in WORKLOADS.items():
+                    url = server.url + spec["endpoint"]
+                    load(url, bodies[task], 1, 1)  # warm-up
+                    levels = {}
+                    for concurrency in CONCURRENCY:
+                        total = args.requests or max(6, 2 * concurrency)
+                        print(f"[{task}] {mode} concurrency {concurrency}: {total} requests ...", flush=True)
+                        levels[str(concurrency)] = load(url, bodies[task], concurrency, total)
+                    results[task][mode] = levels
+            finally:
+                server.stop()
+        for task in WORKLOADS:
+            entry = results[task]
+            best = max(CONCURRENCY, key=lambda c: entry["batching_on"][str(c)]["rps"])
+            best_on = entry["batching_on"][str(best)]["rps"]
+            best_off = max(level["rps"] for level in entry["batching_off"].values())
+            entry["best_concurrency"] = best
+            entry["overhead_ratio"] = best_on / entry["bare_forward_rps"]
+            entry["batching_gain"] = best_on / best_off
+    report = {
+        "benchmark": "serve",
+        "machine": {
+            "cpus": os.cpu_count(),
+            "torch_threads": args.threads,
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "device": "cuda" if torch.cuda.is_available() else "cpu",
+            "load_average_at_end": os.getloadavg()[0],
+        },
+        "definitions": {
+            "rps": "completed requests per second (closed loop, PNG upload to JSON answer)",
+            "bare_forward_rps": "images per second of the model's batched forward over the same tiles alone",
+            "overhead_ratio": "served rps with batching at the best concurrency / bare_forward_rps",
+            "batching_gain": "best rps with batching on / best rps with batching off (max batch size 1)",
+        },
+        "max_batch_size": args.batch_size,
+        "results": results,
+        "wall_s": time.time() - started,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(
+        json.dumps(
+            {
+                t: {k: results[t][k] for k in ("bare_forward_rps", "overhead_ratio", "batching_gain")}
+                for t in results
+            }
+        )
+    )
+    print(f"wrote {args.out} in {report['wall_s']:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,161 @@
+"""Training throughput benchmark: fieldkube-train vs a bare PyTorch loop, Horovod vs DDP at 2 ranks.
+
+One run, side by side, on the same model (counter-mcnn), tile and per-worker batch:
+  - fieldkube-train, 1 process (real Parquet shards, augmentation, prefetching loader, metrics, checkpoints off)
+  - a minimal hand-written loop (same model, optimizer, loss, batch; pre-made tensors, no data loading)
+  - fieldkube-train under horovodrun -np 2 (Gloo) and under torchrun --nproc-per-node 2 (DDP, gloo)
+Figures: steady-state images/s (first step excluded), overhead ratio = fieldkube / bare, loader wait share.
+Writes JSON (--out) and a bar chart next to it (.png).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+BIN = Path(sys.executable).parent
+
+
+def _env(threads: int) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    env.update(OMP_NUM_THREADS=str(threads), HOROVOD_GLOO_IFACE="lo", OMPI_MCA_btl_tcp_if_include="lo")
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return env
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _train(launcher: list[str], data: Path, out: Path, args: argparse.Namespace, threads: int) -> dict:
+    cmd = [
+        *launcher, "--data", str(data), "--set", f"output_dir={out}",
+        "--set", f"train.batch_size={args.batch}", "--set", f"train.max_steps={args.steps}",
+        "--set", "train.epochs=1000", "--set", "train.evaluate=false", "--set", "train.log_every_steps=5",
+        "--set", f"data.loader_workers={args.loader_workers}", "--set", f"runtime.threads={threads}",
+        "--set", "metrics.port=0", "--set", "checkpoint.every_epochs=null",
+    ]  # fmt: skip
+    began = time.perf_counter()
+    proc = subprocess.run(cmd, env=_env(threads), capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        sys.exit(f"benchmark run failed: {' '.join(cmd)}\n{proc.stderr[-4000:]}")
+    trained = json.loads((out / "summary.json").read_text())["trained"]
+    print(f"  {launcher[0].rsplit('/', 1)[-1]:>22}: {trained['train_images_per_second']:.1f} img/s, "
+          f"loader wait {100 * trained['loader_wait_share']:.1f}% ({time.perf_counter() - began:.0f}s wall)")
+    return dict(trained)
+
+
+def bare_loop(args: argparse.Namespace, threads: int) -> float:
+    """Images/s of the plainest loop: fixed tensors, forward, per-image L2 loss, backward, Adam step."""
+    import torch
+
+    from fieldkube.trainer.losses import l2_per_image
+    from fieldkube.vision.models import build_model
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    model = build_model("counter-mcnn")
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    inputs = torch.randn(args.batch, 3, args.tile, args.tile)
+    targets = torch.rand(args.batch, 1, args.tile, args.tile) * 0.01
+    elapsed = 0.0
+    for step in range(args.steps):
+        began = time.perf_counter()
+        optimizer.zero_grad()
+        loss = l2_per_image(model(inputs), targets)
+        loss.backward()
+        optimizer.step()
+        if step > 0:
+            elapsed += time.perf_counter() - began
+    rate = args.batch * (args.steps - 1) / elapsed
+    print(f"  {'bare PyTorch loop':>22}: {rate:.1f} img/s")
+    return rate
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = ["bare loop", "fieldkube (1)", "Horovod (2)", "DDP (2)"]
+    keys = ["bare_loop_images_per_s", "fieldkube_images_per_s", "horovod_images_per_s", "ddp_images_per_s"]
+    values = [results[k] for k in keys]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.bar(labels, values, color=["#888", "#2a7", "#27a", "#a72"])
+    ax.set_ylabel("images / s")
+    ax.set_title(f"counter-mcnn, {results['tile']}px tiles, batch {results['batch_per_worker']}/worker (CPU)")
+    for i, v in enumerate(values):
+        ax.text(i, v, f"{v:.1f}", ha="center", va="bottom")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("bench/results/train.json"))
+    parser.add_argument("--tile", type=int, default=128)
+    parser.add_argument("--batch", type=int, default=8, help="images per worker per step")
+    parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads of the 1-process runs")
+    parser.add_argument("--loader-workers", type=int, default=1)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="fieldkube-bench-") as tmp:
+        root = Path(tmp)
+        data = root / "data"
+        print(f"preparing synthetic field data ({args.tile}px tiles) ...")
+        subprocess.run(
+            [str(BIN / "fieldkube-prepare"), "--synthetic", "field", "--num-images", "16", "--image-size",
+             f"{2 * args.tile}x{3 * args.tile}", "--tile", str(args.tile), "--no-balance", "--split", "90/10",
+             "--workers", "2", "--out", str(data)],
+            check=True, capture_output=True, env=_env(1),
+        )  # fmt: skip
+        print(f"training {args.steps} steps each:")
+        single = _train([str(BIN / "fieldkube-train")], data, root / "single", args, args.threads)
+        bare = bare_loop(args, args.threads)
+        horovod_cmd = [str(BIN / "horovodrun"), "-np", "2", "-H", "localhost:2", "--gloo",
+                       "--network-interface", "lo", str(BIN / "fieldkube-train")]  # fmt: skip
+        horovod = _train(horovod_cmd, data, root / "horovod", args, max(1, args.threads // 2))
+        ddp_cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr",
+                   "127.0.0.1", "--master-port", str(_free_port()), "-m", "fieldkube.trainer.cli",
+                   "--set", "runtime.backend=ddp"]  # fmt: skip
+        ddp = _train(ddp_cmd, data, root / "ddp", args, max(1, args.threads // 2))
+    results = {
+        "fieldkube_images_per_s": round(single["train_images_per_second"], 2),
+        "bare_loop_images_per_s": round(bare, 2),
+        "overhead_ratio": round(single["train_images_per_second"] / bare, 3),
+        "horovod_images_per_s": round(horovod["train_images_per_second"], 2),
+        "ddp_images_per_s": round(ddp["train_images_per_second"], 2),
+        "loader_wait_share": round(single["loader_wait_share"], 4),
+        "horovod_loader_wait_share": round(horovod["loader_wait_share"], 4),
+        "ddp_loader_wait_share": round(ddp["loader_wait_share"], 4),
+        "model": "counter-mcnn",
+        "tile": args.tile,
+        "batch_per_worker": args.batch,
+        "steps": args.steps,
+        "threads": args.threads,
+        "loader_workers": args.loader_workers,
+        "cpu_count": os.cpu_count(),
+        "device": "cpu",
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp_out = args.out.with_suffix(".json.tmp")
+    tmp_out.write_text(json.dumps(results, indent=2) + "\n")
+    tmp_out.replace(args.out)
+    plot(results, args.out.with_suffix(".png"))
+    print(json.dumps(results, indent=2))
+    print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1055 @@
+"""A real local Kubernetes control plane for tests, benchmarks and `make cluster`.
+
+It runs etcd, kube-apiserver (TLS, RBAC, service-account tokens), kube-controller-manager,
+kube-scheduler, the kwok controller (fake GPU nodes; pods are simulated, no containers run) and the
+Kubeflow mpi-operator as plain processes bound to 127.0.0.1, from the binaries that
+hack/build-cluster-bins.sh caches. Everything a cluster writes lives in its state directory:
+certificates, kubeconfigs, etcd data, logs (logs/<component>.log) and the process table
+(processes.json), so `down` can stop a cluster that another process started.
+
+Use it from Python (one cluster per pytest session)::
+
+    cluster = LocalCluster(tmp_path / "cluster", nodes=4).start()
+    cluster.kubectl("get", "nodes")
+    sa_kubeconfig = cluster.service_account_kubeconfig("fieldkube-system", "fieldkube-operator")
+    cluster.stop()
+
+or from the command line (what `make cluster` / `make cluster-down` run)::
+
+    python hack/cluster/harness.py up --state-dir DIR --nodes 4
+    python hack/cluster/harness.py spawn --state-dir DIR --name operator -- python -m ...
+    python hack/cluster/harness.py down --state-dir DIR
+
+Pod simulation annotations (fieldkube.io/simulate-exit-code and friends) are documented in
+hack/cluster/kwok-stages.yaml and hack/cluster/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import contextlib
+import datetime
+import ipaddress
+import json
+import os
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.x509.oid import NameOID
+
+HERE = Path(__file__).resolve().parent
+REPO_ROOT = HERE.parents[1]
+STAGES_FILE = HERE / "kwok-stages.yaml"
+VERSIONS_FILE = HERE / "versions.env"
+
+FAKE_NODE_ANNOTATION = "kwok.x-k8s.io/node"
+GPU_RESOURCE = "nvidia.com/gpu"
+SERVICE_CLUSTER_IP_RANGE = "10.96.0.0/16"
+POD_CIDR = "10.128.0.0/12"
+MPI_OPERATOR_USER = "fieldkube:mpi-operator"
+CONTROL_PLANE = (
+    "etcd",
+    "kube-apiserver",
+    "kube-controller-manager",
+    "kube-scheduler",
+    "kwok",
+    "mpi-operator",
+)
+
+T = TypeVar("T")
+
+
+class ClusterError(RuntimeError):
+    """The local cluster could not be built, started, reached or stopped."""
+
+
+def default_cache_dir() -> Path:
+    """The cache that hack/build-cluster-bins.sh fills (``$FIELDKUBE_CACHE`` or ~/.cache/fieldkube)."""
+    return Path(os.environ.get("FIELDKUBE_CACHE", Path.home() / ".cache" / "fieldkube")).expanduser()
+
+
+def default_state_dir(name: str = "local") -> Path:
+    """Where `make cluster` keeps a named cluster: outside the repository, beside the binaries."""
+    return default_cache_dir() / "clusters" / name
+
+
+@dataclass(frozen=True)
+class Versions:
+    """The pinned component versions (hack/cluster/versions.env)."""
+
+    kubernetes: str
+    etcd: str
+    kwok: str
+    mpi_operator: str
+
+    @classmethod
+    def load(cls, path: Path = VERSIONS_FILE) -> Versions:
+        values: dict[str, str] = {}
+        for raw in path.read_text().splitlines():
+            line = raw.strip()
+            if line and not line.startswith("#") and "=" in line:
+                key, _, value = line.partition("=")
+                values[key.strip()] = value.strip()
+        try:
+            return cls(
+                kubernetes=values["KUBERNETES_VERSION"],
+                etcd=values["ETCD_VERSION"],
+                kwok=values["KWOK_VERSION"],
+                mpi_operator=values["MPI_OPERATOR_VERSION"],
+            )
+        except KeyError as missing:
+            raise ClusterError(f"{path} does not set {missing}") from None
+
+
+@dataclass(frozen=True)
+class Binaries:
+    """Paths of the cached binaries for one set of versions."""
+
+    bin_dir: Path
+    versions: Versions
+
+    def path(self, component: str) -> Path:
+        version = {
+            "etcd": self.versions.etcd,
+            "kwok": self.versions.kwok,
+            "mpi-operator": self.versions.mpi_operator,
+        }.get(component, self.versions.kubernetes)
+        return self.bin_dir / f"{component}-{version}" / component
+
+    @property
+    def mpijob_crd(self) -> Path:
+        return self.path("mpi-operator").parent / "kubeflow.org_mpijobs.yaml"
+
+    @property
+    def mpi_operator_cluster_role(self) -> Path:
+        return self.path("mpi-operator").parent / "cluster-role.yaml"
+
+    def check(self) -> None:
+        wanted = [self.path(c) for c in (*CONTROL_PLANE, "kubectl")]
+        wanted += [self.mpijob_crd, self.mpi_operator_cluster_role]
+        missing = [str(p) for p in wanted if not p.exists()]
+        if missing:
+            raise ClusterError(
+                "local control plane binaries are missing (build them with `make dev` or "
+                "hack/build-cluster-bins.sh): " + ", ".join(missing)
+            )
+
+
+# --- certificates -------------------------------------------------------------------------------
+
+
+@dataclass
+class _KeyPair:
+    key: ec.EllipticCurvePrivateKey
+    cert: x509.Certificate
+
+    @property
+    def key_pem(self) -> bytes:
+        return self.key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+
+    @property
+    def cert_pem(self) -> bytes:
+        return self.cert.public_bytes(serialization.Encoding.PEM)
+
+
+def _name(common_name: str, organization: str | None = None) -> x509.Name:
+    attributes = [x509.NameAttribute(NameOID.COMMON_NAME, common_name)]
+    if organization:
+        attributes.append(x509.NameAttribute(NameOID.ORGANIZATION_NAME, organization))
+    return x509.Name(attributes)
+
+
+def _issue(
+    subject: x509.Name,
+    issuer: _KeyPair | None,
+    *,
+    ca: bool = False,
+    server_names: Sequence[str] = (),
+    server_ips: Sequence[str] = (),
+    client: bool = False,
+) -> _KeyPair:
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.UTC)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer.cert.subject if issuer else subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=365))
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+    )
+    if ca:
+        builder = builder.add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                key_cert_sign=True,
+                crl_sign=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+    else:
+        usages = [x509.ExtendedKeyUsageOID.CLIENT_AUTH] if client else []
+        if server_names or server_ips:
+            usages.append(x509.ExtendedKeyUsageOID.SERVER_AUTH)
+            sans: list[x509.GeneralName] = [x509.DNSName(n) for n in server_names]
+            sans += [x509.IPAddress(ipaddress.ip_address(ip)) for ip in server_ips]
+            builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        builder = builder.add_extension(x509.ExtendedKeyUsage(usages), critical=False)
+    signer = issuer.key if issuer else key
+    return _KeyPair(key=key, cert=builder.sign(signer, hashes.SHA256()))
+
+
+def _write(path: Path, data: bytes | str, mode: int = 0o600) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data.encode() if isinstance(data, str) else data)
+    path.chmod(mode)
+    return path
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+# --- processes ----------------------------------------------------------------------------------
+
+
+@dataclass
+class _Process:
+    name: str
+    pid: int
+    argv: list[str]
+    log: str
+
+    def alive(self) -> bool:
+        """True while the recorded pid still runs the recorded program (pids get reused)."""
+        try:
+            cmdline = Path(f"/proc/{self.pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            return False
+        stat = Path(f"/proc/{self.pid}/stat").read_text(errors="replace")
+        if stat.rsplit(")", 1)[-1].split()[0] == "Z":
+            return False
+        return bool(cmdline) and cmdline[0].decode(errors="replace") == self.argv[0]
+
+
+def _wait_until(
+    what: str,
+    probe: Callable[[], T | None],
+    timeout: float,
+    interval: float = 0.2,
+    on_fail: Callable[[], str] | None = None,
+) -> T:
+    """Poll ``probe`` until it returns a value other than None/False, or fail naming ``what``."""
+    deadline = time.monotonic() + timeout
+    last_error: Exception | None = None
+    while True:
+        try:
+            value = probe()
+            if value is not None and value is not False:
+                return value
+        except Exception as exc:  # the probe's failure is reported if the wait times out
+            last_error = exc
+        if time.monotonic() > deadline:
+            detail = f" (last error: {last_error})" if last_error else ""
+            extra = f"\n{on_fail()}" if on_fail else ""
+            raise ClusterError(f"timed out after {timeout:.0f}s waiting for {what}{detail}{extra}")
+        time.sleep(interval)
+
+
+def _tail(path: Path, lines: int = 30) -> str:
+    try:
+        text = path.read_text(errors="replace").splitlines()
+    except OSError:
+        return f"({path} is unreadable)"
+    return f"--- last {lines} lines of {path} ---\n" + "\n".join(text[-lines:])
+
+
+# --- the cluster --------------------------------------------------------------------------------
+
+
+@dataclass
+class LocalCluster:
+    """One local control plane with ``nodes`` fake GPU nodes, driven from ``state_dir``.
+
+    ``start()`` wipes any previous state in ``state_dir`` (after making sure no cluster of it still
+    runs) and returns once the API server answers, every node is Ready and schedulable, the MPIJob
+    CRD is established and the mpi-operator runs. YAML files under ``manifests/crd/`` and then
+    ``manifests/rbac/`` of the repository are applied if those directories exist.
+    """
+
+    state_dir: Path
+    nodes: int = 4
+    gpus_per_node: int = 8
+    node_cpu: str = "96"
+    node_memory: str = "768Gi"
+    node_max_pods: int = 256
+    node_name_prefix: str = "gpu-node-"
+    bin_dir: Path | None = None
+    manifests_dir: Path | None = REPO_ROOT / "manifests"
+    start_timeout: float = 180.0
+    verbose: bool = False
+    versions: Versions = field(default_factory=Versions.load)
+
+    def __post_init__(self) -> None:
+        self.state_dir = Path(self.state_dir).expanduser().resolve()
+        self.binaries = Binaries(self.bin_dir or default_cache_dir() / "bin", self.versions)
+        self._processes: dict[str, _Process] = {}
+        self._load_processes()
+
+    # -- paths and identity ---------------------------------------------------------------------
+
+    @property
+    def kubeconfig(self) -> Path:
+        """Admin kubeconfig (user kubernetes-admin, group system:masters)."""
+        return self.state_dir / "kubeconfig"
+
+    @property
+    def ca_file(self) -> Path:
+        return self.state_dir / "pki" / "ca.crt"
+
+    @property
+    def server(self) -> str:
+        """The API server's URL, e.g. https://127.0.0.1:41234."""
+        return str(self._info()["server"])
+
+    @property
+    def node_names(self) -> list[str]:
+        return [f"{self.node_name_prefix}{i}" for i in range(self.nodes)]
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.state_dir / "logs"
+
+    def log_path(self, component: str) -> Path:
+        return self.logs_dir / f"{component}.log"
+
+    def _info(self) -> dict[str, Any]:
+        path = self.state_dir / "cluster.json"
+        if not path.exists():
+            raise ClusterError(f"no cluster has been started in {self.state_dir}")
+        info: dict[str, Any] = json.loads(path.read_text())
+        return info
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    def __enter__(self) -> LocalCluster:
+        return self.start()
+
+    def __exit__(self, *_: object) -> None:
+        self.stop()
+
+    def running(self) -> bool:
+        """True if every control plane process of this state directory is alive (spawned extras aside)."""
+        core = [self._processes.get(name) for name in CONTROL_PLANE]
+        return all(p is not None and p.alive() for p in core)
+
+    def start(self) -> LocalCluster:
+        self.binaries.check()
+        if self.nodes < 1:
+            raise ClusterError(f"nodes must be >= 1 (got {self.nodes})")
+        if any(p.alive() for p in self._processes.values()):
+            raise ClusterError(
+                f"a cluster is already running from {self.state_dir}; stop it first "
+                f"(python {Path(__file__).relative_to(REPO_ROOT)} down --state-dir {self.state_dir})"
+            )
+        t0 = time.monotonic()
+        self._reset_state_dir()
+        try:
+            self._start_all(t0)
+        except BaseException:
+            self.stop()
+            raise
+        self._progress(f"cluster ready in {time.monotonic() - t0:.1f}s; KUBECONFIG={self.kubeconfig}")
+        return self
+
+    def stop(self, timeout: float = 15.0) -> None:
+        """Stop every process of this cluster (newest first); the state directory stays for post-mortems."""
+        for proc in reversed(list(self._processes.values())):
+            self._terminate(proc, timeout)
+        self._processes.clear()
+        self._save_processes()
+
+    def _reset_state_dir(self) -> None:
+        if self.state_dir.exists():
+            marker = self.state_dir / "cluster.json"
+            if (
+                any(self.state_dir.iterdir())
+                and not marker.exists()
+                and not (self.state_dir / "pki").exists()
+            ):
+                raise ClusterError(f"{self.state_dir} is not empty and holds no cluster: refusing to wipe it")
+            shutil.rmtree(self.state_dir)
+        for sub in ("pki", "logs", "etcd", "kubeconfigs"):
+            (self.state_dir / sub).mkdir(parents=True, exist_ok=True)
+        self.state_dir.chmod(0o700)
+
+    def _start_all(self, t0: float) -> None:
+        ports = {name: _free_port() for name in ("etcd", "etcd-peer", "apiserver", "cm", "scheduler", "mpi")}
+        info = {
+            "server": f"https://127.0.0.1:{ports['apiserver']}",
+            "ports": ports,
+            "nodes": self.node_names,
+            "versions": self.versions.__dict__,
+        }
+        _write(self.state_dir / "cluster.json", json.dumps(info, indent=2))
+        self._write_pki()
+        self._write_kubeconfigs()
+
+        self._start_etcd(ports)
+        self._progress(f"etcd {self.versions.etcd} ready ({time.monotonic() - t0:.1f}s)")
+        self._start_apiserver(ports)
+        self._progress(f"kube-apiserver {self.versions.kubernetes} ready ({time.monotonic() - t0:.1f}s)")
+        self._start_controller_manager(ports)
+        self._start_scheduler(ports)
+        self._start_kwok()
+        self._install_mpi_operator_api()
+        self._create_nodes()
+        self._wait_nodes_schedulable()
+        self._progress(f"{self.nodes} fake GPU nodes Ready ({time.monotonic() - t0:.1f}s)")
+        self._start_mpi_operator(ports)
+        self._wait_default_service_account("default")
+        self.apply_project_manifests()
+
+    def _pki(self, name: str) -> Path:
+        return self.state_dir / "pki" / name
+
+    def _write_pki(self) -> None:
+        ca = _issue(_name("fieldkube-local-ca"), None, ca=True)
+        _write(self._pki("ca.crt"), ca.cert_pem, 0o644)
+        _write(self._pki("ca.key"), ca.key_pem)
+        serving = _issue(
+            _name("kube-apiserver"),
+            ca,
+            server_names=[
+                "localhost",
+                "kubernetes",
+                "kubernetes.default",
+                "kubernetes.default.svc",
+                "kubernetes.default.svc.cluster.local",
+            ],
+            server_ips=["127.0.0.1", str(next(ipaddress.ip_network(SERVICE_CLUSTER_IP_RANGE).hosts()))],
+        )
+        _write(self._pki("apiserver.crt"), serving.cert_pem, 0o644)
+        _write(self._pki("apiserver.key"), serving.key_pem)
+        clients = {
+            "admin": ("kubernetes-admin", "system:masters"),
+            "controller-manager": ("system:kube-controller-manager", None),
+            "scheduler": ("system:kube-scheduler", None),
+            "kwok": ("fieldkube:kwok-controller", "system:masters"),
+            "mpi-operator": (MPI_OPERATOR_USER, None),
+        }
+        for user, (cn, org) in clients.items():
+            pair = _issue(_name(cn, org), ca, client=True)
+            _write(self._pki(f"{user}.crt"), pair.cert_pem, 0o644)
+            _write(self._pki(f"{user}.key"), pair.key_pem)
+        sa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        _write(
+            self._pki("sa.key"),
+            sa_key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.TraditionalOpenSSL,
+                serialization.NoEncryption(),
+            ),
+        )
+        _write(
+            self._pki("sa.pub"),
+            sa_key.public_key().public_bytes(
+                serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+            ),
+            0o644,
+        )
+
+    def _kubeconfig_text(self, user: str, credentials: Mapping[str, str]) -> str:
+        config = {
+            "apiVersion": "v1",
+            "kind": "Config",
+            "clusters": [
+                {
+                    "name": "fieldkube-local",
+                    "cluster": {
+                        "server": self.server,
+                        "certificate-authority-data": _b64(self.ca_file.read_bytes()),
+                    },
+                }
+            ],
+            "users": [{"name": user, "user": dict(credentials)}],
+            "contexts": [{"name": user, "context": {"cluster": "fieldkube-local", "user": user}}],
+            "current-context": user,
+        }
+        return yaml.safe_dump(config, sort_keys=False)
+
+    def _client_kubeconfig(self, user: str) -> Path:
+        return self.state_dir / "kubeconfigs" / f"{user}.kubeconfig"
+
+    def _write_kubeconfigs(self) -> None:
+        for user in ("admin", "controller-manager", "scheduler", "kwok", "mpi-operator"):
+            text = self._kubeconfig_text(
+                user,
+                {
+                    "client-certificate-data": _b64(self._pki(f"{user}.crt").read_bytes()),
+                    "client-key-data": _b64(self._pki(f"{user}.key").read_bytes()),
+                },
+            )
+            _write(self._client_kubeconfig(user), text)
+        shutil.copyfile(self._client_kubeconfig("admin"), self.kubeconfig)
+        self.kubeconfig.chmod(0o600)
+
+    def _spawn(
+        self,
+        name: str,
+        argv: Sequence[str],
+        env: Mapping[str, str] | None = None,
+        cwd: Path | None = None,
+    ) -> _Process:
+        log = self.log_path(name)
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with log.open("ab") as out:
+            popen = subprocess.Popen(
+                list(argv),
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                cwd=cwd or self.state_dir,
+                env={**os.environ, **(env or {})},
+                start_new_session=True,
+            )
+        proc = _Process(name=name, pid=popen.pid, argv=list(argv), log=str(log))
+        self._processes[name] = proc
+        self._save_processes()
+        return proc
+
+    def spawn(
+        self,
+        name: str,
+        argv: Sequence[str],
+        env: Mapping[str, str] | None = None,
+        kubeconfig: Path | None = None,
+    ) -> int:
+        """Start an extra process (e.g. the fieldkube operator) that the cluster stops with the rest.
+
+        It gets ``KUBECONFIG`` (the admin kubeconfig unless ``kubeconfig`` is given) and logs to
+        ``logs/<name>.log``. Returns its pid. The process is expected to bind loopback only.
+        """
+        if name in self._processes and self._processes[name].alive():
+            raise ClusterError(f"a process named {name!r} already runs in this cluster")
+        if not argv:
+            raise ClusterError("spawn needs a command")
+        resolved = str(Path(shutil.which(argv[0]) or argv[0]).absolute())
+        merged = {"KUBECONFIG": str(kubeconfig or self.kubeconfig), **(env or {})}
+        return self._spawn(name, [resolved, *argv[1:]], merged, cwd=Path.cwd()).pid
+
+    def _terminate(self, proc: _Process, timeout: float) -> None:
+        if not proc.alive():
+            return
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + timeout
+        while proc.alive() and time.monotonic() < deadline:
+            self._reap(proc.pid)
+            time.sleep(0.1)
+        if proc.alive():
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                return
+            time.sleep(0.2)
+        self._reap(proc.pid)
+
+    @staticmethod
+    def _reap(pid: int) -> None:
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, os.WNOHANG)
+
+    def _save_processes(self) -> None:
+        if self.state_dir.exists():
+            data = {n: p.__dict__ for n, p in self._processes.items()}
+            _write(self.state_dir / "processes.json", json.dumps(data, indent=2))
+
+    def _load_processes(self) -> None:
+        path = self.state_dir / "processes.json"
+        if path.exists():
+            data = json.loads(path.read_text())
+            self._processes = {n: _Process(**p) for n, p in data.items()}
+
+    def _check_alive(self, name: str) -> None:
+        proc = self._processes[name]
+        if not proc.alive():
+            raise ClusterError(f"{name} exited during start-up\n{_tail(Path(proc.log))}")
+
+    def _wait_http(self, name: str, url: str, context: ssl.SSLContext | None) -> None:
+        def probe() -> bool:
+            self._check_alive(name)
+            with urllib.request.urlopen(url, timeout=2, context=context) as response:
+                return bool(response.status == 200)
+
+        _wait_until(
+            f"{name} at {url}",
+            probe,
+            self.start_timeout,
+            on_fail=lambda: _tail(self.log_path(name)),
+        )
+
+    # -- components -----------------------------------------------------------------------------
+
+    def _start_etcd(self, ports: Mapping[str, int]) -> None:
+        client = f"http://127.0.0.1:{ports['etcd']}"
+        peer = f"http://127.0.0.1:{ports['etcd-peer']}"
+        self._spawn(
+            "etcd",
+            [
+                str(self.binaries.path("etcd")),
+                "--name=fieldkube",
+                f"--data-dir={self.state_dir / 'etcd'}",
+                f"--listen-client-urls={client}",
+                f"--advertise-client-urls={client}",
+                f"--listen-peer-urls={peer}",
+                f"--initial-advertise-peer-urls={peer}",
+                f"--initial-cluster=fieldkube={peer}",
+                "--initial-cluster-state=new",
+                "--unsafe-no-fsync",
+                "--quota-backend-bytes=8589934592",
+                "--auto-compaction-mode=periodic",
+                "--auto-compaction-retention=5m",
+                "--log-level=warn",
+            ],
+        )
+        self._wait_http("etcd", f"{client}/health", None)
+
+    def _start_apiserver(self, ports: Mapping[str, int]) -> None:
+        pki = self.state_dir / "pki"
+        self._spawn(
+            "kube-apiserver",
+            [
+                str(self.binaries.path("kube-apiserver")),
+                f"--etcd-servers=http://127.0.0.1:{ports['etcd']}",
+                "--bind-address=127.0.0.1",
+                "--advertise-address=127.0.0.1",
+                f"--secure-port={ports['apiserver']}",
+                f"--tls-cert-file={pki / 'apiserver.crt'}",
+                f"--tls-private-key-file={pki / 'apiserver.key'}",
+                f"--client-ca-file={pki / 'ca.crt'}",
+                f"--cert-dir={pki}",
+                "--authorization-mode=Node,RBAC",
+                "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
+                f"--service-account-key-file={pki / 'sa.pub'}",
+                f"--service-account-signing-key-file={pki / 'sa.key'}",
+                "--service-account-max-token-expiration=48h",
+                f"--service-cluster-ip-range={SERVICE_CLUSTER_IP_RANGE}",
+                "--allow-privileged=true",
+                "--max-requests-inflight=1600",
+                "--max-mutating-requests-inflight=800",
+                "--profiling=false",
+                "--v=1" if self.verbose else "--v=0",
+            ],
+        )
+        context = ssl.create_default_context(cafile=str(self.ca_file))
+        self._wait_http("kube-apiserver", f"{self.server}/readyz", context)
+
+    def _component_args(self, user: str, port: int) -> list[str]:
+        kubeconfig = self._client_kubeconfig(user)
+        return [
+            f"--kubeconfig={kubeconfig}",
+            f"--authentication-kubeconfig={kubeconfig}",
+            f"--authorization-kubeconfig={kubeconfig}",
+            "--bind-address=127.0.0.1",
+            f"--secure-port={port}",
+            "--leader-elect=false",
+        ]
+
+    def _start_controller_manager(self, ports: Mapping[str, int]) -> None:
+        pki = self.state_dir / "pki"
+        self._spawn(
+            "kube-controller-manager",
+            [
+                str(self.binaries.path("kube-controller-manager")),
+                *self._component_args("controller-manager", ports["cm"]),
+                "--use-service-account-credentials=true",
+                f"--service-account-private-key-file={pki / 'sa.key'}",
+                f"--root-ca-file={pki / 'ca.crt'}",
+                f"--cluster-signing-cert-file={pki / 'ca.crt'}",
+                f"--cluster-signing-key-file={pki / 'ca.key'}",
+                f"--service-cluster-ip-range={SERVICE_CLUSTER_IP_RANGE}",
+                "--kube-api-qps=200",
+                "--kube-api-burst=400",
+                "--concurrent-job-syncs=10",
+                "--v=1" if self.verbose else "--v=0",
+            ],
+        )
+        insecure = ssl._create_unverified_context()  # its serving certificate is self-signed, in memory
+        self._wait_http("kube-controller-manager", f"https://127.0.0.1:{ports['cm']}/healthz", insecure)
+
+    def _start_scheduler(self, ports: Mapping[str, int]) -> None:
+        self._spawn(
+            "kube-scheduler",
+            [
+                str(self.binaries.path("kube-scheduler")),
+                *self._component_args("scheduler", ports["scheduler"]),
+                "--v=1" if self.verbose else "--v=0",
+            ],
+        )
+        insecure = ssl._create_unverified_context()
+        self._wait_http("kube-scheduler", f"https://127.0.0.1:{ports['scheduler']}/healthz", insecure)
+
+    def _start_kwok(self) -> None:
+        self._spawn(
+            "kwok",
+            [
+                str(self.binaries.path("kwok")),
+                f"--config={STAGES_FILE}",
+                f"--kubeconfig={self._client_kubeconfig('kwok')}",
+                f"--manage-nodes-with-annotation-selector={FAKE_NODE_ANNOTATION}=fake",
+                "--node-lease-duration-seconds=40",
+                f"--cidr={POD_CIDR}",
+                "--node-ip=127.0.0.1",
+            ],
+        )
+
+    def _install_mpi_operator_api(self) -> None:
+        self.kubectl("apply", "--server-side", "-f", str(self.binaries.mpijob_crd))
+        self.kubectl("apply", "--server-side", "-f", str(self.binaries.mpi_operator_cluster_role))
+        binding = {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "ClusterRoleBinding",
+            "metadata": {"name": "fieldkube-local-mpi-operator"},
+            "roleRef": {
+                "apiGroup": "rbac.authorization.k8s.io",
+                "kind": "ClusterRole",
+                "name": "mpi-operator",
+            },
+            "subjects": [
+                {"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": MPI_OPERATOR_USER}
+            ],
+        }
+        self.apply(binding)
+
+    def _node_manifest(self, name: str) -> dict[str, Any]:
+        capacity = {
+            "cpu": self.node_cpu,
+            "memory": self.node_memory,
+            "pods": str(self.node_max_pods),
+            "ephemeral-storage": "1Ti",
+            GPU_RESOURCE: str(self.gpus_per_node),
+        }
+        return {
+            "apiVersion": "v1",
+            "kind": "Node",
+            "metadata": {
+                "name": name,
+                "annotations": {FAKE_NODE_ANNOTATION: "fake", "node.alpha.kubernetes.io/ttl": "0"},
+                "labels": {
+                    "kubernetes.io/hostname": name,
+                    "kubernetes.io/os": "linux",
+                    "kubernetes.io/arch": "amd64",
+                    "type": "kwok",
+                    "nvidia.com/gpu.present": "true",
+                    "nvidia.com/gpu.count": str(self.gpus_per_node),
+                },
+            },
+            "status": {"capacity": capacity, "allocatable": capacity},
+        }
+
+    def _create_nodes(self) -> None:
+        # POST (not server-side apply, which drops the status of a Node) so capacity is set at once.
+        nodes = {
+            "apiVersion": "v1",
+            "kind": "List",
+            "items": [self._node_manifest(n) for n in self.node_names],
+        }
+        self.kubectl("create", "-f", "-", input=yaml.safe_dump(nodes))
+
+    def _wait_nodes_schedulable(self) -> None:
+        def ready() -> bool:
+            self._check_alive("kwok")
+            nodes = self.get_json("nodes")["items"]
+            good = 0
+            for node in nodes:
+                conditions = {c["type"]: c["status"] for c in node.get("status", {}).get("conditions", [])}
+                taints = node.get("spec", {}).get("taints") or []
+                allocatable = node.get("status", {}).get("allocatable", {})
+                if (
+                    conditions.get("Ready") == "True"
+                    and not taints
+                    and allocatable.get(GPU_RESOURCE) == str(self.gpus_per_node)
+                ):
+                    good += 1
+            return good == self.nodes
+
+        _wait_until(
+            f"{self.nodes} Ready, untainted fake GPU nodes",
+            ready,
+            self.start_timeout,
+            interval=0.5,
+            on_fail=lambda: (
+                _tail(self.log_path("kwok")) + "\n" + self.kubectl("get", "nodes", "-o", "wide").stdout
+            ),
+        )
+
+    def _start_mpi_operator(self, ports: Mapping[str, int]) -> None:
+        self.kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd/mpijobs.kubeflow.org")
+        self._spawn(
+            "mpi-operator",
+            [
+                str(self.binaries.path("mpi-operator")),
+                f"--kubeConfig={self._client_kubeconfig('mpi-operator')}",
+                f"--health-address=127.0.0.1:{ports['mpi']}",
+                "--threadiness=4",
+                "--kube-api-qps=100",
+                "--kube-api-burst=200",
+                "--controller-queue-rate-limit=100",
+                "--controller-queue-burst=500",
+            ],
+        )
+        self._wait_http("mpi-operator", f"http://127.0.0.1:{ports['mpi']}/healthz", None)
+
+    def _wait_default_service_account(self, namespace: str) -> None:
+        _wait_until(
+            f"the default ServiceAccount of namespace {namespace}",
+            lambda: (
+                self.kubectl("get", "serviceaccount", "default", "-n", namespace, check=False).returncode == 0
+            ),
+            self.start_timeout,
+        )
+
+    def apply_project_manifests(self) -> list[Path]:
+        """Apply the repository's YAML under manifests/crd/ then manifests/rbac/ (if they exist)."""
+        applied: list[Path] = []
+        if self.manifests_dir is None:
+            return applied
+        for sub in ("crd", "rbac"):
+            directory = self.manifests_dir / sub
+            files = (
+                sorted([*directory.glob("*.yaml"), *directory.glob("*.yml")]) if directory.is_dir() else []
+            )
+            for path in files:
+                self.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(path))
+                applied.append(path)
+            if sub == "crd" and files:
+                self.kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd", "--all")
+        if applied:
+            self._progress("applied " + ", ".join(str(p.relative_to(self.manifests_dir)) for p in applied))
+        return applied
+
+    # -- clients --------------------------------------------------------------------------------
+
+    def kubectl(
+        self,
+        *args: str,
+        input: str | None = None,
+        check: bool = True,
+        timeout: float = 120.0,
+        kubeconfig: Path | None = None,
+    ) -> subprocess.CompletedProcess[str]:
+        """Run the pinned kubectl against this cluster (admin unless ``kubeconfig`` is given)."""
+        argv = [str(self.binaries.path("kubectl")), f"--kubeconfig={kubeconfig or self.kubeconfig}", *args]
+        result = subprocess.run(
+            argv, input=input, capture_output=True, text=True, timeout=timeout, check=False
+        )
+        if check and result.returncode != 0:
+            raise ClusterError(
+                f"kubectl {' '.join(args)} failed with exit code {result.returncode}:\n"
+                f"{result.stderr.strip() or result.stdout.strip()}"
+            )
+        return result
+
+    def get_json(self, *args: str, namespace: str | None = None) -> dict[str, Any]:
+        """``kubectl get ARGS -o json`` parsed."""
+        ns = ["-n", namespace] if namespace else []
+        data: dict[str, Any] = json.loads(self.kubectl("get", *args, *ns, "-o", "json").stdout)
+        return data
+
+    def apply(self, manifest: Mapping[str, Any] | Iterable[Mapping[str, Any]] | str | Path) -> None:
+        """Apply (server-side) a manifest given as a dict, a list of dicts, YAML text or a file path."""
+        if isinstance(manifest, Path):
+            text = manifest.read_text()
+        elif isinstance(manifest, str):
+            text = manifest
+        elif isinstance(manifest, Mapping):
+            text = yaml.safe_dump(dict(manifest))
+        else:
+            text = yaml.safe_dump_all([dict(m) for m in manifest])
+        self.kubectl("apply", "--server-side", "--field-manager=fieldkube-harness", "-f", "-", input=text)
+
+    def create_namespace(self, name: str) -> None:
+        """Create a namespace and wait until pods can be created in it (its default ServiceAccount)."""
+        self.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}})
+        self._wait_default_service_account(name)
+
+    def service_account_kubeconfig(
+        self,
+        namespace: str,
+        name: str,
+        *,
+        create: bool = True,
+        duration: str = "24h",
+        path: Path | None = None,
+    ) -> Path:
+        """A kubeconfig that authenticates as ServiceAccount ``namespace/name`` with a bound token.
+
+        The token comes from the TokenRequest API (``kubectl create token``), so the holder has exactly
+        the RBAC permissions granted to that ServiceAccount. With ``create`` the namespace and the
+        ServiceAccount are created if missing.
+        """
+        if create:
+            self.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}})
+            self.apply(
+                {
+                    "apiVersion": "v1",
+                    "kind": "ServiceAccount",
+                    "metadata": {"name": name, "namespace": namespace},
+                }
+            )
+        token = self.kubectl(
+            "create", "token", name, "-n", namespace, f"--duration={duration}"
+        ).stdout.strip()
+        if not token:
+            raise ClusterError(f"the TokenRequest for ServiceAccount {namespace}/{name} returned no token")
+        user = f"system:serviceaccount:{namespace}:{name}"
+        target = path or self.state_dir / "kubeconfigs" / f"sa-{namespace}-{name}.kubeconfig"
+        config = yaml.safe_load(self._kubeconfig_text(user, {"token": token}))
+        config["contexts"][0]["context"]["namespace"] = namespace
+        _write(target, yaml.safe_dump(config, sort_keys=False))
+        return target
+
+    def wait_for(
+        self,
+        what: str,
+        probe: Callable[[], T | None],
+        timeout: float = 60.0,
+        interval: float = 0.25,
+    ) -> T:
+        """Poll ``probe`` until it returns a truthy value; on timeout raise with ``what`` and the logs."""
+        return _wait_until(what, probe, timeout, interval)
+
+    def _progress(self, message: str) -> None:
+        print(f"[local-cluster] {message}", file=sys.stderr, flush=True)
+
+
+# --- command line -------------------------------------------------------------------------------
+
+
+def _cmd_up(args: argparse.Namespace) -> int:
+    cluster = LocalCluster(
+        args.state_dir, nodes=args.nodes, gpus_per_node=args.gpus_per_node, verbose=args.verbose
+    )
+    if cluster.running():
+        print(f"[local-cluster] already running from {cluster.state_dir}; KUBECONFIG={cluster.kubeconfig}")
+        return 0
+    if cluster._processes:
+        cluster.stop()
+    cluster.start()
+    print(f"export KUBECONFIG={cluster.kubeconfig}")
+    return 0
+
+
+def _cmd_down(args: argparse.Namespace) -> int:
+    cluster = LocalCluster(args.state_dir)
+    names = list(cluster._processes)
+    if not names:
+        print(f"[local-cluster] nothing runs from {cluster.state_dir}")
+        return 0
+    cluster.stop()
+    print(
+        f"[local-cluster] stopped {', '.join(names)} ({cluster.state_dir} kept; logs in {cluster.logs_dir})"
+    )
+    return 0
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    cluster = LocalCluster(args.state_dir)
+    if not cluster._processes:
+        print(f"no cluster in {cluster.state_dir}")
+        return 1
+    for proc in cluster._processes.values():
+        print(f"{proc.name:26} pid {proc.pid:<8} {'running' if proc.alive() else 'STOPPED'}  log {proc.log}")
+    print(f"KUBECONFIG={cluster.kubeconfig}")
+    return 0 if cluster.running() else 1
+
+
+def _cmd_spawn(args: argparse.Namespace) -> int:
+    cluster = LocalCluster(args.state_dir)
+    if not cluster.running():
+        raise ClusterError(f"no running cluster in {cluster.state_dir}: run `make cluster` first")
+    existing = cluster._processes.get(args.name)
+    if existing and existing.alive():
+        print(f"[local-cluster] {args.name} already runs (pid {existing.pid})")
+        return 0
+    command = list(args.command)
+    if command and command[0] == "--":
+        command = command[1:]
+    kubeconfig = None
+    if args.service_account:
+        namespace, _, name = args.service_account.partition("/")
+        kubeconfig = cluster.service_account_kubeconfig(namespace, name, create=False)
+    pid = cluster.spawn(args.name, command, kubeconfig=kubeconfig)
+    print(f"[local-cluster] {args.name} started (pid {pid}, log {cluster.log_path(args.name)})")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    sub = parser.add_subparsers(dest="command_name", required=True)
+    state = {"type": Path, "default": default_state_dir(), "help": "cluster state directory"}
+    up = sub.add_parser("up", help="start a cluster (no-op if it already runs)")
+    up.add_argument("--state-dir", **state)  # type: ignore[arg-type]
+    up.add_argument("--nodes", type=int, default=4, help="number of fake GPU nodes")
+    up.add_argument("--gpus-per-node", type=int, default=8)
+    up.add_argument("--verbose", action="store_true", help="more component logging")
+    up.set_defaults(func=_cmd_up)
+    down = sub.add_parser("down", help="stop a cluster")
+    down.add_argument("--state-dir", **state)  # type: ignore[arg-type]
+    down.set_defaults(func=_cmd_down)
+    status = sub.add_parser("status", help="show the cluster's processes")
+    status.add_argument("--state-dir", **state)  # type: ignore[arg-type]
+    status.set_defaults(func=_cmd_status)
+    spawn = sub.add_parser("spawn", help="start an extra process that `down` stops with the cluster")
+    spawn.add_argument("--state-dir", **state)  # type: ignore[arg-type]
+    spawn.add_argument("--name", required=True)
+    spawn.add_argument("--service-account", help="NAMESPACE/NAME: run with that ServiceAccount's token")
+    spawn.add_argument("command", nargs=argparse.REMAINDER)
+    spawn.set_defaults(func=_cmd_spawn)
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except ClusterError as exc:
+        print(f"local-cluster: error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

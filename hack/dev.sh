@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# One idempotent set-up for a fresh machine: Debian packages, the .venv with the four fieldkube
+# distributions (editable) and the test/lint tools, Horovod built against the pinned torch, and the
+# local control plane's binaries. Everything heavy is cached outside the repository (~/.cache), so a
+# second run only checks and returns.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+VENV=${VENV:-.venv}
+PYTHON=${PYTHON:-python3.11}
+CACHE=${FIELDKUBE_CACHE:-$HOME/.cache/fieldkube}
+export FIELDKUBE_CACHE=$CACHE
+START=$(date +%s)
+
+step() { printf '\n\033[1;34m==> [%3ss] %s\033[0m\n' "$(( $(date +%s) - START ))" "$*"; }
+die() { printf '\033[31mmake dev: error:\033[0m %s\n' "$*" >&2; exit 1; }
+
+# --- 1. Debian packages -------------------------------------------------------------------------
+APT_PACKAGES=(openmpi-bin libopenmpi-dev cmake g++ prometheus chromium chromium-driver sqlite3 psmisc)
+step "Debian packages: ${APT_PACKAGES[*]}"
+missing=()
+for p in "${APT_PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  echo "installing: ${missing[*]}"
+  $SUDO apt-get update -qq || die "apt-get update failed"
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null \
+    || die "apt-get install ${missing[*]} failed"
+else
+  echo "all present"
+fi
+
+# --- 2. Python environment ----------------------------------------------------------------------
+command -v "$PYTHON" >/dev/null 2>&1 || PYTHON=python3
+"$PYTHON" -c 'import sys; assert sys.version_info >= (3, 11), sys.version' \
+  || die "Python >= 3.11 is required ($PYTHON is $("$PYTHON" --version 2>&1))"
+step "Python environment in $VENV (pinned by constraints.txt)"
+[ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
+STAMP="$VENV/.fieldkube-deps"
+WANT=$(cat constraints.txt requirements-dev.txt */pyproject.toml | sha256sum | cut -c1-16)
+if [ "$(cat "$STAMP" 2>/dev/null)" != "$WANT" ]; then
+  "$VENV/bin/python" -m pip install -q --upgrade "pip==25.3"
+  "$VENV/bin/python" -m pip install --progress-bar off -c constraints.txt \
+    -e vision -e trainer -e serving -e operator -r requirements-dev.txt \
+    | grep -vE "^(Requirement already satisfied|  Using cached|Collecting|Using cached|  Downloading|Downloading)" || true
+  "$VENV/bin/python" -m pip check >/dev/null || { "$VENV/bin/python" -m pip check; die "pip check failed"; }
+  echo "$WANT" > "$STAMP"
+else
+  echo "up to date"
+fi
+
+# --- 3. Horovod ---------------------------------------------------------------------------------
+step "Horovod (built from sdist, cached in $CACHE/wheels)"
+VENV=$VENV hack/build-horovod.sh
+
+# --- 4. Local Kubernetes control plane binaries ---------------------------------------------------
+if [ -x hack/build-cluster-bins.sh ]; then
+  step "Kubernetes control plane, kwok and mpi-operator binaries (built from Go modules, cached in $CACHE/bin)"
+  hack/build-cluster-bins.sh
+fi
+
+step "done in $(( $(date +%s) - START ))s: activate with 'source $VENV/bin/activate'"

@@ -1,0 +1,32 @@
+# The real local Kubernetes control plane (hack/cluster/): etcd, kube-apiserver (TLS, RBAC),
+# kube-controller-manager, kube-scheduler, kwok fake GPU nodes and the Kubeflow mpi-operator as
+# loopback processes. `make cluster [NODES=4] [GPUS_PER_NODE=8]` starts it (and the fieldkube
+# operator, with its ServiceAccount's token), `make cluster-down` stops everything it started.
+CLUSTER_NAME ?= local
+CLUSTER_DIR ?= $(or $(FIELDKUBE_CACHE),$(HOME)/.cache/fieldkube)/clusters/$(CLUSTER_NAME)
+NODES ?= 4
+GPUS_PER_NODE ?= 8
+CLUSTER_HARNESS := $(PY) hack/cluster/harness.py
+# The operator that `make cluster` starts once the cluster (and manifests/crd, manifests/rbac) is up;
+# set OPERATOR_CMD= to start none. It runs as OPERATOR_SERVICE_ACCOUNT (NAMESPACE/NAME) when set.
+OPERATOR_CMD ?= $(if $(wildcard $(VENV)/bin/fieldkube-operator),$(VENV)/bin/fieldkube-operator run --standalone --metrics-port 18080 --health-port 18081,)
+OPERATOR_SERVICE_ACCOUNT ?= $(if $(wildcard manifests/rbac/serviceaccount.yaml),fieldkube-system/fieldkube-operator,)
+
+.PHONY: cluster-bins cluster-status
+
+cluster-bins:  ## build and cache the control plane binaries (instant when cached)
+	@hack/build-cluster-bins.sh
+
+cluster: cluster-bins  ## start the local control plane with NODES fake GPU nodes, and the operator
+	@$(CLUSTER_HARNESS) up --state-dir "$(CLUSTER_DIR)" --nodes $(NODES) --gpus-per-node $(GPUS_PER_NODE)
+	@if [ -n "$(OPERATOR_CMD)" ]; then \
+	  $(CLUSTER_HARNESS) spawn --state-dir "$(CLUSTER_DIR)" --name fieldkube-operator \
+	    $(if $(OPERATOR_SERVICE_ACCOUNT),--service-account $(OPERATOR_SERVICE_ACCOUNT),) -- $(OPERATOR_CMD); \
+	fi
+	@echo "export KUBECONFIG=$(CLUSTER_DIR)/kubeconfig"
+
+cluster-down:  ## stop the local control plane started by `make cluster`
+	@$(CLUSTER_HARNESS) down --state-dir "$(CLUSTER_DIR)"
+
+cluster-status:  ## show the local control plane's processes
+	@$(CLUSTER_HARNESS) status --state-dir "$(CLUSTER_DIR)"

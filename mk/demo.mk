@@ -1,0 +1,8 @@
+# The end-to-end demo (hack/demo.py): `make demo`, `make demo DETACH=1`, `make demo-down`.
+DEMO_FLAGS := $(if $(DETACH),--detach,) $(if $(SMALL),--small,)
+
+demo:  ## the whole flow on this machine (MLflow, data, 2-rank Horovod training, serving, results)
+	$(PY) hack/demo.py up $(DEMO_FLAGS)
+
+demo-down:  ## stop a demo started with DETACH=1
+	$(PY) hack/demo.py down

@@ -1,0 +1,61 @@
+"""fieldkube-operator: run the operator, or print the CRDs it is generated from.
+
+fieldkube-operator run [--namespace NS]... [--mlflow-tracking-uri URI] [--metrics-port 8080]
+                       [--health-port 8081] [--standalone]
+fieldkube-operator crd > manifests/crd/trainingjobs.yaml
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fieldkube-operator", description="TrainingJob → MPIJob operator.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="reconcile TrainingJobs (cluster-wide unless --namespace is given)")
+    run.add_argument("--namespace", "-n", action="append", default=[], help="watch only this namespace")
+    run.add_argument("--mlflow-tracking-uri", default=os.environ.get("FIELDKUBE_MLFLOW_TRACKING_URI"))
+    run.add_argument(
+        "--metrics-port", type=int, default=int(os.environ.get("FIELDKUBE_METRICS_PORT", "8080"))
+    )
+    run.add_argument("--health-port", type=int, default=int(os.environ.get("FIELDKUBE_HEALTH_PORT", "8081")))
+    run.add_argument("--standalone", action="store_true", help="no peering (one replica only)")
+    run.add_argument("--verbose", action="store_true")
+    sub.add_parser("crd", help="print the CustomResourceDefinitions (YAML)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
+    if args.command == "crd":
+        from fieldkube.operator.crd import render_crds
+
+        sys.stdout.write(render_crds())
+        return
+    if args.mlflow_tracking_uri:
+        os.environ["FIELDKUBE_MLFLOW_TRACKING_URI"] = args.mlflow_tracking_uri
+    os.environ["FIELDKUBE_METRICS_PORT"] = str(args.metrics_port)
+    import logging
+
+    import kopf
+
+    import fieldkube.operator.handlers  # noqa: F401  (registers the handlers)
+
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+    )
+    kopf.configure(verbose=args.verbose)
+    kopf.run(
+        clusterwide=not args.namespace,
+        namespaces=args.namespace,
+        standalone=args.standalone,
+        liveness_endpoint=f"http://0.0.0.0:{args.health_port}/healthz" if args.health_port else None,
+    )
+
+
+if __name__ == "__main__":
+    main()

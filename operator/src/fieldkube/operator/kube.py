@@ -1,0 +1,131 @@
+"""The operator's Kubernetes API calls, as plain dicts (the status function and tests speak dicts)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from kubernetes import client, config
+from kubernetes.client.exceptions import ApiException
+
+from fieldkube.operator import names, spec
+
+Obj = dict[str, Any]
+
+
+def load_config() -> client.ApiClient:
+    """In-cluster credentials when running in a pod, else $KUBECONFIG / ~/.kube/config."""
+    try:
+        config.load_incluster_config()
+    except config.ConfigException:
+        config.load_kube_config()
+    configuration = client.Configuration.get_default_copy()
+    configuration.connection_pool_maxsize = 32
+    return client.ApiClient(configuration)
+
+
+def _json(response: Any) -> Obj:
+    data: Obj = json.loads(response.data)
+    return data
+
+
+class Cluster:
+    """Reads and writes the objects one TrainingJob owns."""
+
+    def __init__(self, api: client.ApiClient) -> None:
+        self.custom = client.CustomObjectsApi(api)
+        self.core = client.CoreV1Api(api)
+
+    def _get_custom(self, group: str, version: str, plural: str, namespace: str, name: str) -> Obj | None:
+        try:
+            return _json(
+                self.custom.get_namespaced_custom_object(
+                    group, version, namespace, plural, name, _preload_content=False
+                )
+            )
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    def get_trainingjob(self, namespace: str, name: str) -> Obj | None:
+        return self._get_custom(spec.GROUP, spec.VERSION, spec.PLURAL, namespace, name)
+
+    def get_mpijob(self, namespace: str, name: str) -> Obj | None:
+        return self._get_custom(
+            names.MPIJOB_GROUP, names.MPIJOB_VERSION, names.MPIJOB_PLURAL, namespace, name
+        )
+
+    def create_mpijob(self, body: Obj) -> None:
+        """Create; raises ApiException (409 when it already exists)."""
+        self.custom.create_namespaced_custom_object(
+            names.MPIJOB_GROUP, names.MPIJOB_VERSION, body["metadata"]["namespace"], names.MPIJOB_PLURAL, body
+        )
+
+    def patch_mpijob(self, namespace: str, name: str, patch: Obj) -> None:
+        self.custom.patch_namespaced_custom_object(
+            names.MPIJOB_GROUP, names.MPIJOB_VERSION, namespace, names.MPIJOB_PLURAL, name, patch
+        )
+
+    def delete_mpijob(self, namespace: str, name: str) -> None:
+        try:
+            self.custom.delete_namespaced_custom_object(
+                names.MPIJOB_GROUP,
+                names.MPIJOB_VERSION,
+                namespace,
+                names.MPIJOB_PLURAL,
+                name,
+                propagation_policy="Background",
+            )
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+
+    def list_job_pods(self, namespace: str, job: str) -> list[Obj]:
+        response = self.core.list_namespaced_pod(
+            namespace, label_selector=f"{names.JOB_LABEL}={job}", _preload_content=False
+        )
+        return list(_json(response).get("items") or [])
+
+    def list_scheduling_events(self, namespace: str) -> list[Obj]:
+        response = self.core.list_namespaced_event(
+            namespace, field_selector="reason=FailedScheduling", _preload_content=False
+        )
+        return list(_json(response).get("items") or [])
+
+    def pod_log_tail(self, namespace: str, pod: str, container: str, lines: int) -> list[str]:
+        """The last log lines, or [] when the kubelet cannot serve them (e.g. the pod is gone)."""
+        try:
+            text = self.core.read_namespaced_pod_log(pod, namespace, container=container, tail_lines=lines)
+        except (ApiException, ValueError):
+            return []
+        return [line for line in str(text).splitlines() if line.strip()][-lines:]
+
+    def patch_trainingjob_status(self, namespace: str, name: str, patch: Obj) -> None:
+        self.custom.patch_namespaced_custom_object_status(
+            spec.GROUP, spec.VERSION, namespace, spec.PLURAL, name, {"status": patch}
+        )
+
+    def delete_trainingjob(self, namespace: str, name: str) -> None:
+        try:
+            self.custom.delete_namespaced_custom_object(
+                spec.GROUP, spec.VERSION, namespace, spec.PLURAL, name, propagation_policy="Background"
+            )
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+
+
+def merge_patch(old: Any, new: Any) -> Any:
+    """RFC 7386 merge patch turning `old` into `new` ({} when equal); removed keys become null."""
+    if not isinstance(old, dict) or not isinstance(new, dict):
+        return new
+    patch: Obj = {}
+    for key in old.keys() - new.keys():
+        patch[key] = None
+    for key, value in new.items():
+        if key not in old:
+            patch[key] = value
+        elif old[key] != value:
+            patch[key] = merge_patch(old[key], value) if isinstance(value, dict) else value
+    return patch

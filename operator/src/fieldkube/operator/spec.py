@@ -1,0 +1,289 @@
+"""The TrainingJob spec as one typed model: parsed, defaulted and validated once, and the CRD schema's source.
+
+Field names are the CRD's (camelCase). Limits declared here become OpenAPI bounds in the generated CRD, and
+the `x-kubernetes-validations` (CEL) rules attached here are enforced by the API server, so a bad spec is
+rejected at `kubectl apply` time with a message naming the field. `spec.training` is the trainer's own
+configuration schema (see `training_schema.py`), minus the sections this spec owns.
+"""
+
+# Field names are the Kubernetes API's (camelCase), as users write them in YAML.
+# ruff: noqa: N815
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from fieldkube.operator.training_schema import training_defaults
+
+GROUP = "fieldkube.io"
+VERSION = "v1alpha1"
+KIND = "TrainingJob"
+PLURAL = "trainingjobs"
+SINGULAR = "trainingjob"
+SHORT_NAMES = ("tj",)
+
+# Kept equal to the trainer's BUILTIN_MODELS by a unit test (the operator must not import the trainer).
+BUILTIN_MODELS = ("counter-mcnn", "counter-fcrn", "segmenter-unet")
+MODEL_NAME_PATTERN = (
+    r"^(counter-mcnn|counter-fcrn|segmenter-unet|[A-Za-z_][A-Za-z0-9_.]*:[A-Za-z_][A-Za-z0-9_]*)$"
+)
+# Worker pods are named <name>-worker-<i> and must be DNS-1035 labels (63 characters).
+MAX_NAME_LENGTH = 50
+MAX_WORKERS = 512
+MAX_GPUS_PER_WORKER = 16
+QUANTITY_PATTERN = r"^([+-]?[0-9.]+)([eEinumkKMGTP]*[-+]?[0-9]*)$"
+DNS_LABEL_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+
+
+def _cel(rule: str, message: str, **extra: str) -> dict[str, Any]:
+    return {"rule": rule, "message": message, **extra}
+
+
+def _immutable(field: str) -> dict[str, Any]:
+    return {
+        "x-kubernetes-validations": [
+            _cel("self == oldSelf", f"spec.{field} is immutable once the job exists")
+        ]
+    }
+
+
+class _Spec(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True)
+
+
+class ModelSpec(_Spec):
+    name: str = Field(
+        default="counter-mcnn",
+        pattern=MODEL_NAME_PATTERN,
+        description=f"Built-in model ({', '.join(BUILTIN_MODELS)}) or user code 'pkg.module:Class'.",
+    )
+    params: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Architecture parameters passed to the model constructor (e.g. base_channels).",
+        json_schema_extra={"maxProperties": 64},
+    )
+
+    @property
+    def task(self) -> str:
+        """counter, segmenter or custom (user code)."""
+        return self.name.split("-", 1)[0] if self.name in BUILTIN_MODELS else "custom"
+
+
+class DatasetSpec(_Spec):
+    pvc: str | None = Field(
+        default=None,
+        pattern=DNS_LABEL_PATTERN,
+        description="PersistentVolumeClaim holding the dataset (mounted at /data).",
+    )
+    path: str = Field(
+        min_length=1,
+        description="Prepared dataset directory: inside the PVC when pvc is set, else a path or URI as the "
+        "trainer sees it.",
+    )
+    format: Literal["fieldkube-parquet"] = Field(
+        default="fieldkube-parquet",
+        description="Dataset layout: fieldkube-prepare's Parquet shards + manifest.json.",
+    )
+
+
+class ResourcesSpec(_Spec):
+    cpu: str = Field(
+        default="4", pattern=QUANTITY_PATTERN, description="CPU request and limit of each worker."
+    )
+    memory: str = Field(
+        default="16Gi", pattern=QUANTITY_PATTERN, description="Memory request and limit of each worker."
+    )
+
+
+class MlflowSpec(_Spec):
+    trackingUri: str | None = Field(
+        default=None, description="MLflow tracking URI; default: the operator's --mlflow-tracking-uri."
+    )
+    experiment: str = Field(default="fieldkube", min_length=1, description="MLflow experiment name.")
+    registeredModel: str | None = Field(
+        default=None,
+        min_length=1,
+        description="Registered model name; default fieldkube-counter / fieldkube-segmenter.",
+    )
+    alias: str = Field(
+        default="candidate", pattern=r"^[A-Za-z][\w-]*$", description="Alias set on the new model version."
+    )
+    registerModel: bool = Field(
+        default=True, description="Register the trained model in the MLflow model registry."
+    )
+
+
+class CheckpointSpec(_Spec):
+    pvc: str | None = Field(
+        default=None,
+        pattern=DNS_LABEL_PATTERN,
+        description="PersistentVolumeClaim for checkpoints (mounted at /checkpoints).",
+    )
+    path: str | None = Field(
+        default=None,
+        min_length=1,
+        description="Checkpoint directory (inside the PVC when pvc is set); none = off.",
+    )
+    everyEpochs: int | None = Field(default=1, ge=1, description="Checkpoint at the end of every N epochs.")
+    everySteps: int | None = Field(default=None, ge=1, description="Checkpoint every N optimizer steps.")
+    keep: int = Field(default=2, ge=1, le=1000, description="Most recent checkpoints kept.")
+    resume: bool = Field(default=True, description="Resume from the latest checkpoint when one exists.")
+
+
+class RunPolicySpec(_Spec):
+    backoffLimit: int = Field(default=0, ge=0, le=100, description="Launcher retries before the job fails.")
+    activeDeadlineSeconds: int | None = Field(
+        default=None, ge=1, description="Fail the job after this many seconds."
+    )
+    ttlSecondsAfterFinished: int | None = Field(
+        default=None,
+        ge=0,
+        description="Delete the TrainingJob (and its children) this long after it finished.",
+    )
+    cleanPodPolicy: Literal["Running", "All", "None"] = Field(
+        default="Running",
+        description="Pods deleted when the job ends: Running (still running), All, or None.",
+    )
+    suspend: bool = Field(
+        default=False, description="Suspend the job (deletes its pods); set false to resume."
+    )
+
+
+class Toleration(_Spec):
+    key: str | None = None
+    operator: Literal["Exists", "Equal"] | None = None
+    value: str | None = None
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+    tolerationSeconds: int | None = None
+
+
+class SchedulingSpec(_Spec):
+    priorityClassName: str | None = Field(default=None, description="PriorityClass of the job's pods.")
+    nodeSelector: dict[str, str] = Field(
+        default_factory=dict,
+        description="Node labels the workers must match.",
+        json_schema_extra={"maxProperties": 64},
+    )
+    tolerations: list[Toleration] = Field(
+        default_factory=list, description="Tolerations of the job's pods.", json_schema_extra={"maxItems": 64}
+    )
+    queueName: str | None = Field(
+        default=None,
+        pattern=DNS_LABEL_PATTERN,
+        description="Kueue LocalQueue (label kueue.x-k8s.io/queue-name).",
+    )
+
+
+class PodMetadataSpec(_Spec):
+    labels: dict[str, str] = Field(
+        default_factory=dict,
+        description="Extra labels on every pod.",
+        json_schema_extra={"maxProperties": 64},
+    )
+    annotations: dict[str, str] = Field(
+        default_factory=dict,
+        description="Extra annotations on every pod.",
+        json_schema_extra={"maxProperties": 64},
+    )
+
+
+class PodsMetadataSpec(_Spec):
+    launcher: PodMetadataSpec = Field(default_factory=PodMetadataSpec, description="Launcher pod metadata.")
+    worker: PodMetadataSpec = Field(default_factory=PodMetadataSpec, description="Worker pod metadata.")
+
+
+_SPEC_RULES: list[Any] = [
+    _cel(
+        "!has(self.training.runtime) || !has(self.training.runtime.backend) "
+        "|| self.training.runtime.backend != 'single' || (self.workers == 1 && self.gpusPerWorker <= 1)",
+        "spec.training.runtime.backend 'single' runs one process: it needs workers: 1 and gpusPerWorker <= 1",
+        fieldPath=".training.runtime.backend",
+    ),
+    _cel(
+        "!has(self.checkpoint.pvc) || has(self.checkpoint.path)",
+        "spec.checkpoint.path is required when spec.checkpoint.pvc is set",
+        fieldPath=".checkpoint.path",
+    ),
+]
+
+
+class TrainingJobSpec(_Spec):
+    """What a user asks for: one distributed training run of one model on one dataset."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        populate_by_name=True,
+        frozen=True,
+        json_schema_extra={"x-kubernetes-validations": _SPEC_RULES},
+    )
+
+    model: ModelSpec = Field(
+        default_factory=ModelSpec,
+        description="What to train.",
+        json_schema_extra=_immutable("model"),
+    )
+    dataset: DatasetSpec = Field(description="Training data.", json_schema_extra=_immutable("dataset"))
+    training: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Trainer configuration (data, train, runtime sections of fieldkube-train's config).",
+        json_schema_extra=_immutable("training"),
+    )
+    workers: int = Field(
+        default=1, ge=1, le=MAX_WORKERS, description="Worker pods.", json_schema_extra=_immutable("workers")
+    )
+    gpusPerWorker: int = Field(
+        default=1,
+        ge=0,
+        le=MAX_GPUS_PER_WORKER,
+        description="nvidia.com/gpu per worker; also the MPI slots (processes) per worker (at least 1).",
+        json_schema_extra=_immutable("gpusPerWorker"),
+    )
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec, description="Per-worker CPU and memory.")
+    image: str = Field(
+        default="fieldkube/trainer:0.1.0", min_length=1, description="Trainer container image."
+    )
+    imagePullPolicy: Literal["Always", "IfNotPresent", "Never"] = Field(
+        default="IfNotPresent", description="Pull policy."
+    )
+    mlflow: MlflowSpec = Field(
+        default_factory=MlflowSpec, description="Experiment tracking and model registry."
+    )
+    checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec, description="Checkpoints.")
+    runPolicy: RunPolicySpec = Field(
+        default_factory=RunPolicySpec, description="Retries, deadlines and cleanup."
+    )
+    pendingTimeoutSeconds: int = Field(
+        default=900,
+        ge=0,
+        description="Fail the job if its pods stay unscheduled this long (0 = wait forever).",
+    )
+    scheduling: SchedulingSpec = Field(default_factory=SchedulingSpec, description="Where the pods may run.")
+    podMetadata: PodsMetadataSpec = Field(
+        default_factory=PodsMetadataSpec,
+        description="Extra labels and annotations on the job's pods.",
+    )
+
+    @property
+    def slots_per_worker(self) -> int:
+        """MPI processes per worker: one per GPU, or one on CPU-only workers."""
+        return max(1, self.gpusPerWorker)
+
+    @property
+    def total_gpus(self) -> int:
+        return self.workers * self.gpusPerWorker
+
+    @property
+    def world_size(self) -> int:
+        return self.workers * self.slots_per_worker
+
+
+def parse_spec(spec: dict[str, Any]) -> TrainingJobSpec:
+    """Parse a TrainingJob's spec (as stored: defaults mostly already applied by the API server)."""
+    return TrainingJobSpec.model_validate(spec)
+
+
+def effective_training(spec: TrainingJobSpec) -> dict[str, Any]:
+    """spec.training with the schema's defaults filled in (what the API server stores)."""
+    return training_defaults(spec.training)

@@ -1,0 +1,63 @@
+"""Regenerate the operator's checked-in schema files: the trainer config schema, then the CRD YAML.
+
+Run from the repository root with the development venv (it imports the trainer's torch-free config module,
+which the operator itself never does):  .venv/bin/python operator/tools/generate.py
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[2]
+SCHEMA_PATH = ROOT / "operator/src/fieldkube/operator/training_config.schema.json"
+CRD_PATH = ROOT / "manifests/crd/trainingjobs.yaml"
+CHART_CRD_PATH = ROOT / "charts/fieldkube-operator/crds/trainingjobs.yaml"
+CLUSTERROLE_PATH = ROOT / "manifests/rbac/clusterrole.yaml"
+CHART_RULES_PATH = ROOT / "charts/fieldkube-operator/files/clusterrole-rules.yaml"
+
+
+def generated_training_schema() -> dict[str, Any]:
+    """The trainer's TrainingConfig as a structural schema minus the operator-owned paths."""
+    from fieldkube.operator.openapi import remove_paths, structural_schema
+    from fieldkube.operator.training_schema import OPERATOR_OWNED
+    from fieldkube.trainer.config import TrainingConfig
+
+    full = structural_schema(TrainingConfig.model_json_schema())
+    return remove_paths(full, sorted(OPERATOR_OWNED))
+
+
+def render_training_schema() -> str:
+    return json.dumps(generated_training_schema(), indent=2, sort_keys=True) + "\n"
+
+
+def render_chart_rules() -> str:
+    """The ClusterRole's rules as the Helm chart includes them (one source: manifests/rbac/)."""
+    import yaml
+
+    rules = yaml.safe_load(CLUSTERROLE_PATH.read_text(encoding="utf-8"))["rules"]
+    return yaml.safe_dump(rules, sort_keys=False)
+
+
+def main() -> int:
+    SCHEMA_PATH.write_text(render_training_schema(), encoding="utf-8")
+    from fieldkube.operator.training_schema import training_schema
+
+    training_schema.cache_clear()
+    from fieldkube.operator.crd import render_crds
+
+    for path, text in (
+        (CRD_PATH, render_crds()),
+        (CHART_CRD_PATH, render_crds()),
+        (CHART_RULES_PATH, render_chart_rules()),
+    ):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")
+    print(f"wrote {SCHEMA_PATH.relative_to(ROOT)}, the CRD YAML and the chart's copies")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

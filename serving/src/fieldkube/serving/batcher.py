@@ -1,0 +1,229 @@
+"""Dynamic batching: tiles of one image and of concurrent requests share forward passes.
+
+Requests enqueue their tiles; one worker per batcher takes up to `max_batch_size` tiles (oldest first,
+same model and tile size) as soon as the batch is full or the oldest tile has waited `max_batch_delay_s`,
+and runs the forward pass in a worker thread so the event loop keeps serving. The queue is bounded in
+tiles (429 + Retry-After beyond it) and each request waits at most `request_timeout_s` (503).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from fieldkube.serving.metrics import ServeMetrics
+from fieldkube.serving.served_model import ServedModel
+
+log = logging.getLogger(__name__)
+
+
+class OverloadedError(RuntimeError):
+    """The queue is full; the client should retry after `retry_after_s`."""
+
+    def __init__(self, message: str, retry_after_s: int) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class InferenceTimeoutError(RuntimeError):
+    """The request waited longer than the configured timeout."""
+
+    def __init__(self, message: str, retry_after_s: int) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+@dataclass(eq=False)
+class _Job:
+    model: ServedModel
+    tiles: np.ndarray  # (N, 3, t, t) float32
+    future: asyncio.Future[np.ndarray]
+    enqueued_at: float = field(default_factory=time.perf_counter)
+    next_tile: int = 0
+    done_tiles: int = 0
+    started: bool = False
+    output: np.ndarray | None = None
+
+    @property
+    def key(self) -> tuple[int, tuple[int, ...]]:
+        return id(self.model), self.tiles.shape[1:]
+
+    @property
+    def waiting(self) -> int:
+        return self.tiles.shape[0] - self.next_tile
+
+
+class TileBatcher:
+    """Batches tiles of one task's models; start() inside the event loop, stop() on shutdown."""
+
+    def __init__(
+        self,
+        task: str,
+        metrics: ServeMetrics,
+        max_batch_size: int,
+        max_batch_delay_s: float,
+        max_queue_tiles: int,
+        request_timeout_s: float,
+        executor: ThreadPoolExecutor,
+    ) -> None:
+        self.task = task
+        self._metrics = metrics
+        self.max_batch_size = max_batch_size
+        self.max_batch_delay_s = max_batch_delay_s
+        self.max_queue_tiles = max_queue_tiles
+        self.request_timeout_s = request_timeout_s
+        self._executor = executor
+        self._jobs: deque[_Job] = deque()
+        self._queued = 0
+        self._wakeup = asyncio.Event()
+        self._worker: asyncio.Task[None] | None = None
+        self._tiles_per_s = 0.0  # running estimate, for Retry-After
+
+    def start(self) -> None:
+        if self._worker is None:
+            self._worker = asyncio.get_running_loop().create_task(self._run(), name=f"batcher-{self.task}")
+
+    async def stop(self) -> None:
+        if self._worker is not None:
+            self._worker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._worker
+            self._worker = None
+        for job in self._jobs:
+            if not job.future.done():
+                job.future.set_exception(RuntimeError("the server is shutting down"))
+        self._jobs.clear()
+
+    @property
+    def queued_tiles(self) -> int:
+        return self._queued
+
+    def _retry_after(self, tiles: int) -> int:
+        rate = self._tiles_per_s or 10.0
+        return max(1, min(60, math.ceil(tiles / rate)))
+
+    async def infer(self, model: ServedModel, tiles: np.ndarray) -> np.ndarray:
+        """Maps (N, 1, t, t) for normalised tiles (N, 3, t, t), computed in shared batches."""
+        count = int(tiles.shape[0])
+        if count == 0:
+            return np.zeros((0, 1, *tiles.shape[2:]), dtype=np.float32)
+        if self._queued + count > self.max_queue_tiles:
+            self._metrics.rejected.labels(self.task, "queue_full").inc()
+            raise OverloadedError(
+                f"the {self.task} queue is full ({self._queued} tiles waiting, this image needs {count}, "
+                f"limit {self.max_queue_tiles}); retry later",
+                self._retry_after(self._queued + count),
+            )
+        job = _Job(model, tiles, asyncio.get_running_loop().create_future())
+        self._jobs.append(job)
+        self._queued += count
+        self._metrics.queued_tiles.labels(self.task).set(self._queued)
+        self._wakeup.set()
+        try:
+            return await asyncio.wait_for(asyncio.shield(job.future), timeout=self.request_timeout_s)
+        except TimeoutError:
+            self._metrics.rejected.labels(self.task, "timeout").inc()
+            raise InferenceTimeoutError(
+                f"{self.task} inference did not finish within {self.request_timeout_s:g} s; retry later",
+                self._retry_after(self._queued),
+            ) from None
+        finally:
+            self._drop(job)
+
+    def _drop(self, job: _Job) -> None:
+        """Forget a finished, timed-out or cancelled job; its tiles not yet run leave the queue."""
+        if job in self._jobs:
+            self._jobs.remove(job)
+            self._queued -= job.waiting
+            job.next_tile = job.tiles.shape[0]
+            self._metrics.queued_tiles.labels(self.task).set(self._queued)
+        if not job.future.done():
+            job.future.cancel()
+
+    def _take_batch(self) -> list[tuple[_Job, int, int]]:
+        """Up to max_batch_size tiles, oldest first, all of the head job's model and tile size."""
+        head = self._jobs[0]
+        key = head.key
+        room = self.max_batch_size
+        parts: list[tuple[_Job, int, int]] = []
+        for job in list(self._jobs):
+            if room == 0:
+                break
+            if job.key != key or job.waiting == 0:
+                continue
+            take = min(room, job.waiting)
+            parts.append((job, job.next_tile, job.next_tile + take))
+            job.next_tile += take
+            room -= take
+            if job.waiting == 0:
+                self._jobs.remove(job)
+        return parts
+
+    def _ready_tiles(self, key: tuple[int, tuple[int, ...]]) -> int:
+        return sum(job.waiting for job in self._jobs if job.key == key)
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            if not self._jobs:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            head = self._jobs[0]
+            deadline = head.enqueued_at + self.max_batch_delay_s
+            while self._ready_tiles(head.key) < self.max_batch_size:
+                remaining = deadline - time.perf_counter()
+                if remaining <= 0:
+                    break
+                self._wakeup.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wakeup.wait(), timeout=remaining)
+                if not self._jobs or self._jobs[0] is not head:
+                    break
+            if not self._jobs:
+                continue
+            parts = self._take_batch()
+            batch_size = sum(stop - start for _, start, stop in parts)
+            self._queued -= batch_size
+            self._metrics.queued_tiles.labels(self.task).set(self._queued)
+            now = time.perf_counter()
+            for job, _, _ in parts:
+                if not job.started:
+                    job.started = True
+                    self._metrics.queue_seconds.labels(self.task).observe(now - job.enqueued_at)
+            batch = np.concatenate([job.tiles[start:stop] for job, start, stop in parts])
+            model = parts[0][0].model
+            try:
+                output = await loop.run_in_executor(self._executor, model.forward, batch)
+            except Exception as error:
+                log.exception("%s forward pass of %d tiles failed", self.task, batch_size)
+                for job, _, _ in parts:
+                    if not job.future.done():
+                        job.future.set_exception(error)
+                continue
+            elapsed = time.perf_counter() - now
+            self._metrics.batch_size.labels(self.task).observe(batch_size)
+            self._metrics.inference_seconds.labels(self.task).observe(elapsed)
+            rate = batch_size / max(elapsed, 1e-6)
+            self._tiles_per_s = rate if not self._tiles_per_s else 0.8 * self._tiles_per_s + 0.2 * rate
+            offset = 0
+            for job, start, stop in parts:
+                size = stop - start
+                if job.future.done():
+                    offset += size
+                    continue
+                if job.output is None:
+                    job.output = np.empty((job.tiles.shape[0], *output.shape[1:]), dtype=output.dtype)
+                job.output[start:stop] = output[offset : offset + size]
+                offset += size
+                job.done_tiles += size
+                if job.done_tiles == job.tiles.shape[0]:
+                    job.future.set_result(job.output)

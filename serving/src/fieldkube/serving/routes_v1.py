@@ -1,0 +1,277 @@
+"""The domain API: POST /v1/count (flowers) and POST /v1/segment (buildings) on whole field images.
+
+The image comes as a raw body (image/jpeg, image/png, image/tiff) or a multipart upload (field 'file').
+`output=json` answers a JSON document; `output=png` the map itself (density heat map or 0/255 mask);
+`output=overlay` the map drawn over the image. Every answer names the model and version that made it
+(in the JSON body, and in X-Model-Name / X-Model-Version headers).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Annotated, Any, Literal
+
+import numpy as np
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.responses import Response
+from pydantic import BaseModel, Field
+
+from fieldkube.serving.encodings import data_url_png, encode_array, heatmap, mask_to_rle, sum_pool
+from fieldkube.serving.inference import MAX_TILE, MIN_TILE, binary_mask, grid_counts, total_count
+from fieldkube.serving.served_model import ServedModel
+from fieldkube.serving.service import Service, get_service
+from fieldkube.serving.uploads import decode_image, read_image_bytes
+
+router = APIRouter(prefix="/v1", tags=["v1"])
+
+Output = Literal["json", "png", "overlay"]
+
+_BINARY = {"type": "string", "format": "binary"}
+IMAGE_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "description": "the image: a raw JPEG/PNG/TIFF body, or multipart/form-data with the image in "
+        "field 'file'",
+        "content": {
+            "image/jpeg": {"schema": _BINARY},
+            "image/png": {"schema": _BINARY},
+            "image/tiff": {"schema": _BINARY},
+            "multipart/form-data": {
+                "schema": {"type": "object", "properties": {"file": _BINARY}, "required": ["file"]}
+            },
+        },
+    }
+}
+
+
+def _responses(image_description: str) -> dict[int | str, dict[str, Any]]:
+    error: dict[str, Any] = {"model": ErrorDetail}
+    return {
+        200: {"content": {"image/png": {"schema": _BINARY, "description": image_description}}},
+        400: {"description": "corrupt or truncated image, or unusable tile options", **error},
+        413: {"description": "body or decoded image too large", **error},
+        415: {"description": "not a JPEG, PNG or TIFF image", **error},
+        422: {"description": "invalid query parameter", **error},
+        429: {"description": "queue full: retry after Retry-After seconds", **error},
+        503: {"description": "model not ready, or timed out: retry after Retry-After seconds", **error},
+    }
+
+
+class ErrorDetail(BaseModel):
+    """Body of every /v1 error."""
+
+    detail: str
+
+
+class ModelRef(BaseModel):
+    """The model that produced a response."""
+
+    name: str = Field(description="registered model name (or the architecture for a local bundle)")
+    version: str = Field(description="registry version, or local-<weights hash> for a local bundle")
+    architecture: str
+
+
+class TileCount(BaseModel):
+    """Count inside one cell of a regular tile-sized grid (cells do not overlap; they sum to the total)."""
+
+    row: int
+    col: int
+    box: tuple[int, int, int, int] = Field(description="(y0, x0, y1, x1), half-open, pixels")
+    count: float
+
+
+class DensityArray(BaseModel):
+    """Density map as base64 float16 (little-endian), sum-pooled by `stride` (the sum stays the count)."""
+
+    shape: list[int]
+    dtype: str
+    byte_order: str
+    stride: int
+    data: str
+
+
+class CountResponse(BaseModel):
+    """Flowers counted in one image."""
+
+    model: ModelRef
+    count: float = Field(description="sum of the stitched density map")
+    count_rounded: int
+    width: int
+    height: int
+    tile: int
+    overlap: int
+    tiles: list[TileCount]
+    density: DensityArray | None = None
+    overlay_png: str | None = Field(
+        default=None, description="density heat map over the image, as a data: URL"
+    )
+
+
+class MaskRle(BaseModel):
+    """Row-major run lengths of the 0/1 mask, starting with a run of 0s (possibly empty)."""
+
+    size: list[int]
+    order: str
+    counts: list[int]
+
+
+class SegmentResponse(BaseModel):
+    """Buildings found in one image."""
+
+    model: ModelRef
+    building_fraction: float = Field(description="share of pixels whose probability >= threshold")
+    building_pixels: int
+    threshold: float
+    width: int
+    height: int
+    tile: int
+    overlap: int
+    mask_rle: MaskRle | None = None
+    mask_png: str | None = Field(default=None, description="0/255 mask PNG as a data: URL")
+    overlay_png: str | None = Field(default=None, description="mask over the image, as a data: URL")
+
+
+TileQuery = Annotated[
+    int | None, Query(ge=MIN_TILE, le=MAX_TILE, description="tile size in pixels (default: the model's)")
+]
+OverlapQuery = Annotated[
+    int | None, Query(ge=0, le=MAX_TILE // 2, description="overlap between tiles (default: server setting)")
+]
+
+
+def _model_ref(model: ServedModel) -> ModelRef:
+    return ModelRef(name=model.name, version=model.version, architecture=model.architecture)
+
+
+def _model_headers(model: ServedModel) -> dict[str, str]:
+    return {"X-Model-Name": model.name, "X-Model-Version": model.version}
+
+
+def _png_response(png: bytes, model: ServedModel, extra: dict[str, str]) -> Response:
+    return Response(png, media_type="image/png", headers={**_model_headers(model), **extra})
+
+
+async def _read(request: Request, service: Service) -> np.ndarray:
+    data, declared = await read_image_bytes(request, service.settings.max_upload_bytes)
+    return await asyncio.to_thread(decode_image, data, declared, service.settings.max_pixels)
+
+
+def _encode_png(array: np.ndarray) -> bytes:
+    from fieldkube.vision.imageio import encode_png
+
+    return encode_png(array)
+
+
+@router.post(
+    "/count",
+    response_model=CountResponse,
+    openapi_extra=IMAGE_BODY,
+    responses=_responses("output=png: density heat map; output=overlay: heat map over the image"),
+    summary="Count flowers in a field image",
+)
+async def count(
+    request: Request,
+    response: Response,
+    service: Annotated[Service, Depends(get_service)],
+    output: Annotated[Output, Query(description="json, png (heat map) or overlay")] = "json",
+    tile: TileQuery = None,
+    overlap: OverlapQuery = None,
+    density: Annotated[
+        Literal["none", "array", "overlay"], Query(description="include the density map in the JSON")
+    ] = "none",
+    density_stride: Annotated[int, Query(ge=1, le=64, description="sum-pool the density array by this")] = 1,
+) -> Any:
+    image = await _read(request, service)
+    density_map, plan, model = await service.predict("counter", image, tile, overlap)
+    counted = total_count(density_map)
+    service.metrics.predicted_count.observe(max(counted, 0.0))
+    headers = {"X-Count": f"{counted:.4f}"}
+    if output == "png":
+        png = await asyncio.to_thread(lambda: _encode_png(heatmap(np.maximum(density_map, 0))))
+        return _png_response(png, model, headers)
+    if output == "overlay" or density == "overlay":
+        from fieldkube.vision.overlay import density_overlay
+
+        overlay = await asyncio.to_thread(lambda: _encode_png(density_overlay(image, density_map)))
+        if output == "overlay":
+            return _png_response(overlay, model, headers)
+    response.headers.update({**_model_headers(model), **headers})
+    height, width = density_map.shape
+    body = CountResponse(
+        model=_model_ref(model),
+        count=counted,
+        count_rounded=round(counted),
+        width=width,
+        height=height,
+        tile=plan.tile,
+        overlap=plan.overlap,
+        tiles=[
+            TileCount(row=c.row, col=c.col, box=c.box, count=c.count)
+            for c in grid_counts(density_map, plan.tile)
+        ],
+    )
+    if density == "array":
+        body.density = DensityArray(
+            stride=density_stride, **encode_array(sum_pool(density_map, density_stride))
+        )
+    elif density == "overlay":
+        body.overlay_png = data_url_png(overlay)
+    return body
+
+
+@router.post(
+    "/segment",
+    response_model=SegmentResponse,
+    openapi_extra=IMAGE_BODY,
+    responses=_responses("output=png: 0/255 mask; output=overlay: mask over the image"),
+    summary="Segment buildings in an aerial image",
+)
+async def segment(
+    request: Request,
+    response: Response,
+    service: Annotated[Service, Depends(get_service)],
+    output: Annotated[Output, Query(description="json, png (mask) or overlay")] = "json",
+    tile: TileQuery = None,
+    overlap: OverlapQuery = None,
+    threshold: Annotated[float, Query(ge=0.0, le=1.0, description="building probability cut-off")] = 0.5,
+    mask: Annotated[
+        Literal["rle", "png", "none"], Query(description="how the JSON carries the mask")
+    ] = "rle",
+    overlay: Annotated[bool, Query(description="include the overlay PNG in the JSON")] = False,
+) -> Any:
+    image = await _read(request, service)
+    probability, plan, model = await service.predict("segmenter", image, tile, overlap)
+    building = binary_mask(probability, threshold)
+    pixels = int(building.sum(dtype=np.int64))
+    fraction = pixels / building.size
+    service.metrics.mask_fraction.observe(fraction)
+    headers = {"X-Building-Fraction": f"{fraction:.6f}"}
+    if output == "png":
+        png = await asyncio.to_thread(lambda: _encode_png(building * np.uint8(255)))
+        return _png_response(png, model, headers)
+    overlay_png: bytes | None = None
+    if output == "overlay" or overlay:
+        from fieldkube.vision.overlay import mask_overlay
+
+        overlay_png = await asyncio.to_thread(lambda: _encode_png(mask_overlay(image, building)))
+        if output == "overlay":
+            return _png_response(overlay_png, model, headers)
+    response.headers.update({**_model_headers(model), **headers})
+    height, width = building.shape
+    body = SegmentResponse(
+        model=_model_ref(model),
+        building_fraction=fraction,
+        building_pixels=pixels,
+        threshold=threshold,
+        width=width,
+        height=height,
+        tile=plan.tile,
+        overlap=plan.overlap,
+    )
+    if mask == "rle":
+        body.mask_rle = MaskRle(**mask_to_rle(building))
+    elif mask == "png":
+        body.mask_png = data_url_png(await asyncio.to_thread(_encode_png, building * np.uint8(255)))
+    if overlay_png is not None:
+        body.overlay_png = data_url_png(overlay_png)
+    return body

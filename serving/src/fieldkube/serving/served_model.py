@@ -1,0 +1,126 @@
+"""A loaded, warmed-up model as the service uses it: weights on a device, the name and version it reports.
+
+Instances are immutable; a hot reload builds a new one and swaps the reference, so a request that picked
+up the old instance finishes on it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from torch import nn
+
+from fieldkube.vision.bundle import WEIGHTS_FILE, load_bundle
+
+Task = Literal["counter", "segmenter"]
+TASKS: tuple[Task, ...] = ("counter", "segmenter")
+
+
+class ModelCheckError(RuntimeError):
+    """A model that loaded but fails its warm-up checks (wrong task, bad output shape, NaN)."""
+
+
+def pick_device(requested: str) -> torch.device:
+    """`auto` means CUDA when present, else CPU."""
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise ModelCheckError("device 'cuda' requested but no CUDA device is available")
+    return torch.device(requested)
+
+
+@dataclass(frozen=True, eq=False)
+class ServedModel:
+    """One model ready to serve. `forward` maps normalised tiles (N, 3, t, t) to maps (N, 1, t, t).
+
+    Counter maps are counts per pixel (already divided by the bundle's density_scale); segmenter maps
+    are probabilities (sigmoid applied).
+    """
+
+    task: Task
+    name: str
+    version: str
+    architecture: str
+    tile: int
+    density_scale: float
+    module: nn.Module
+    device: torch.device
+    source: str
+    loaded_at: float = field(default_factory=time.time)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _stream: torch.cuda.Stream | None = field(default=None, repr=False)
+
+    def forward(self, tiles: np.ndarray) -> np.ndarray:
+        """Run one batch; safe to call from worker threads (one forward at a time per model)."""
+        x = torch.from_numpy(np.ascontiguousarray(tiles, dtype=np.float32))
+        with self._lock, torch.inference_mode():
+            if self.device.type == "cuda":
+                stream = self._stream or torch.cuda.current_stream(self.device)
+                with torch.cuda.stream(stream):
+                    y = self.module(x.pin_memory().to(self.device, non_blocking=True))
+                    y = self._activate(y).to("cpu", non_blocking=True)
+                stream.synchronize()
+            else:
+                y = self._activate(self.module(x))
+        out: np.ndarray = y.float().numpy()
+        return out
+
+    def _activate(self, y: torch.Tensor) -> torch.Tensor:
+        if self.task == "segmenter":
+            return torch.sigmoid(y)
+        return y / self.density_scale
+
+    def warm_up(self) -> None:
+        """Run a tile through the model and check what comes out, so a broken model is never swapped in."""
+        x = np.zeros((1, 3, self.tile, self.tile), dtype=np.float32)
+        out = self.forward(x)
+        if out.shape != (1, 1, self.tile, self.tile):
+            raise ModelCheckError(
+                f"{self.name} v{self.version}: output shape {out.shape}, "
+                f"expected (1, 1, {self.tile}, {self.tile})"
+            )
+        if not np.all(np.isfinite(out)):
+            raise ModelCheckError(f"{self.name} v{self.version}: output contains NaN or infinity")
+
+
+def weights_digest(bundle_dir: Path) -> str:
+    """Short content hash of a bundle's weights: the version of a model served from a local path."""
+    digest = hashlib.sha256()
+    with (bundle_dir / WEIGHTS_FILE).open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()[:12]
+
+
+def load_served_model(
+    bundle_dir: Path, task: Task, name: str | None, version: str | None, device: torch.device, source: str
+) -> ServedModel:
+    """Load a bundle directory safely (safetensors), check its task, warm it up."""
+    loaded = load_bundle(bundle_dir, device=device)
+    spec = loaded.spec
+    if spec.task != task:
+        raise ModelCheckError(
+            f"{source}: bundle {spec.name!r} is a {spec.task} model, expected a {task} model"
+        )
+    stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+    served = ServedModel(
+        task=task,
+        name=name or spec.name,
+        version=version or f"local-{weights_digest(bundle_dir)}",
+        architecture=spec.name,
+        tile=spec.tile,
+        density_scale=spec.density_scale,
+        module=loaded.model,
+        device=device,
+        source=source,
+        _stream=stream,
+    )
+    served.warm_up()
+    return served

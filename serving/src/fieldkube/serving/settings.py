@@ -1,0 +1,101 @@
+"""One typed configuration for the inference service, filled from command-line flags or the environment.
+
+Every field can be set by a flag (``--max-batch-size 16``) or an environment variable
+(``FIELDKUBE_SERVE_MAX_BATCH_SIZE=16``); flags win. The MLflow tracking URI also honours MLflow's own
+``MLFLOW_TRACKING_URI``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+ENV_PREFIX = "FIELDKUBE_SERVE_"
+
+Device = Literal["auto", "cpu", "cuda"]
+
+
+class SettingsError(ValueError):
+    """Configuration that cannot be used, with a message naming the setting."""
+
+
+class ServeSettings(BaseModel):
+    """Settings of one `fieldkube-serve` process."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    counter: str | None = Field(
+        None,
+        description="counter model: models:/<name>@<alias>, models:/<name>/<version>, runs:/…, or a bundle "
+        "directory",
+    )
+    segmenter: str | None = Field(None, description="segmenter model, same forms as --counter")
+    mlflow_tracking_uri: str | None = Field(None, description="MLflow tracking server (for models:/ URIs)")
+    host: str = Field("127.0.0.1", description="address to bind")
+    port: int = Field(8080, ge=0, le=65535, description="port to bind (0: any free port)")
+    max_upload_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="largest request body, bytes")
+    max_pixels: int = Field(
+        26_000_000, ge=1, description="largest decoded image, pixels (guards against decompression bombs)"
+    )
+    default_overlap: int = Field(32, ge=0, description="tile overlap when a request does not set one")
+    max_tiles_per_image: int = Field(4096, ge=1, description="largest number of tiles one image may need")
+    max_batch_size: int = Field(16, ge=1, description="most tiles in one forward pass (1: no batching)")
+    max_batch_delay_s: float = Field(
+        0.004, ge=0, description="longest wait for more tiles before a partial batch runs"
+    )
+    max_queue_tiles: int = Field(
+        4096, ge=1, description="tiles allowed to wait; beyond this requests get 429 + Retry-After"
+    )
+    request_timeout_s: float = Field(60.0, gt=0, description="longest a request may wait for inference")
+    poll_interval_s: float = Field(
+        30.0, ge=0, description="how often model aliases are re-resolved for hot reload (0: never)"
+    )
+    torch_threads: int | None = Field(None, ge=1, description="CPU threads for inference (default: torch's)")
+    device: Device = Field("auto", description="where models run: auto (cuda when present), cpu, cuda")
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @model_validator(mode="after")
+    def _needs_a_model(self) -> ServeSettings:
+        if not self.counter and not self.segmenter:
+            raise ValueError("no model configured: set --counter and/or --segmenter")
+        return self
+
+
+def field_env_name(field: str) -> str:
+    """The environment variable that sets `field`."""
+    return ENV_PREFIX + field.upper()
+
+
+def env_values(environ: Mapping[str, str]) -> dict[str, Any]:
+    """Settings found in the environment (FIELDKUBE_SERVE_* and MLFLOW_TRACKING_URI)."""
+    values: dict[str, Any] = {}
+    if environ.get("MLFLOW_TRACKING_URI"):
+        values["mlflow_tracking_uri"] = environ["MLFLOW_TRACKING_URI"]
+    for field in ServeSettings.model_fields:
+        raw = environ.get(field_env_name(field))
+        if raw is not None and raw != "":
+            values[field] = raw
+    return values
+
+
+def build_settings(overrides: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> ServeSettings:
+    """Settings from the environment, overridden by explicit values (flags); errors name the setting."""
+    values = env_values(os.environ if environ is None else environ)
+    values.update({key: value for key, value in overrides.items() if value is not None})
+    try:
+        return ServeSettings.model_validate(values)
+    except ValidationError as error:
+        raise SettingsError(describe_validation_error(error)) from None
+
+
+def describe_validation_error(error: ValidationError) -> str:
+    """One line per problem: 'max_batch_size: Input should be greater than or equal to 1 (got 0)'."""
+    lines = []
+    for item in error.errors():
+        where = ".".join(str(part) for part in item["loc"]) or "settings"
+        got = f" (got {item['input']!r})" if item.get("type") != "missing" and where != "settings" else ""
+        lines.append(f"{where}: {item['msg']}{got}")
+    return "; ".join(lines)

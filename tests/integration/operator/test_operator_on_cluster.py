@@ -1,0 +1,419 @@
+"""The operator against the real local control plane: kube-apiserver (TLS, RBAC), scheduler,
+controller-manager and the real mpi-operator; kwok simulates the pods (hack/cluster/kwok-stages.yaml).
+The operator runs as a subprocess with its own ServiceAccount token, so a missing RBAC rule fails here.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[3]
+EXAMPLES = ROOT / "manifests/examples"
+SIM = "fieldkube.io/simulate-"
+pytestmark = pytest.mark.cluster
+
+
+def apply(cluster: Any, namespace: str, doc: dict[str, Any], check: bool = True) -> Any:
+    return cluster.kubectl("apply", "-n", namespace, "-f", "-", input=yaml.safe_dump(doc), check=check)
+
+
+def trainingjob(name: str, **spec: Any) -> dict[str, Any]:
+    body = {"dataset": {"path": "prepared/x"}, "workers": 1, "gpusPerWorker": 1, **spec}
+    return {
+        "apiVersion": "fieldkube.io/v1alpha1",
+        "kind": "TrainingJob",
+        "metadata": {"name": name},
+        "spec": body,
+    }
+
+
+def get(cluster: Any, namespace: str, kind: str, name: str) -> dict[str, Any] | None:
+    result = cluster.kubectl("get", kind, name, "-n", namespace, "-o", "json", check=False)
+    return json.loads(result.stdout) if result.returncode == 0 else None
+
+
+def wait_status(
+    cluster: Any, namespace: str, name: str, accept: Any, timeout: float, operator: Any
+) -> dict[str, Any]:
+    """Poll the TrainingJob until accept(status) holds; return the status (phases seen under '_seen')."""
+    seen: list[str] = []
+    deadline = time.monotonic() + timeout
+    status: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        tj = get(cluster, namespace, "trainingjob", name)
+        status = (tj or {}).get("status") or {}
+        phase = status.get("phase")
+        if phase and (not seen or seen[-1] != phase):
+            seen.append(phase)
+        if accept(status):
+            status["_seen"] = seen
+            return status
+        time.sleep(0.25)
+    pytest.fail(
+        f"{namespace}/{name}: condition not met in {timeout}s; phases {seen}; status "
+        f"{json.dumps(status, indent=1)}\noperator log tail:\n{operator.log_text()[-3000:]}"
+    )
+
+
+def bound_pvc(cluster: Any, namespace: str, name: str) -> None:
+    """A PersistentVolume (hostPath) and a claim bound to it by the real PV controller."""
+    pv = f"{namespace}-{name}"[:63]
+    cluster.apply(
+        {
+            "apiVersion": "v1",
+            "kind": "PersistentVolume",
+            "metadata": {"name": pv},
+            "spec": {
+                "capacity": {"storage": "1Gi"},
+                "accessModes": ["ReadWriteMany"],
+                "storageClassName": "",
+                "hostPath": {"path": f"/tmp/{pv}"},
+                "claimRef": {"namespace": namespace, "name": name},
+            },
+        }
+    )
+    cluster.apply(
+        {
+            "apiVersion": "v1",
+            "kind": "PersistentVolumeClaim",
+            "metadata": {"name": name, "namespace": namespace},
+            "spec": {
+                "accessModes": ["ReadWriteMany"],
+                "storageClassName": "",
+                "volumeName": pv,
+                "resources": {"requests": {"storage": "1Gi"}},
+            },
+        }
+    )
+    cluster.wait_for(
+        f"PVC {name} bound",
+        lambda: (get(cluster, namespace, "pvc", name) or {}).get("status", {}).get("phase") == "Bound",
+        timeout=60,
+    )
+
+
+@pytest.mark.parametrize("example", sorted(p.name for p in EXAMPLES.glob("*.yaml")))
+def test_example_goes_pending_running_succeeded(
+    local_cluster: Any, cluster_namespace: str, operator: Any, example: str
+) -> None:
+    doc = yaml.safe_load((EXAMPLES / example).read_text())
+    name, spec = doc["metadata"]["name"], doc["spec"]
+    for volume in (spec.get("dataset", {}).get("pvc"), spec.get("checkpoint", {}).get("pvc")):
+        if volume:
+            bound_pvc(local_cluster, cluster_namespace, volume)
+    if spec.get("scheduling", {}).get("nodeSelector"):
+        for node in local_cluster.node_names:
+            labels = [f"{k}={v}" for k, v in spec["scheduling"]["nodeSelector"].items()]
+            local_cluster.kubectl("label", "node", node, *labels, "--overwrite")
+    # kwok: the launcher "runs" 3 s so that Running is observable, then exits 0
+    spec["podMetadata"] = {"launcher": {"annotations": {f"{SIM}run-seconds": "3"}}}
+    apply(local_cluster, cluster_namespace, doc)
+
+    status = wait_status(
+        local_cluster, cluster_namespace, name, lambda s: s.get("phase") == "Succeeded", 120, operator
+    )
+    assert status["_seen"][-2:] == ["Running", "Succeeded"] and status["_seen"][0] in {"Pending", "Running"}
+    workers, gpus = spec["workers"], spec["workers"] * spec["gpusPerWorker"]
+    assert status["mpiJobName"] == name and status["gpus"] == gpus
+    assert status["workers"]["total"] == workers and status["startTime"] and status["completionTime"]
+    assert {c["type"]: c["status"] for c in status["conditions"]}["Succeeded"] == "True"
+
+    mpijob = get(local_cluster, cluster_namespace, "mpijob", name)
+    assert mpijob is not None
+    owner = mpijob["metadata"]["ownerReferences"][0]
+    assert owner["kind"] == "TrainingJob" and owner["name"] == name and owner["controller"] is True
+    # the real mpi-operator made the pods, the scheduler bound them to fake GPU nodes
+    pods = local_cluster.get_json(
+        "pods", "-l", f"training.kubeflow.org/job-name={name}", namespace=cluster_namespace
+    )
+    launchers = [
+        p for p in pods["items"] if p["metadata"]["labels"]["training.kubeflow.org/job-role"] == "launcher"
+    ]
+    assert len(launchers) == 1 and launchers[0]["spec"]["nodeName"].startswith("gpu-node-")
+    assert "nvidia.com/gpu" not in json.dumps(launchers[0]["spec"]["containers"][0]["resources"])
+    assert launchers[0]["spec"]["containers"][0]["command"][0] == "mpirun"
+    # cleanPodPolicy (Running / All) removes the still-running workers once the job succeeded
+    local_cluster.wait_for(
+        "workers cleaned up",
+        lambda: (
+            not [
+                p
+                for p in local_cluster.get_json(
+                    "pods",
+                    "-l",
+                    f"training.kubeflow.org/job-name={name},training.kubeflow.org/job-role=worker",
+                    namespace=cluster_namespace,
+                )["items"]
+                if p["status"].get("phase") == "Running"
+            ]
+        ),
+        timeout=60,
+    )
+
+
+def test_failing_worker_ends_failed_with_the_diagnosis(
+    local_cluster: Any, cluster_namespace: str, operator: Any
+) -> None:
+    doc = trainingjob(
+        "oom",
+        workers=2,
+        podMetadata={
+            "worker": {
+                "annotations": {
+                    f"{SIM}exit-code": "137",
+                    f"{SIM}reason": "OOMKilled",
+                    f"{SIM}run-seconds": "1",
+                }
+            },
+            "launcher": {"annotations": {f"{SIM}exit-code": "1", f"{SIM}run-seconds": "4"}},
+        },
+    )
+    apply(local_cluster, cluster_namespace, doc)
+    status = wait_status(
+        local_cluster, cluster_namespace, "oom", lambda s: s.get("phase") == "Failed", 120, operator
+    )
+    diagnosis = status["diagnosis"]
+    assert diagnosis["pod"].startswith("oom-worker-") and diagnosis["role"] == "worker"
+    assert diagnosis["exitCode"] == 137 and diagnosis["reason"] == "OOMKilled"
+    assert status["reason"] == "OOMKilled" and status["completionTime"]
+
+
+def test_too_many_gpus_shows_unschedulable_then_fails_at_the_pending_timeout(
+    local_cluster: Any, cluster_namespace: str, operator: Any
+) -> None:
+    apply(local_cluster, cluster_namespace, trainingjob("greedy", gpusPerWorker=16, pendingTimeoutSeconds=20))
+    created = time.monotonic()
+    pending = wait_status(
+        local_cluster, cluster_namespace, "greedy", lambda s: s.get("reason") == "Unschedulable", 30, operator
+    )
+    shown_after = time.monotonic() - created
+    assert pending["phase"] == "Pending" and "Insufficient nvidia.com/gpu" in pending["message"], pending
+    assert shown_after < 15, f"the Unschedulable reason took {shown_after:.1f}s"
+    failed = wait_status(
+        local_cluster, cluster_namespace, "greedy", lambda s: s.get("phase") == "Failed", 60, operator
+    )
+    assert failed["reason"] == "Unschedulable" and "pendingTimeoutSeconds" in failed["message"]
+    assert any(c["type"] == "Failed" and c["reason"] == "PendingTimeout" for c in failed["conditions"])
+    # the pending pods are removed (the MPIJob is suspended) so they cannot start later
+    assert (get(local_cluster, cluster_namespace, "mpijob", "greedy") or {})["spec"]["runPolicy"][
+        "suspend"
+    ] is True
+    local_cluster.wait_for(
+        "pending pods removed",
+        lambda: (
+            not local_cluster.get_json(
+                "pods", "-l", "fieldkube.io/training-job=greedy", namespace=cluster_namespace
+            )["items"]
+        ),
+        timeout=60,
+    )
+
+
+@pytest.mark.parametrize(
+    ("patch", "expected"),
+    [
+        ({"workers": 0}, "spec.workers"),
+        ({"gpusPerWorker": 17}, "spec.gpusPerWorker"),
+        ({"model": {"name": "resnet-9000"}}, "spec.model.name"),
+        ({"runPolicy": {"cleanPodPolicy": "Sometimes"}}, "spec.runPolicy.cleanPodPolicy"),
+        ({"training": {"train": {"lr": -1}}}, "spec.training.train.lr"),
+        ({"training": {"runtime": {"backend": "single"}}, "workers": 2}, "spec.training.runtime.backend"),
+        ({"dataset": None}, "spec.dataset"),
+    ],
+)
+def test_invalid_specs_are_rejected_with_field_level_messages(
+    local_cluster: Any, cluster_namespace: str, patch: dict[str, Any], expected: str
+) -> None:
+    doc = trainingjob("bad")
+    doc["spec"].update(patch)
+    doc["spec"] = {k: v for k, v in doc["spec"].items() if v is not None}
+    result = apply(local_cluster, cluster_namespace, doc, check=False)
+    assert result.returncode != 0
+    assert expected in result.stderr, result.stderr
+    assert get(local_cluster, cluster_namespace, "trainingjob", "bad") is None
+
+
+def test_name_length_and_model_immutability_are_enforced(local_cluster: Any, cluster_namespace: str) -> None:
+    result = apply(local_cluster, cluster_namespace, trainingjob("x" * 51), check=False)
+    assert result.returncode != 0 and "metadata.name must be at most 50" in result.stderr, result.stderr
+    doc = trainingjob("fixed", pendingTimeoutSeconds=0, runPolicy={"suspend": True})
+    apply(local_cluster, cluster_namespace, doc)
+    doc["spec"]["model"] = {"name": "counter-fcrn"}
+    result = apply(local_cluster, cluster_namespace, doc, check=False)
+    assert result.returncode != 0 and "spec.model is immutable" in result.stderr, result.stderr
+
+
+def test_progress_from_mlflow_and_deletion_kills_the_run(
+    local_cluster: Any, cluster_namespace: str, operator: Any, mlflow_server: str
+) -> None:
+    """kwok runs no trainer, so the test plays its MLflow part: a run tagged with the job's uid."""
+    doc = trainingjob(
+        "tracked",
+        podMetadata={"launcher": {"annotations": {f"{SIM}run-seconds": "600"}}},
+        mlflow={"experiment": cluster_namespace},
+        training={"train": {"epochs": 4}},
+    )
+    apply(local_cluster, cluster_namespace, doc)
+    wait_status(
+        local_cluster, cluster_namespace, "tracked", lambda s: s.get("phase") == "Running", 60, operator
+    )
+    uid = get(local_cluster, cluster_namespace, "trainingjob", "tracked")["metadata"]["uid"]
+    api = f"{mlflow_server}/api/2.0/mlflow"
+    experiment = httpx.post(f"{api}/experiments/create", json={"name": cluster_namespace}).json()[
+        "experiment_id"
+    ]
+    run = httpx.post(
+        f"{api}/runs/create",
+        json={"experiment_id": experiment, "tags": [{"key": "fieldkube.job.uid", "value": uid}]},
+    ).json()["run"]["info"]["run_id"]
+    now = int(time.time() * 1000)
+    metrics = {
+        "progress_epoch": 2,
+        "progress_step": 50,
+        "progress_percent": 50.0,
+        "train_loss": 0.125,
+        "images_per_second": 321.0,
+    }
+    httpx.post(
+        f"{api}/runs/log-batch",
+        json={
+            "run_id": run,
+            "metrics": [{"key": k, "value": v, "timestamp": now, "step": 50} for k, v in metrics.items()],
+        },
+    ).raise_for_status()
+    status = wait_status(
+        local_cluster,
+        cluster_namespace,
+        "tracked",
+        lambda s: (s.get("progress") or {}).get("percent") == 50.0,
+        30,
+        operator,
+    )
+    assert status["progress"]["summary"] == "epoch 2/4 50%" and status["progress"]["loss"] == 0.125
+    assert status["mlflow"]["runId"] == run and status["mlflow"]["runUrl"].endswith(f"/runs/{run}")
+    printed = local_cluster.kubectl("get", "tj", "tracked", "-n", cluster_namespace).stdout
+    assert "epoch 2/4 50%" in printed and "counter-mcnn" in printed and "Running" in printed, printed
+
+    local_cluster.kubectl(
+        "delete", "trainingjob", "tracked", "-n", cluster_namespace, "--wait=true", timeout=60
+    )
+    assert get(local_cluster, cluster_namespace, "mpijob", "tracked") is None
+    info = httpx.get(f"{api}/runs/get", params={"run_id": run}).json()["run"]["info"]
+    assert info["status"] == "KILLED"
+
+
+def test_ttl_after_finished_deletes_the_job(
+    local_cluster: Any, cluster_namespace: str, operator: Any
+) -> None:
+    apply(local_cluster, cluster_namespace, trainingjob("brief", runPolicy={"ttlSecondsAfterFinished": 2}))
+    wait_status(
+        local_cluster, cluster_namespace, "brief", lambda s: s.get("phase") == "Succeeded", 60, operator
+    )
+    local_cluster.wait_for(
+        "TrainingJob deleted after its TTL",
+        lambda: get(local_cluster, cluster_namespace, "trainingjob", "brief") is None,
+        timeout=30,
+    )
+    local_cluster.wait_for(
+        "MPIJob garbage-collected",
+        lambda: get(local_cluster, cluster_namespace, "mpijob", "brief") is None,
+        timeout=30,
+    )
+
+
+def test_suspend_and_resume_map_to_the_mpijob(
+    local_cluster: Any, cluster_namespace: str, operator: Any
+) -> None:
+    doc = trainingjob("pausable", podMetadata={"launcher": {"annotations": {f"{SIM}run-seconds": "600"}}})
+    apply(local_cluster, cluster_namespace, doc)
+    wait_status(
+        local_cluster, cluster_namespace, "pausable", lambda s: s.get("phase") == "Running", 60, operator
+    )
+    patch = json.dumps({"spec": {"runPolicy": {"suspend": True}}})
+    local_cluster.kubectl("patch", "tj", "pausable", "-n", cluster_namespace, "--type=merge", "-p", patch)
+    wait_status(
+        local_cluster, cluster_namespace, "pausable", lambda s: s.get("phase") == "Suspended", 30, operator
+    )
+    assert get(local_cluster, cluster_namespace, "mpijob", "pausable")["spec"]["runPolicy"]["suspend"] is True
+    patch = json.dumps({"spec": {"runPolicy": {"suspend": False}}})
+    local_cluster.kubectl("patch", "tj", "pausable", "-n", cluster_namespace, "--type=merge", "-p", patch)
+    wait_status(
+        local_cluster, cluster_namespace, "pausable", lambda s: s.get("phase") == "Running", 60, operator
+    )
+
+
+def test_metrics_and_health_endpoints(operator: Any) -> None:
+    assert httpx.get(f"http://127.0.0.1:{operator.health_port}/healthz", timeout=5).status_code == 200
+    text = operator.metrics()
+    for name in (
+        "fieldkube_operator_reconcile_total",
+        "fieldkube_operator_reconcile_duration_seconds_bucket",
+        "fieldkube_trainingjobs{",
+        "fieldkube_trainingjob_time_to_running_seconds_count",
+        "fieldkube_trainingjob_duration_seconds_count",
+        "fieldkube_trainingjob_failures_total",
+        "fieldkube_operator_reconcile_errors_total",
+        "fieldkube_trainingjob_gpu_seconds_total",
+    ):
+        assert name in text, name
+
+
+def test_operator_killed_and_restarted_reconciles_every_job_exactly_once(
+    local_cluster: Any, cluster_namespace: str, operator_factory: Any, tmp_path: Path, operator: Any
+) -> None:
+    """A second operator (SIGKILLed at random points and restarted) takes over this namespace's jobs."""
+    operator.stop()  # one operator at a time: the session operator resumes at the end
+    jobs = 30
+    killer = operator_factory(tmp_path / "operator.log")
+    rng = random.Random(4)
+    try:
+        killer.start("--standalone", "-n", cluster_namespace)
+        docs = [
+            trainingjob(
+                f"job-{i:02d}",
+                gpusPerWorker=0,
+                podMetadata={"launcher": {"annotations": {f"{SIM}run-seconds": "2"}}},
+            )
+            for i in range(jobs)
+        ]
+        local_cluster.kubectl("apply", "-n", cluster_namespace, "-f", "-", input=yaml.safe_dump_all(docs))
+        for _ in range(3):
+            time.sleep(rng.uniform(0.5, 4.0))
+            killer.kill()
+            killer.start("--standalone", "-n", cluster_namespace)
+
+        def all_succeeded() -> bool:
+            items = local_cluster.get_json("trainingjobs", namespace=cluster_namespace)["items"]
+            return len(items) == jobs and all(
+                (i.get("status") or {}).get("phase") == "Succeeded" for i in items
+            )
+
+        local_cluster.wait_for("every job Succeeded", all_succeeded, timeout=240, interval=1)
+        tjs = {
+            i["metadata"]["name"]: i
+            for i in local_cluster.get_json("trainingjobs", namespace=cluster_namespace)["items"]
+        }
+        mpijobs = local_cluster.get_json("mpijobs", namespace=cluster_namespace)["items"]
+        assert sorted(m["metadata"]["name"] for m in mpijobs) == sorted(tjs)
+        for mpijob in mpijobs:
+            owner = mpijob["metadata"]["ownerReferences"]
+            assert [o["uid"] for o in owner] == [tjs[mpijob["metadata"]["name"]]["metadata"]["uid"]]
+        launchers = local_cluster.get_json("jobs.batch", namespace=cluster_namespace)["items"]
+        assert len(launchers) == jobs
+        for tj in tjs.values():
+            status = tj["status"]
+            assert status["mpiJobName"] == tj["metadata"]["name"] and status["completionTime"], status
+        created = [line for line in killer.log_text().splitlines() if "created MPIJob" in line]
+        names = [line.rsplit("created MPIJob ", 1)[1].strip().split()[0] for line in created]
+        assert sorted(names) == sorted(tjs), "each MPIJob created exactly once across restarts"
+    finally:
+        killer.stop()
+        operator.start("--standalone")

@@ -1,0 +1,137 @@
+"""Bad input never crashes the server: size/pixel limits 413, unsupported 415, corrupt 400, load 429/503."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import requests
+from PIL import Image
+
+
+def _post(url: str, data: bytes, content_type: str = "application/octet-stream") -> requests.Response:
+    return requests.post(f"{url}/v1/count", data=data, headers={"Content-Type": content_type}, timeout=60)
+
+
+def test_body_over_the_size_limit_is_413(start_server, bundles) -> None:
+    server = start_server(counter=str(bundles.counter), max_upload_bytes=4096)
+    response = _post(server.url, b"\xff\xd8\xff" + b"\x00" * 5000, "image/jpeg")
+    assert response.status_code == 413
+    assert "limit is 4096 bytes" in response.json()["detail"]
+
+
+def test_decompression_bomb_is_refused_before_decoding(server) -> None:
+    buffer = io.BytesIO()
+    Image.new("L", (8000, 8000)).save(buffer, format="PNG")  # ~64 MP that compresses to a few KB
+    response = _post(server.url, buffer.getvalue(), "image/png")
+    assert response.status_code == 413
+    assert "8000x8000 = 64000000 pixels" in response.json()["detail"]
+
+
+@pytest.mark.parametrize(
+    ("data", "content_type", "fragment"),
+    [
+        (b"GIF89a\x01\x00\x01\x00\x00\x00\x00;", "image/gif", "GIF data"),
+        (b"hello", "text/plain", "content type 'text/plain'"),
+    ],
+)
+def test_unsupported_type_is_415(server, data: bytes, content_type: str, fragment: str) -> None:
+    response = _post(server.url, data, content_type)
+    assert response.status_code == 415
+    detail = response.json()["detail"]
+    assert fragment in detail and "expected JPEG, PNG or TIFF" in detail
+
+
+def test_truncated_images_are_400_with_a_clear_message(server, images) -> None:
+    image = images.field(1, 64, 64, 3)
+    for name, data in (
+        ("JPEG", images.jpeg(image)),
+        ("PNG", images.png(image)),
+        ("TIFF", images.tiff(image)),
+    ):
+        response = _post(server.url, data[: len(data) // 2])
+        assert response.status_code == 400, (name, response.text)
+        detail = response.json()["detail"]
+        assert any(words in detail for words in ("corrupt or truncated", "not a readable", "cannot read")), (
+            detail
+        )
+
+
+def test_empty_body_is_400(server) -> None:
+    response = _post(server.url, b"")
+    assert response.status_code == 400
+    assert "empty" in response.json()["detail"]
+
+
+def test_bad_query_parameter_names_it(server, images) -> None:
+    data = images.png(images.field(2, 64, 64, 2))
+    response = requests.post(f"{server.url}/v1/count?tile=8", data=data, timeout=60)
+    assert response.status_code == 422
+    assert "query parameter 'tile'" in response.json()["detail"]
+    response = requests.post(f"{server.url}/v1/count?tile=64&overlap=40", data=data, timeout=60)
+    assert response.status_code == 400
+    assert "overlap must be between 0 and tile/2 = 32" in response.json()["detail"]
+
+
+def test_multipart_without_a_file_is_400(server) -> None:
+    response = requests.post(f"{server.url}/v1/count", files={"other": (None, "x")}, timeout=60)
+    assert response.status_code == 400
+    assert "form field named 'file'" in response.json()["detail"]
+
+
+def test_corrupted_image_bytes_never_cause_a_server_error(server, images) -> None:
+    """Bounded fuzz: random byte flips, truncations and splices of valid JPEG, PNG and TIFF files."""
+    rng = np.random.default_rng(7)
+    image = images.field(3, 48, 56, 3)
+    originals = [images.jpeg(image), images.png(image), images.tiff(image)]
+    statuses: set[int] = set()
+    for index in range(90):
+        data = bytearray(originals[index % 3])
+        kind = index % 3
+        if kind == 0:
+            for position in rng.integers(0, len(data), size=int(rng.integers(1, 20))):
+                data[position] = int(rng.integers(0, 256))
+        elif kind == 1:
+            data = data[: int(rng.integers(1, len(data)))]
+        else:
+            start = int(rng.integers(8, len(data)))
+            data[start:] = rng.integers(0, 256, size=len(data) - start, dtype=np.uint8).tobytes()
+        for endpoint in ("count", "segment"):
+            response = requests.post(f"{server.url}/v1/{endpoint}", data=bytes(data), timeout=60)
+            statuses.add(response.status_code)
+            assert response.status_code in {200, 400, 413, 415}, response.text
+            if response.status_code != 200:
+                assert response.json()["detail"]
+    assert 400 in statuses
+    assert requests.get(f"{server.url}/v2/health/ready", timeout=10).status_code == 200
+
+
+def test_queue_limit_answers_429_with_retry_after(start_server, bundles, images) -> None:
+    server = start_server(counter=str(bundles.counter), max_queue_tiles=4)
+    response = requests.post(
+        f"{server.url}/v1/count", data=images.png(images.field(4, 200, 200, 5)), timeout=60
+    )
+    assert response.status_code == 429
+    assert int(response.headers["Retry-After"]) >= 1
+    assert "queue is full" in response.json()["detail"]
+
+
+def test_request_timeout_answers_503_with_retry_after(start_server, bundles, images) -> None:
+    server = start_server(counter=str(bundles.counter), request_timeout_s=0.001, max_batch_size=1)
+    response = requests.post(
+        f"{server.url}/v1/count", data=images.png(images.field(5, 256, 256, 5)), timeout=60
+    )
+    assert response.status_code == 503
+    assert int(response.headers["Retry-After"]) >= 1
+    metrics = requests.get(f"{server.url}/metrics", timeout=10).text
+    assert 'fieldkube_serve_rejected_requests_total{reason="timeout",task="counter"} 1.0' in metrics
+
+
+def test_unconfigured_task_is_503_with_a_reason(start_server, bundles, images) -> None:
+    server = start_server(counter=str(bundles.counter))
+    response = requests.post(
+        f"{server.url}/v1/segment", data=images.png(images.aerial(1, 64, 64)), timeout=60
+    )
+    assert response.status_code == 503
+    assert "no segmenter model is configured" in response.json()["detail"]

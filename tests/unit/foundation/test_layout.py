@@ -1,0 +1,53 @@
+"""The repository layout keeps its promises: one `fieldkube` namespace over four distributions, an operator
+that never pulls in torch, and no directory that shadows a standard-library module."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[3]
+DISTRIBUTIONS = ("vision", "trainer", "serving", "operator")
+
+
+def _python(code: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", code], check=False, cwd=cwd, capture_output=True, text=True, timeout=120
+    )
+
+
+def test_fieldkube_is_a_namespace_package_shared_by_four_distributions() -> None:
+    for dist in DISTRIBUTIONS:
+        assert (ROOT / dist / "src" / "fieldkube" / dist).is_dir(), dist
+        assert not (ROOT / dist / "src" / "fieldkube" / "__init__.py").exists(), (
+            f"{dist} breaks the namespace"
+        )
+    proc = _python("import fieldkube, json; print(json.dumps(sorted(fieldkube.__path__)))")
+    assert proc.returncode == 0, proc.stderr
+    assert len(json.loads(proc.stdout)) == 4, proc.stdout
+
+
+def test_importing_the_operator_does_not_import_torch() -> None:
+    code = (
+        "import importlib, pkgutil, sys\n"
+        "import fieldkube.operator as op\n"
+        "mods = [m.name for m in pkgutil.walk_packages(op.__path__, 'fieldkube.operator.')]\n"
+        "assert mods, 'fieldkube.operator has no modules'\n"
+        "for name in mods:\n"
+        "    importlib.import_module(name)\n"
+        "heavy = sorted(m for m in sys.modules if m.split('.')[0] in {'torch', 'torchvision', 'horovod'})\n"
+        "print(len(mods), heavy)\n"
+        "assert not heavy, heavy\n"
+    )
+    proc = _python(code)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_operator_directory_does_not_shadow_the_standard_library() -> None:
+    proc = _python("import operator; print(operator.__file__)")
+    assert proc.returncode == 0, proc.stderr
+    assert "site-packages" not in proc.stdout
+    assert str(ROOT / "operator") not in proc.stdout
+    assert Path(proc.stdout.strip()).name == "operator.py"

@@ -1,0 +1,237 @@
+"""The pure status function: phases mirrored from the MPIJob, pending reasons, timeouts and diagnoses."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from fieldkube.operator.names import JOB_LABEL, MPI_JOB_NAME_LABEL, MPI_ROLE_LABEL
+from fieldkube.operator.spec import parse_spec
+from fieldkube.operator.status import Tracking, compute_status, failure_diagnosis
+from fieldkube.operator.status_model import MlflowStatus, Progress, RegisteredModelStatus
+
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+def pod(name: str, role: str, phase: str = "Running", **status: Any) -> dict[str, Any]:
+    conditions = status.pop("conditions", None)
+    if conditions is None and phase == "Running":
+        conditions = [{"type": "PodScheduled", "status": "True"}, {"type": "Ready", "status": "True"}]
+    return {
+        "metadata": {
+            "name": name,
+            "labels": {JOB_LABEL: "flowers", MPI_ROLE_LABEL: role, MPI_JOB_NAME_LABEL: "flowers"},
+        },
+        "status": {"phase": phase, "conditions": conditions or [], **status},
+    }
+
+
+def mpijob(*conditions: tuple[str, str], **status: Any) -> dict[str, Any]:
+    return {
+        "metadata": {"name": "flowers", "namespace": "team-a"},
+        "status": {
+            "conditions": [
+                {"type": kind, "status": "True", "reason": reason, "message": f"{kind} {reason}"}
+                for kind, reason in conditions
+            ],
+            **status,
+        },
+    }
+
+
+def _status(tj: dict[str, Any], job: dict[str, Any] | None, pods: list[dict[str, Any]], **kw: Any) -> Any:
+    now = kw.pop("now", T0 + timedelta(seconds=5))
+    return compute_status(tj, parse_spec(tj["spec"]), job, pods, kw.pop("events", []), now, **kw)
+
+
+def _unschedulable(name: str) -> dict[str, Any]:
+    return pod(
+        name,
+        "worker",
+        "Pending",
+        conditions=[
+            {
+                "type": "PodScheduled",
+                "status": "False",
+                "reason": "Unschedulable",
+                "message": "0/8 nodes are available: 8 Insufficient nvidia.com/gpu.",
+            }
+        ],
+    )
+
+
+def test_a_new_job_without_mpijob_is_pending_creating(tj: dict[str, Any]) -> None:
+    status = _status(tj, None, [])
+    assert (status.phase, status.reason, status.gpus) == ("Pending", "Creating", 8)
+    assert status.workers.total == 2 and status.observedGeneration == 1
+
+
+def test_unschedulable_pods_show_the_schedulers_reason(tj: dict[str, Any]) -> None:
+    status = _status(tj, mpijob(("Created", "MPIJobCreated")), [_unschedulable("flowers-worker-0")])
+    assert status.phase == "Pending" and status.reason == "Unschedulable"
+    assert "Insufficient nvidia.com/gpu" in status.message and "flowers-worker-0" in status.message
+    scheduled = next(c for c in status.conditions if c.type == "Scheduled")
+    assert scheduled.status == "False" and scheduled.reason == "Unschedulable"
+
+
+def test_failed_scheduling_events_explain_pods_without_conditions(tj: dict[str, Any]) -> None:
+    event = {
+        "reason": "FailedScheduling",
+        "message": "0/3 nodes: insufficient nvidia.com/gpu",
+        "involvedObject": {"name": "flowers-worker-1"},
+        "lastTimestamp": "2026-01-01T00:00:03Z",
+    }
+    other = {**event, "involvedObject": {"name": "someone-else"}}
+    waiting = pod("flowers-worker-1", "worker", "Pending", conditions=[])
+    status = _status(tj, mpijob(("Created", "MPIJobCreated")), [waiting], events=[other, event])
+    assert status.reason == "Unschedulable" and "0/3 nodes" in status.message
+
+
+def test_image_pull_errors_are_shown_while_pending(tj: dict[str, Any]) -> None:
+    pulling = pod(
+        "flowers-worker-0",
+        "worker",
+        "Pending",
+        conditions=[],
+        containerStatuses=[
+            {
+                "name": "trainer",
+                "state": {"waiting": {"reason": "ImagePullBackOff", "message": "no such image"}},
+            }
+        ],
+    )
+    status = _status(tj, mpijob(("Created", "MPIJobCreated")), [pulling])
+    assert status.reason == "ImagePullBackOff"
+
+
+def test_pending_past_the_timeout_fails_with_the_pending_reason(tj: dict[str, Any]) -> None:
+    tj["spec"]["pendingTimeoutSeconds"] = 30
+    pods = [_unschedulable("flowers-worker-0")]
+    assert _status(tj, mpijob(), pods, now=T0 + timedelta(seconds=29)).phase == "Pending"
+    status = _status(tj, mpijob(), pods, now=T0 + timedelta(seconds=31))
+    assert status.phase == "Failed" and status.reason == "Unschedulable"
+    assert "pendingTimeoutSeconds" in status.message and "Insufficient nvidia.com/gpu" in status.message
+    assert status.diagnosis is not None and status.diagnosis.pod == "flowers-worker-0"
+    failed = next(c for c in status.conditions if c.type == "Failed")
+    assert failed.status == "True" and failed.reason == "PendingTimeout"
+    assert status.completionTime == "2026-01-01T00:00:31Z"
+
+
+def test_zero_pending_timeout_waits_forever(tj: dict[str, Any]) -> None:
+    tj["spec"]["pendingTimeoutSeconds"] = 0
+    status = _status(tj, mpijob(), [_unschedulable("flowers-worker-0")], now=T0 + timedelta(days=30))
+    assert status.phase == "Pending"
+
+
+def test_running_counts_ready_workers_and_keeps_the_start_time(tj: dict[str, Any]) -> None:
+    job = mpijob(("Running", "MPIJobRunning"))
+    job["status"]["conditions"][0]["lastTransitionTime"] = "2026-01-01T00:00:04Z"
+    pods = [
+        pod("flowers-launcher-x", "launcher"),
+        pod("flowers-worker-0", "worker"),
+        pod("flowers-worker-1", "worker", "Pending", conditions=[]),
+    ]
+    status = _status(tj, job, pods)
+    assert status.phase == "Running" and status.startTime == "2026-01-01T00:00:04Z"
+    assert (status.workers.ready, status.workers.total) == (1, 2)
+    running = next(c for c in status.conditions if c.type == "Running")
+    tj["status"] = status.as_patch()
+    later = _status(tj, job, pods, now=T0 + timedelta(seconds=60))
+    assert (
+        next(c for c in later.conditions if c.type == "Running").lastTransitionTime
+        == running.lastTransitionTime
+    )
+
+
+def test_succeeded_mirrors_the_mpijob_and_clears_the_diagnosis(tj: dict[str, Any]) -> None:
+    job = mpijob(("Succeeded", "MPIJobSucceeded"), completionTime="2026-01-01T00:10:00Z")
+    status = _status(tj, job, [])
+    assert status.phase == "Succeeded" and status.completionTime == "2026-01-01T00:10:00Z"
+    assert status.diagnosis is None and status.progress.summary == "100%"
+
+
+def _terminated(
+    name: str, role: str, code: int, reason: str, finished: str, key: str = "state"
+) -> dict[str, Any]:
+    return pod(
+        name,
+        role,
+        "Failed",
+        conditions=[],
+        containerStatuses=[
+            {
+                "name": "trainer",
+                key: {"terminated": {"exitCode": code, "reason": reason, "finishedAt": finished}},
+            }
+        ],
+    )
+
+
+def test_failure_names_the_worker_pod_exit_code_and_reason(tj: dict[str, Any]) -> None:
+    pods = [
+        _terminated("flowers-launcher-x", "launcher", 1, "Error", "2026-01-01T00:00:09Z"),
+        _terminated("flowers-worker-1", "worker", 3, "Error", "2026-01-01T00:00:08Z"),
+    ]
+    job = mpijob(("Failed", "BackoffLimitExceeded"))
+    status = _status(tj, job, pods, now=T0 + timedelta(seconds=10))
+    assert status.phase == "Failed" and status.reason == "Error"
+    assert status.diagnosis is not None
+    assert (status.diagnosis.pod, status.diagnosis.exitCode, status.diagnosis.role) == (
+        "flowers-worker-1",
+        3,
+        "worker",
+    )
+
+
+def test_oom_killed_and_evicted_pods_win_the_diagnosis() -> None:
+    oom = _terminated(
+        "flowers-launcher-x", "launcher", 137, "OOMKilled", "2026-01-01T00:00:09Z", key="lastState"
+    )
+    plain = _terminated("flowers-worker-0", "worker", 1, "Error", "2026-01-01T00:00:01Z")
+    diagnosis = failure_diagnosis([plain, oom], {"flowers-launcher-x": ["killed"]})
+    assert diagnosis is not None and (diagnosis.reason, diagnosis.exitCode) == ("OOMKilled", 137)
+    assert diagnosis.logTail == ["killed"]
+    evicted = pod(
+        "flowers-worker-1", "worker", "Failed", conditions=[], reason="Evicted", message="node pressure"
+    )
+    diagnosis = failure_diagnosis([plain, evicted], {})
+    assert diagnosis is not None and diagnosis.reason == "Evicted" and diagnosis.pod == "flowers-worker-1"
+    assert failure_diagnosis([pod("flowers-worker-0", "worker")], {}) is None
+
+
+def test_terminal_status_is_sticky_when_pods_are_cleaned_up(tj: dict[str, Any]) -> None:
+    pods = [_terminated("flowers-worker-0", "worker", 2, "Error", "2026-01-01T00:00:08Z")]
+    failed = _status(tj, mpijob(("Failed", "BackoffLimitExceeded")), pods)
+    tj["status"] = failed.as_patch()
+    later = _status(tj, None, [], now=T0 + timedelta(hours=1))
+    assert later.as_patch() == failed.as_patch()
+
+
+def test_failed_mpijob_without_pods_still_reports_its_reason(tj: dict[str, Any]) -> None:
+    status = _status(tj, mpijob(("Failed", "MPIJobEvicted")), [])
+    assert status.phase == "Failed" and status.reason == "MPIJobEvicted"
+    assert status.diagnosis is not None and status.diagnosis.reason == "MPIJobEvicted"
+
+
+def test_suspended_job_shows_suspended_and_is_not_timed_out(tj: dict[str, Any]) -> None:
+    tj["spec"]["runPolicy"] = {"suspend": True}
+    tj["spec"]["pendingTimeoutSeconds"] = 1
+    status = _status(tj, mpijob(("Suspended", "MPIJobSuspended")), [], now=T0 + timedelta(hours=1))
+    assert status.phase == "Suspended"
+
+
+def test_tracking_fills_progress_run_and_registered_model(tj: dict[str, Any]) -> None:
+    tracking = Tracking(
+        mlflow=MlflowStatus(runId="r1", runUrl="http://m/#/experiments/1/runs/r1", runStatus="RUNNING"),
+        progress=Progress(epoch=3, epochs=10, step=120, percent=30.0, loss=0.5, imagesPerSecond=80.0),
+        registered_model=RegisteredModelStatus(name="fieldkube-counter", version="4", alias="candidate"),
+    )
+    status = _status(
+        tj, mpijob(("Running", "MPIJobRunning")), [pod("flowers-worker-0", "worker")], tracking=tracking
+    )
+    assert status.progress.summary == "epoch 3/10 30%" and status.mlflow.runId == "r1"
+    assert status.registeredModel is not None and status.registeredModel.version == "4"
+    # a finished job keeps its phase but may still learn its registered model version
+    tj["status"] = {**status.as_patch(), "phase": "Succeeded"}
+    later = _status(tj, None, [], tracking=tracking)
+    assert later.phase == "Succeeded" and later.mlflow.runId == "r1"

@@ -1,0 +1,110 @@
+"""Dynamic batching: concurrent requests share forward passes and still get exactly their own results."""
+
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import torch
+
+from fieldkube.serving.batcher import InferenceTimeoutError, OverloadedError, TileBatcher
+from fieldkube.serving.metrics import ServeMetrics
+from fieldkube.serving.served_model import ServedModel
+from fieldkube.vision.models import build_model
+
+
+def _model() -> ServedModel:
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    module = build_model("counter-mcnn", width=0.25).eval()
+    return ServedModel(
+        task="counter",
+        name="counter-mcnn",
+        version="1",
+        architecture="counter-mcnn",
+        tile=32,
+        density_scale=2.0,
+        module=module,
+        device=torch.device("cpu"),
+        source="test",
+    )
+
+
+def _batch_sizes(metrics: ServeMetrics) -> tuple[float, float]:
+    samples = {s.name: s.value for m in metrics.batch_size.collect() for s in m.samples}
+    return samples["fieldkube_serve_batch_size_count"], samples["fieldkube_serve_batch_size_sum"]
+
+
+def _run(coro_factory, **batcher_args):  # type: ignore[no-untyped-def]
+    async def main():  # type: ignore[no-untyped-def]
+        metrics = ServeMetrics(gpu=False)
+        with ThreadPoolExecutor(max_workers=1) as executor:
+            args = {
+                "max_batch_size": 8,
+                "max_batch_delay_s": 0.05,
+                "max_queue_tiles": 64,
+                "request_timeout_s": 30.0,
+                **batcher_args,
+            }
+            batcher = TileBatcher("counter", metrics, executor=executor, **args)
+            batcher.start()
+            try:
+                return await coro_factory(batcher), metrics
+            finally:
+                await batcher.stop()
+
+    return asyncio.run(main())
+
+
+def test_concurrent_requests_share_batches_and_get_their_own_results() -> None:
+    model = _model()
+    rng = np.random.default_rng(0)
+    requests = [rng.standard_normal((n, 3, 32, 32)).astype(np.float32) for n in (3, 2, 3)]
+    expected = [model.forward(tiles) for tiles in requests]
+
+    async def scenario(batcher: TileBatcher) -> list[np.ndarray]:
+        return list(await asyncio.gather(*(batcher.infer(model, tiles) for tiles in requests)))
+
+    results, metrics = _run(scenario)
+    for got, want in zip(results, expected, strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    batches, tiles = _batch_sizes(metrics)
+    assert tiles == 8
+    assert batches < 3, "tiles of concurrent requests should have shared forward passes"
+
+
+def test_batches_never_exceed_the_maximum_size() -> None:
+    model = _model()
+    tiles = np.zeros((10, 3, 32, 32), dtype=np.float32)
+
+    async def scenario(batcher: TileBatcher) -> np.ndarray:
+        return await batcher.infer(model, tiles)
+
+    result, metrics = _run(scenario, max_batch_size=4)
+    assert result.shape == (10, 1, 32, 32)
+    assert _batch_sizes(metrics) == (3, 10)  # 4 + 4 + 2
+
+
+def test_full_queue_refuses_with_a_retry_hint() -> None:
+    model = _model()
+
+    async def scenario(batcher: TileBatcher) -> None:
+        await batcher.infer(model, np.zeros((5, 3, 32, 32), dtype=np.float32))
+
+    with pytest.raises(OverloadedError, match="queue is full") as error:
+        _run(scenario, max_queue_tiles=4)
+    assert error.value.retry_after_s >= 1
+
+
+def test_request_timeout_is_reported_and_the_queue_drains() -> None:
+    model = _model()
+
+    async def scenario(batcher: TileBatcher) -> int:
+        with pytest.raises(InferenceTimeoutError, match="did not finish within"):
+            await batcher.infer(model, np.zeros((40, 3, 32, 32), dtype=np.float32))
+        return batcher.queued_tiles
+
+    queued, _ = _run(scenario, request_timeout_s=0.01, max_batch_size=1)
+    assert queued == 0

@@ -1,0 +1,58 @@
+"""Configuration: flags over environment, clear errors naming the setting, model URI forms."""
+
+from __future__ import annotations
+
+import pytest
+
+from fieldkube.serving.cli import parse_settings
+from fieldkube.serving.model_source import parse_model_source
+from fieldkube.serving.settings import SettingsError, build_settings
+
+
+def test_environment_fills_settings_and_flags_override_it() -> None:
+    env = {
+        "FIELDKUBE_SERVE_COUNTER": "models:/fieldkube-counter@champion",
+        "FIELDKUBE_SERVE_MAX_BATCH_SIZE": "8",
+        "MLFLOW_TRACKING_URI": "http://127.0.0.1:5000",
+    }
+    settings = parse_settings(["--max-batch-size", "4", "--port", "9000"], environ=env)
+    assert settings.counter == "models:/fieldkube-counter@champion"
+    assert settings.max_batch_size == 4
+    assert settings.port == 9000
+    assert settings.mlflow_tracking_uri == "http://127.0.0.1:5000"
+    assert settings.host == "127.0.0.1"
+
+
+def test_bad_value_names_the_setting() -> None:
+    with pytest.raises(SettingsError, match="max_batch_size: Input should be greater than or equal to 1"):
+        build_settings({"counter": "/m", "max_batch_size": "0"}, environ={})
+
+
+def test_no_model_is_a_clear_error() -> None:
+    with pytest.raises(SettingsError, match="no model configured"):
+        build_settings({}, environ={})
+
+
+def test_cli_exits_with_a_message_for_a_malformed_model_uri(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        parse_settings(["--counter", "models:/a/b/c"], environ={})
+    assert exit_info.value.code == 2
+    assert "counter: model URI 'models:/a/b/c' is malformed" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("uri", "kind", "name", "alias", "version"),
+    [
+        ("models:/fieldkube-counter@champion", "alias", "fieldkube-counter", "champion", None),
+        ("models:/fieldkube-counter/3", "version", "fieldkube-counter", None, "3"),
+        ("runs:/abc/model", "mlflow", None, None, None),
+        ("/srv/models/counter", "path", None, None, None),
+        ("file:///srv/models/counter", "path", None, None, None),
+    ],
+)
+def test_model_uri_forms(
+    uri: str, kind: str, name: str | None, alias: str | None, version: str | None
+) -> None:
+    source = parse_model_source(uri)
+    assert (source.kind, source.registered_name, source.alias, source.version) == (kind, name, alias, version)
+    assert source.watchable == (kind == "alias")

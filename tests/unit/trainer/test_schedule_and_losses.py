@@ -1,0 +1,67 @@
+"""Global batch order, LR warm-up/scaling and the seed losses: the pieces that make N ranks equal 1 rank."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from fieldkube.trainer.loader import Augment, augment_pair, epoch_batches
+from fieldkube.trainer.loop import lr_factor
+from fieldkube.trainer.losses import bce, bce_dice, l2_per_image, pixel_mse, resolve_loss
+
+
+def test_rank_slices_of_each_global_batch_union_to_the_single_rank_batch() -> None:
+    single = epoch_batches(size=23, global_batch=6, rank=0, world=1, seed=5, epoch=2)
+    halves = [epoch_batches(23, 6, rank, 2, 5, 2) for rank in range(2)]
+    assert len(single) == 3  # 23 // 6, last partial batch dropped
+    for step, batch in enumerate(single):
+        assert halves[0][step] + halves[1][step] == batch
+    assert epoch_batches(23, 6, 0, 1, 5, 3) != single  # a new permutation every epoch
+
+
+def test_resuming_mid_epoch_continues_with_the_same_batches() -> None:
+    full = epoch_batches(40, 4, 1, 2, seed=0, epoch=1)
+    assert epoch_batches(40, 4, 1, 2, seed=0, epoch=1, start_step=6) == full[6:]
+
+
+def test_global_batch_must_divide_by_world_size() -> None:
+    with pytest.raises(ValueError, match="not divisible"):
+        epoch_batches(10, 5, 0, 2, 0, 0)
+
+
+def test_augmentation_moves_image_and_density_together_and_keeps_the_count() -> None:
+    image = np.zeros((16, 16, 3), dtype=np.uint8)
+    image[2, 3] = 255
+    density = np.zeros((16, 16), dtype=np.float32)
+    density[2, 3] = 1.0
+    augment = Augment(hflip=True, vflip=True, rot90=True, color_jitter=0.0)
+    for seed in range(8):
+        out_image, out_density = augment_pair(image, density, np.random.default_rng(seed), augment)
+        assert out_density.sum() == pytest.approx(1.0)
+        assert np.array_equal(np.argwhere(out_image[:, :, 0] == 255), np.argwhere(out_density == 1.0))
+    first = augment_pair(image, density, np.random.default_rng([1, 2, 3]), Augment(True, True, True, 0.2))
+    second = augment_pair(image, density, np.random.default_rng([1, 2, 3]), Augment(True, True, True, 0.2))
+    assert np.array_equal(first[0], second[0])
+
+
+def test_warmup_ramps_linearly_to_the_scaled_rate() -> None:
+    assert lr_factor(0, scale=4.0, warmup_steps=10) == 1.0
+    assert lr_factor(5, 4.0, 10) == pytest.approx(2.5)
+    assert lr_factor(10, 4.0, 10) == 4.0
+    assert lr_factor(0, 2.0, 0) == 2.0
+
+
+def test_seed_losses() -> None:
+    target = torch.zeros(2, 1, 4, 4)
+    output = torch.zeros(2, 1, 4, 4)
+    output[0, 0, 0, :] = 1.0  # image 0: L2 norm 2; image 1: 0
+    assert float(l2_per_image(output, target)) == pytest.approx(1.0, abs=1e-5)
+    assert float(pixel_mse(output, target)) == pytest.approx(4 / 32)
+    logits = torch.full((1, 1, 2, 2), 20.0)
+    ones = torch.ones(1, 1, 2, 2)
+    assert float(bce(logits, ones)) < 1e-6
+    assert float(bce_dice(logits, ones)) < 1e-3
+    assert float(bce_dice(-logits, ones)) > 10
+    assert resolve_loss("auto", "counter")[0] == "l2_per_image"
+    assert resolve_loss("auto", "segmenter")[0] == "bce"

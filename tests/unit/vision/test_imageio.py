@@ -1,0 +1,102 @@
+"""Image reading: formats, conversions, windowed TIFF reads and clear errors naming the file."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+from PIL import Image
+
+from fieldkube.vision.imageio import ImageError, encode_png, read_image, read_tiff_window, write_png
+from fieldkube.vision.tiling import Box
+
+
+@pytest.fixture
+def picture(rng: np.random.Generator) -> np.ndarray:
+    return rng.integers(0, 256, size=(60, 80, 3), dtype=np.uint8)
+
+
+def test_png_and_tiff_round_trip_exactly(tmp_path: Path, picture: np.ndarray) -> None:
+    write_png(tmp_path / "a.png", picture)
+    tifffile.imwrite(tmp_path / "a.tif", picture, compression="zlib")
+    np.testing.assert_array_equal(read_image(tmp_path / "a.png"), picture)
+    np.testing.assert_array_equal(read_image(tmp_path / "a.tif"), picture)
+    np.testing.assert_array_equal(read_image(encode_png(picture)), picture)
+
+
+def test_jpeg_is_decoded_to_rgb(tmp_path: Path) -> None:
+    ys, xs = np.mgrid[0:60, 0:80]
+    smooth = np.stack([xs * 3, ys * 4, np.full_like(xs, 128)], axis=2).astype(np.uint8)
+    Image.fromarray(smooth).save(tmp_path / "a.jpg", quality=95)
+    decoded = read_image(tmp_path / "a.jpg")
+    assert decoded.shape == (60, 80, 3) and decoded.dtype == np.uint8
+    assert np.abs(decoded.astype(int) - smooth).mean() < 3
+
+
+def test_grey_rgba_and_16_bit_images_become_rgb8(tmp_path: Path, picture: np.ndarray) -> None:
+    Image.fromarray(picture[..., 0]).save(tmp_path / "grey.png")
+    assert (read_image(tmp_path / "grey.png")[..., 2] == picture[..., 0]).all()
+    rgba = np.dstack([picture, np.full(picture.shape[:2], 7, np.uint8)])
+    Image.fromarray(rgba).save(tmp_path / "rgba.png")
+    np.testing.assert_array_equal(read_image(tmp_path / "rgba.png"), picture)
+    tifffile.imwrite(tmp_path / "deep.tif", picture.astype(np.uint16) * 257)
+    np.testing.assert_array_equal(read_image(tmp_path / "deep.tif"), picture)
+
+
+@pytest.mark.parametrize("layout", ["plain", "tiled", "strips"])
+def test_tiff_windows_match_the_full_image(tmp_path: Path, rng: np.random.Generator, layout: str) -> None:
+    full = rng.integers(0, 256, size=(300, 340, 3), dtype=np.uint8)
+    path = tmp_path / f"{layout}.tif"
+    options = {"plain": {}, "tiled": {"tile": (64, 64), "compression": "zlib"}}.get(
+        layout, {"rowsperstrip": 16, "compression": "zlib"}
+    )
+    tifffile.imwrite(path, full, **options)
+    window = read_tiff_window(path, Box(70, 90, 230, 333))
+    np.testing.assert_array_equal(window, full[70:230, 90:333])
+
+
+def test_tiled_window_decodes_only_the_touched_tiles(tmp_path: Path, rng: np.random.Generator) -> None:
+    full = rng.integers(0, 256, size=(256, 256, 3), dtype=np.uint8)
+    path = tmp_path / "big.tif"
+    tifffile.imwrite(path, full, tile=(64, 64), compression="zlib")
+    # Corrupt a tile far from the window: a whole-image decode would fail, the window read must not.
+    with tifffile.TiffFile(path) as tif:
+        offset, size = tif.pages.first.dataoffsets[15], tif.pages.first.databytecounts[15]
+    data = bytearray(path.read_bytes())
+    data[offset : offset + size] = b"\x00" * size
+    path.write_bytes(bytes(data))
+    np.testing.assert_array_equal(read_tiff_window(path, Box(0, 0, 64, 128)), full[:64, :128])
+    with pytest.raises(ImageError, match=r"big\.tif"):
+        read_image(path)
+
+
+def test_errors_name_the_file(tmp_path: Path) -> None:
+    with pytest.raises(ImageError, match=r"missing\.png: no such file"):
+        read_image(tmp_path / "missing.png")
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    with pytest.raises(ImageError, match=r"empty\.jpg: empty file"):
+        read_image(tmp_path / "empty.jpg")
+    (tmp_path / "notes.png").write_text("this is not an image")
+    with pytest.raises(ImageError, match=r"notes\.png: not a recognised image"):
+        read_image(tmp_path / "notes.png")
+    buffer = io.BytesIO()
+    Image.fromarray(np.zeros((50, 50, 3), np.uint8)).save(buffer, format="PNG")
+    with pytest.raises(ImageError, match=r"upload\.png: corrupt or truncated"):
+        read_image(buffer.getvalue()[:-40], name="upload.png")
+    with pytest.raises(ImageError, match="is a directory"):
+        read_image(tmp_path)
+
+
+def test_pixel_limit_is_checked_before_decoding(tmp_path: Path) -> None:
+    write_png(tmp_path / "big.png", np.zeros((200, 300, 3), np.uint8))
+    with pytest.raises(ImageError, match=r"big\.png: 300x200 = 60000 pixels exceeds the limit of 10000"):
+        read_image(tmp_path / "big.png", max_pixels=10_000)
+
+
+def test_window_outside_the_image_is_rejected(tmp_path: Path) -> None:
+    tifffile.imwrite(tmp_path / "a.tif", np.zeros((10, 10, 3), np.uint8))
+    with pytest.raises(ImageError, match=r"a\.tif: window .* is not inside the 10x10 image"):
+        read_tiff_window(tmp_path / "a.tif", Box(0, 0, 20, 5))

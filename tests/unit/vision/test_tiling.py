@@ -1,0 +1,105 @@
+"""Tiling grids (seed 000 ROI + grid, seed 004 shifted grid) and count-preserving stitching."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fieldkube.vision.density import count_from_density, density_map_from_points
+from fieldkube.vision.tiling import (
+    Box,
+    blend_window,
+    crop_roi_to_multiple,
+    grid_shape,
+    stitch,
+    tile_boxes,
+    tile_name,
+)
+
+
+def coverage(boxes: list[Box], height: int, width: int) -> np.ndarray:
+    hits = np.zeros((height, width), dtype=int)
+    for y0, x0, y1, x1 in boxes:
+        hits[max(y0, 0) : min(y1, height), max(x0, 0) : min(x1, width)] += 1
+    return hits
+
+
+def test_shift_mode_shifts_the_last_row_and_column_inside_like_seed_004() -> None:
+    boxes = tile_boxes(300, 500, 128)
+    assert grid_shape(300, 500, 128) == (3, 4)
+    assert len(boxes) == 12
+    assert sorted({b.y0 for b in boxes}) == [0, 128, 172]
+    assert sorted({b.x0 for b in boxes}) == [0, 128, 256, 372]
+    assert all(b.y1 <= 300 and b.x1 <= 500 and b.y1 - b.y0 == 128 for b in boxes)
+    assert (coverage(boxes, 300, 500) >= 1).all()
+
+
+def test_seed_004_inria_tile_gives_1600_patches() -> None:
+    assert len(tile_boxes(5000, 5000, 128)) == 1600
+
+
+def test_exact_multiple_gives_no_extra_tiles() -> None:
+    assert len(tile_boxes(448, 672, 224)) == 6
+
+
+def test_pad_and_drop_modes() -> None:
+    padded = tile_boxes(300, 500, 224, mode="pad")
+    assert len(padded) == 2 * 3 and padded[-1] == Box(224, 448, 448, 672)
+    assert (coverage(padded, 300, 500) >= 1).all()
+    assert tile_boxes(300, 500, 224, mode="drop") == [Box(0, 0, 224, 224), Box(0, 224, 224, 448)]
+
+
+def test_overlap_sets_the_stride() -> None:
+    boxes = tile_boxes(224, 416, 224, overlap=32)
+    assert [b.x0 for b in boxes] == [0, 192]
+
+
+def test_bad_tiling_arguments_are_clear_errors() -> None:
+    with pytest.raises(ValueError, match="smaller than the tile"):
+        tile_boxes(100, 500, 128)
+    with pytest.raises(ValueError, match="overlap must be in"):
+        tile_boxes(500, 500, 128, overlap=128)
+    with pytest.raises(ValueError, match="tile mode"):
+        tile_boxes(500, 500, 128, mode="wrap")  # type: ignore[arg-type]
+
+
+def test_roi_crop_to_multiple_of_224_is_centred() -> None:
+    image = np.zeros((720, 1280, 3), dtype=np.uint8)
+    image[24:696, 80:1200] = 1
+    crop = crop_roi_to_multiple(image, 224)
+    assert crop.shape == (672, 1120, 3)
+    assert crop.all()
+    with pytest.raises(ValueError, match="smaller than one 224x224 tile"):
+        crop_roi_to_multiple(np.zeros((100, 300, 3)), 224)
+
+
+def test_tile_names_carry_row_and_column() -> None:
+    assert tile_name("1109-0802_0930", 2, 11) == "1109-0802_0930_r02_c11"
+
+
+@pytest.mark.parametrize("blend", ["cosine", "mean"])
+def test_stitching_exact_crops_reproduces_the_map(blend: str, rng: np.random.Generator) -> None:
+    full = rng.random((2, 300, 500)).astype(np.float32)
+    boxes = tile_boxes(300, 500, 128, overlap=40)
+    tiles = np.stack([full[:, y0:y1, x0:x1] for y0, x0, y1, x1 in boxes])
+    np.testing.assert_allclose(stitch(tiles, boxes, 300, 500, blend=blend), full, rtol=1e-5)  # type: ignore[arg-type]
+
+
+def test_stitched_density_keeps_the_whole_image_count(rng: np.random.Generator) -> None:
+    points = rng.uniform([0, 0], [500, 300], size=(200, 2))
+    density = density_map_from_points(points, (300, 500), sigma=5.0)
+    boxes = tile_boxes(300, 500, 128, overlap=32)
+    tiles = np.stack([density[None, y0:y1, x0:x1] for y0, x0, y1, x1 in boxes])
+    stitched = stitch(tiles, boxes, 300, 500)
+    assert count_from_density(stitched) == pytest.approx(200.0, rel=1e-4)
+
+
+def test_cosine_window_fades_to_the_edges_but_never_zero() -> None:
+    window = blend_window(64)
+    assert window.min() > 0
+    assert window[32, 32] > 0.99 and window[0, 0] < 0.01
+
+
+def test_uncovered_pixels_are_an_error() -> None:
+    with pytest.raises(ValueError, match="uncovered"):
+        stitch(np.zeros((1, 1, 8, 8)), [Box(0, 0, 8, 8)], 8, 16)

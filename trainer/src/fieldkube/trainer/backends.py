@@ -1,0 +1,195 @@
+"""Data-parallel backends behind one small interface: single process, Horovod, or torch DDP."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+
+from fieldkube.trainer.config import Backend
+from fieldkube.trainer.errors import ConfigError
+from fieldkube.trainer.launch_env import LaunchEnv
+
+
+class SingleBackend:
+    """One process: no communication."""
+
+    name = "single"
+
+    def __init__(self, env: LaunchEnv) -> None:
+        self.rank = 0
+        self.local_rank = env.local_rank
+        self.size = 1
+        self.last_allreduce_s: float | None = None
+
+    def wrap(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer
+    ) -> tuple[nn.Module, torch.optim.Optimizer]:
+        return model, optimizer
+
+    def broadcast_object(self, obj: Any) -> Any:
+        return obj
+
+    def allreduce_sum(self, values: list[float]) -> list[float]:
+        return list(values)
+
+    def broadcast_initial_state(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        return None
+
+    @contextmanager
+    def no_sync(self, model: nn.Module) -> Iterator[None]:
+        yield
+
+    def optimizer_step(self, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None) -> None:
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+
+    def barrier(self) -> None:
+        return None
+
+    def shutdown(self) -> None:
+        return None
+
+
+class HorovodBackend(SingleBackend):
+    """Horovod ring-allreduce: DistributedOptimizer, broadcast of parameters and optimizer state."""
+
+    name = "horovod"
+
+    def __init__(self, env: LaunchEnv) -> None:
+        super().__init__(env)
+        try:
+            import horovod.torch as hvd
+        except ImportError as exc:
+            raise ConfigError(
+                f"runtime.backend 'horovod': horovod.torch cannot be imported ({exc})"
+            ) from None
+        self.hvd = hvd
+        hvd.init()
+        self.rank = hvd.rank()
+        self.local_rank = hvd.local_rank()
+        self.size = hvd.size()
+
+    def wrap(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer
+    ) -> tuple[nn.Module, torch.optim.Optimizer]:
+        wrapped = self.hvd.DistributedOptimizer(optimizer, named_parameters=model.named_parameters())
+        return model, wrapped
+
+    def broadcast_initial_state(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        self.hvd.broadcast_parameters(model.state_dict(), root_rank=0)
+        # Horovod initialises an empty optimizer state with a zero-gradient step, which would advance
+        # Adam's step counter; a fresh state is identical on every rank anyway, so only a resumed one is sent.
+        if optimizer.state_dict()["state"]:
+            self.hvd.broadcast_optimizer_state(optimizer, root_rank=0)
+
+    def broadcast_object(self, obj: Any) -> Any:
+        return self.hvd.broadcast_object(obj, root_rank=0)
+
+    def allreduce_sum(self, values: list[float]) -> list[float]:
+        tensor = torch.tensor(values, dtype=torch.float64)
+        reduced = self.hvd.allreduce(tensor, op=self.hvd.Sum, name="fieldkube.allreduce_sum")
+        return [float(v) for v in reduced]
+
+    def optimizer_step(self, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None) -> None:
+        # Synchronise explicitly so the allreduce time is measured apart from the update itself.
+        start = time.perf_counter()
+        optimizer.synchronize()  # type: ignore[attr-defined]
+        self.last_allreduce_s = time.perf_counter() - start
+        with optimizer.skip_synchronize():  # type: ignore[attr-defined]
+            if scaler is not None:
+                scaler.unscale_(optimizer)
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+
+    def barrier(self) -> None:
+        self.hvd.allreduce(torch.zeros(1), name="fieldkube.barrier")
+
+    def shutdown(self) -> None:
+        self.hvd.shutdown()
+
+
+class DDPBackend(SingleBackend):
+    """torch.distributed DistributedDataParallel: gloo on CPU, NCCL on CUDA."""
+
+    name = "ddp"
+
+    def __init__(self, env: LaunchEnv, device: torch.device) -> None:
+        super().__init__(env)
+        import torch.distributed as dist
+
+        self.dist = dist
+        if env.launcher == "openmpi":
+            os.environ.setdefault("RANK", str(env.rank))
+            os.environ.setdefault("WORLD_SIZE", str(env.world_size))
+            os.environ.setdefault("LOCAL_RANK", str(env.local_rank))
+            if "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:
+                raise ConfigError("runtime.backend 'ddp' under mpirun needs MASTER_ADDR and MASTER_PORT set")
+        if not dist.is_initialized():
+            dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        self.rank = dist.get_rank()
+        self.size = dist.get_world_size()
+        self.device = device
+
+    def wrap(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer
+    ) -> tuple[nn.Module, torch.optim.Optimizer]:
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return DistributedDataParallel(model, device_ids=ids), optimizer
+
+    def broadcast_object(self, obj: Any) -> Any:
+        box = [obj]
+        self.dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def allreduce_sum(self, values: list[float]) -> list[float]:
+        device = self.device if self.device.type == "cuda" else torch.device("cpu")
+        tensor = torch.tensor(values, dtype=torch.float64, device=device)
+        self.dist.all_reduce(tensor, op=self.dist.ReduceOp.SUM)
+        return [float(v) for v in tensor.cpu()]
+
+    def barrier(self) -> None:
+        self.dist.barrier()
+
+    def shutdown(self) -> None:
+        if self.dist.is_initialized():
+            self.dist.destroy_process_group()
+
+
+AnyBackend = SingleBackend | HorovodBackend | DDPBackend
+
+
+def resolve_backend_name(requested: Backend, env: LaunchEnv) -> str:
+    """`auto` follows the launcher: horovodrun/mpirun -> horovod, torchrun -> ddp, nothing -> single."""
+    if requested != "auto":
+        return requested
+    return {"horovod": "horovod", "openmpi": "horovod", "torchrun": "ddp"}.get(env.launcher, "single")
+
+
+def create_backend(requested: Backend, env: LaunchEnv, device: torch.device) -> AnyBackend:
+    name = resolve_backend_name(requested, env)
+    if name == "horovod":
+        return HorovodBackend(env)
+    if name == "ddp":
+        if env.launcher == "single":
+            raise ConfigError(
+                "runtime.backend 'ddp': start the trainer with torchrun (or mpirun + MASTER_ADDR)"
+            )
+        return DDPBackend(env, device)
+    if env.world_size > 1:
+        raise ConfigError(
+            f"runtime.backend 'single' but the launcher ({env.launcher}) started {env.world_size} processes"
+        )
+    return SingleBackend(env)

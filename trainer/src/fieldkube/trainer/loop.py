@@ -1,0 +1,526 @@
+"""The training loop shared by every backend: schedule, steps, validation, early stop, checkpoints, logs.
+
+`run_training(config)` is what each rank of a TrainingJob runs. Data order, augmentation, LR schedule
+and initial weights depend only on the config (never on the rank count), so W ranks with a global batch
+B compute the same updates as one rank with batch B; checkpoints hold everything needed to continue
+bit-for-bit (weights, optimizer, scheduler, RNG, epoch/step position, early-stop state, MLflow run id).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import signal
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from fieldkube.trainer import checkpoint as ckpt
+from fieldkube.trainer.backends import AnyBackend, create_backend
+from fieldkube.trainer.config import TrainingConfig
+from fieldkube.trainer.errors import ConfigError, DataError
+from fieldkube.trainer.launch_env import detect_launch_env
+from fieldkube.trainer.loader import PreparedDataset, SampleKey, epoch_batches, make_loader, steps_per_epoch
+from fieldkube.trainer.losses import LossFn, resolve_loss
+from fieldkube.trainer.metrics import TrainingMetrics
+from fieldkube.trainer.tracking import Tracker
+
+log = logging.getLogger("fieldkube.train")
+
+
+@dataclass
+class LoopState:
+    """Position and bookkeeping saved in every checkpoint."""
+
+    epoch: int = 0
+    step_in_epoch: int = 0
+    global_step: int = 0
+    best_val: float = math.inf
+    bad_epochs: int = 0
+    epoch_loss_sum: float = 0.0
+    epoch_loss_steps: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)
+    run_id: str | None = None
+
+
+@dataclass
+class TrainingResult:
+    state: LoopState
+    model: nn.Module
+    stopped_early: bool
+    report: dict[str, Any]
+    output_dir: Path
+    registered: dict[str, Any] | None
+
+
+class _UserDatasetByKey(Dataset[Any]):
+    """Adapts a user Dataset (indexed by int) to the (epoch, index) keys of the batch plan."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.task = "custom"
+        self.tile = 0
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def __getitem__(self, key: SampleKey) -> Any:
+        return self.inner[key[1]]
+
+
+class _Stop:
+    """SIGTERM (Kubernetes pod deletion) asks for a checkpoint at the next step boundary, then exit."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    def __call__(self, signum: int, frame: FrameType | None) -> None:
+        self.requested = True
+
+
+def select_device(config: TrainingConfig, local_rank: int) -> torch.device:
+    wanted = config.runtime.device
+    if wanted == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("runtime.device 'cuda': no CUDA device is available on this host")
+    if wanted in ("cuda", "auto") and torch.cuda.is_available():
+        index = local_rank % torch.cuda.device_count()
+        torch.cuda.set_device(index)
+        return torch.device("cuda", index)
+    return torch.device("cpu")
+
+
+def build_task_model(config: TrainingConfig) -> tuple[nn.Module, str]:
+    """The model and its task ('counter', 'segmenter' or 'custom' for user code)."""
+    name = config.model.name
+    if ":" in name:
+        from fieldkube.trainer.usercode import load_user_model
+
+        return load_user_model(name, config.model.user_code_dir, config.model.params), "custom"
+    from fieldkube.vision.models import UnknownModelError, build_model, task_of
+
+    try:
+        model = build_model(name, **config.model.params)
+    except UnknownModelError as exc:
+        raise ConfigError(f"model.name/model.params: {exc}") from None
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"model.params for {name}: {exc}") from None
+    return model, task_of(name)
+
+
+def open_datasets(config: TrainingConfig) -> tuple[Any, Any, Any, str, int]:
+    """(train, validation, test, task, tile); validation is the val split, else the test split."""
+    data = config.data
+    seed = config.train.seed
+    if data.dataset:
+        from fieldkube.trainer.usercode import load_user_dataset
+
+        code_dir = config.model.user_code_dir
+        user_train = _UserDatasetByKey(load_user_dataset(data.dataset, code_dir, data.path, "train"))
+        user_val = _UserDatasetByKey(load_user_dataset(data.dataset, code_dir, data.path, "val"))
+        return user_train, user_val, None, "custom", 0
+    train_set = PreparedDataset(data.path, "train", data, seed, augment=True)
+    splits = train_set.manifest["splits"]
+    test = PreparedDataset(data.path, "test", data, seed, augment=False) if "test" in splits else None
+    val = PreparedDataset(data.path, "val", data, seed, augment=False) if "val" in splits else test
+    return train_set, val, test, train_set.task, train_set.tile
+
+
+def make_optimizer(config: TrainingConfig, model: nn.Module) -> torch.optim.Optimizer:
+    t = config.train
+    params = model.parameters()
+    if t.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
+    if t.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+    return torch.optim.Adam(params, lr=t.lr, weight_decay=t.weight_decay)
+
+
+def lr_factor(step: int, scale: float, warmup_steps: int) -> float:
+    """Multiplier of the base lr: linear warm-up from 1 to `scale` over `warmup_steps`, then `scale`."""
+    if warmup_steps <= 0 or step >= warmup_steps:
+        return scale
+    return 1.0 + (scale - 1.0) * step / warmup_steps
+
+
+def _user_loss(model: nn.Module) -> LossFn:
+    loss: LossFn = _unwrap(model).loss  # type: ignore[assignment]
+    return loss
+
+
+def _format_eta(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{minutes}m{secs:02d}s"
+
+
+def validate(
+    model: nn.Module,
+    dataset: Any,
+    loss_fn: LossFn,
+    backend: AnyBackend,
+    batch: int,
+    device: torch.device,
+    amp: bool,
+) -> dict[str, float]:
+    """Mean validation loss (and a user model's `metrics(output, target)`) over the whole split; rank r
+    scores samples r, r+W, ... and the sums are allreduced."""
+    model.eval()
+    user_metrics = getattr(_unwrap(model), "metrics", None)
+    mine = list(range(backend.rank, len(dataset), backend.size))
+    batches = [[(-1, i) for i in mine[k : k + batch]] for k in range(0, len(mine), batch)]
+    sums: dict[str, float] = {"val_loss": 0.0}
+    with torch.no_grad(), torch.autocast(device.type, enabled=amp):
+        for keys in batches:
+            inputs, targets = _collate([dataset[k] for k in keys], device)
+            output = model(inputs).float()
+            sums["val_loss"] += float(loss_fn(output, targets)) * len(keys)
+            if callable(user_metrics):
+                for name, value in dict(user_metrics(output, targets)).items():
+                    sums[f"val_{name}"] = sums.get(f"val_{name}", 0.0) + float(value) * len(keys)
+    names = sorted(sums)
+    reduced = backend.allreduce_sum([sums[n] for n in names] + [float(len(mine))])
+    model.train()
+    return {name: value / max(reduced[-1], 1.0) for name, value in zip(names, reduced[:-1], strict=True)}
+
+
+def _collate(items: list[Any], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    inputs = torch.stack([i[0] for i in items]).to(device)
+    targets = torch.stack([torch.as_tensor(i[1]) for i in items]).to(device)
+    return inputs, targets
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    inner = getattr(model, "module", model)
+    assert isinstance(inner, nn.Module)
+    return inner
+
+
+def run_training(config: TrainingConfig) -> TrainingResult:
+    """Train on this rank until done, early-stopped or interrupted; rank 0 also evaluates and registers."""
+    env = detect_launch_env()
+    if config.runtime.threads:
+        torch.set_num_threads(config.runtime.threads)
+    device = select_device(config, env.local_rank)
+    backend = create_backend(config.runtime.backend, env, device)
+    try:
+        return _train(config, backend, device)
+    finally:
+        backend.shutdown()
+
+
+def _train(config: TrainingConfig, backend: AnyBackend, device: torch.device) -> TrainingResult:
+    t = config.train
+    chief = backend.rank == 0
+    torch.manual_seed(t.seed)
+    np.random.seed(t.seed)
+    model, task = build_task_model(config)
+    train_set, val_set, test_set, data_task, tile = open_datasets(config)
+    if task not in ("custom", data_task):
+        raise ConfigError(
+            f"model.name {config.model.name!r} is a {task} but {config.data.path} holds {data_task} data"
+        )
+    use_amp = device.type == "cuda" and config.runtime.amp
+    model = model.to(device)
+    if device.type == "cuda" and config.runtime.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    global_batch = t.batch_size * backend.size if t.batch_mode == "per_worker" else t.batch_size
+    if global_batch % backend.size:
+        raise ConfigError(
+            f"train.batch_size {t.batch_size} (global) is not divisible by the {backend.size} workers"
+        )
+    spe = steps_per_epoch(len(train_set), global_batch)
+    if spe == 0:
+        raise DataError(
+            f"{config.data.path}: train split has {len(train_set)} samples, fewer than one global batch "
+            f"of {global_batch} (train.batch_size)"
+        )
+    total_steps = t.epochs * spe if t.max_steps is None else min(t.max_steps, t.epochs * spe)
+    scale = global_batch / t.batch_size if t.lr_scaling == "linear" else 1.0
+    warmup_steps = round(t.warmup_epochs * spe)
+    optimizer = make_optimizer(config, model)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, scale, warmup_steps))
+    loss_name, loss_fn = ("user", _user_loss(model)) if task == "custom" else resolve_loss(t.loss, task)
+    scaler = torch.amp.GradScaler("cuda") if use_amp else None
+
+    state = LoopState()
+    resumed = False
+    if config.checkpoint.dir and config.checkpoint.resume:
+        saved = ckpt.load_latest(config.checkpoint.dir) if chief else None
+        saved = backend.broadcast_object(saved) if backend.size > 1 else saved
+        if saved is not None:
+            model.load_state_dict(saved["model"])
+            optimizer.load_state_dict(saved["optimizer"])
+            scheduler.load_state_dict(saved["scheduler"])
+            if scaler is not None and "scaler" in saved:
+                scaler.load_state_dict(saved["scaler"])
+            ckpt.restore_rng(saved["rng"])
+            state = LoopState(**saved["loop"])
+            resumed = True
+    model, optimizer = backend.wrap(model, optimizer)
+    backend.broadcast_initial_state(_unwrap(model), optimizer)
+
+    tracker = Tracker(config, enabled=chief)
+    extra = {
+        "world_size": backend.size,
+        "backend": backend.name,
+        "global_batch": global_batch,
+        "lr_scale": scale,
+        "loss_resolved": loss_name,
+        "device": str(device),
+        "task": task,
+    }
+    state.run_id = tracker.start(config, state.run_id if resumed else None, extra) or state.run_id
+    metrics = TrainingMetrics(
+        backend.rank, config.tracking.run_name or "fieldkube", device.index if device.type == "cuda" else None
+    )
+    if config.metrics.port:
+        metrics.serve(config.metrics.port + backend.local_rank, config.metrics.address)
+
+    stop = _Stop()
+    previous_handler = signal.signal(signal.SIGTERM, stop)
+    if chief:
+        log.info(
+            "training %s (%s, loss %s) on %d %s rank(s) [%s]: %d samples, global batch %d, %d steps/epoch, "
+            "%d steps total, lr %.3g x %.3g%s",
+            config.model.name,
+            task,
+            loss_name,
+            backend.size,
+            device.type,
+            backend.name,
+            len(train_set),
+            global_batch,
+            spe,
+            total_steps,
+            t.lr,
+            scale,
+            f", resumed at step {state.global_step}" if resumed else "",
+        )
+
+    def save(position: LoopState) -> None:
+        if not (chief and config.checkpoint.dir):
+            return
+        payload: dict[str, Any] = {
+            "model": _unwrap(model).state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "rng": ckpt.rng_state(),
+            "loop": asdict(position),
+        }
+        if scaler is not None:
+            payload["scaler"] = scaler.state_dict()
+        path = ckpt.save_checkpoint(
+            config.checkpoint.dir, position.global_step, payload, config.checkpoint.keep
+        )
+        log.info("checkpoint saved: %s", path)
+
+    stopped_early = False
+    interrupted = False
+    started = time.perf_counter()
+    steps_this_run = 0
+    # steady-state throughput of this run (first step excluded: it pays for lazy initialisation)
+    steady_images, steady_seconds, steady_wait = 0, 0.0, 0.0
+    images_window = 0
+    window_start = time.perf_counter()
+    wait_window = 0.0
+    model.train()
+    try:
+        while state.epoch < t.epochs and state.global_step < total_steps and not interrupted:
+            batches = epoch_batches(
+                len(train_set),
+                global_batch,
+                backend.rank,
+                backend.size,
+                t.seed,
+                state.epoch,
+                state.step_in_epoch,
+            )
+            loader = make_loader(
+                train_set,
+                batches,
+                config.data.loader_workers,
+                config.data.prefetch,
+                pin_memory=device.type == "cuda",
+            )
+            iterator = iter(loader)
+            while state.step_in_epoch < spe and state.global_step < total_steps:
+                wait_start = time.perf_counter()
+                inputs, targets = next(iterator)
+                step_start = time.perf_counter()
+                wait_s = step_start - wait_start
+                inputs = inputs.to(device, non_blocking=True)
+                targets = targets.to(device, non_blocking=True)
+                if device.type == "cuda" and config.runtime.channels_last:
+                    inputs = inputs.contiguous(memory_format=torch.channels_last)
+                optimizer.zero_grad()
+                with torch.autocast(device.type, enabled=use_amp):
+                    output = model(inputs)
+                loss = loss_fn(output.float(), targets)
+                if not torch.isfinite(loss):
+                    raise DataError(
+                        f"loss became {float(loss)} at step {state.global_step} (train.lr {t.lr} too high?)"
+                    )
+                if scaler is not None:
+                    scaler.scale(loss).backward()
+                else:
+                    loss.backward()
+                backend.optimizer_step(optimizer, scaler)
+                scheduler.step()
+                loss_value = float(loss.detach())
+                step_s = time.perf_counter() - step_start
+                state.step_in_epoch += 1
+                state.global_step += 1
+                state.epoch_loss_sum += loss_value
+                state.epoch_loss_steps += 1
+                steps_this_run += 1
+                if steps_this_run > 1:
+                    steady_images += inputs.shape[0] * backend.size
+                    steady_seconds += step_s + wait_s
+                    steady_wait += wait_s
+                images_window += inputs.shape[0] * backend.size
+                wait_window += wait_s
+                metrics.observe_step(
+                    inputs.shape[0], step_s, wait_s, loss_value, state.epoch, backend.last_allreduce_s
+                )
+                if state.global_step % t.log_every_steps == 0 or state.global_step == total_steps:
+                    # the loss of the whole global batch (mean over ranks), as one rank would see it
+                    loss_value = backend.allreduce_sum([loss_value])[0] / backend.size
+                    now = time.perf_counter()
+                    rate = images_window / max(now - window_start, 1e-9)
+                    wait_share = wait_window / max(now - window_start, 1e-9)
+                    elapsed = now - started
+                    eta = elapsed / steps_this_run * (total_steps - state.global_step)
+                    percent = 100.0 * state.global_step / total_steps
+                    if chief:
+                        log.info(
+                            "epoch %d/%d step %d/%d (global %d/%d, %.1f%%) loss %.5g lr %.3g | %.1f img/s, "
+                            "loader wait %.0f%% | ETA %s",
+                            state.epoch + 1,
+                            t.epochs,
+                            state.step_in_epoch,
+                            spe,
+                            state.global_step,
+                            total_steps,
+                            percent,
+                            loss_value,
+                            scheduler.get_last_lr()[0],
+                            rate,
+                            100 * wait_share,
+                            _format_eta(eta),
+                        )
+                    tracker.log_metrics(
+                        {
+                            "train_loss": loss_value,
+                            "images_per_second": rate,
+                            "loader_wait_share": wait_share,
+                            "lr": float(scheduler.get_last_lr()[0]),
+                            "progress_epoch": state.epoch + 1,
+                            "progress_step": state.global_step,
+                            "progress_percent": percent,
+                        },
+                        step=state.global_step,
+                    )
+                    images_window, wait_window, window_start = 0, 0.0, now
+                every = config.checkpoint.every_steps
+                if every and state.global_step % every == 0:
+                    save(state)
+                if stop.requested:
+                    save(state)
+                    interrupted = True
+                    break
+            if interrupted or state.step_in_epoch < spe:
+                break
+            epoch_summary = {
+                "epoch": float(state.epoch + 1),
+                "train_loss_epoch": backend.allreduce_sum([state.epoch_loss_sum])[0]
+                / backend.size
+                / max(state.epoch_loss_steps, 1),
+            }
+            if val_set is not None and len(val_set):
+                epoch_summary.update(
+                    validate(
+                        model,
+                        val_set,
+                        loss_fn,
+                        backend,
+                        max(1, global_batch // backend.size),
+                        device,
+                        use_amp,
+                    )
+                )
+            state.history.append(epoch_summary)
+            tracker.log_metrics(
+                {k: v for k, v in epoch_summary.items() if k != "epoch"}, step=state.global_step
+            )
+            if chief:
+                log.info(
+                    "epoch %d done: %s",
+                    state.epoch + 1,
+                    ", ".join(f"{k} {v:.5g}" for k, v in epoch_summary.items() if k != "epoch"),
+                )
+            state.epoch += 1
+            state.step_in_epoch = 0
+            state.epoch_loss_sum, state.epoch_loss_steps = 0.0, 0
+            if "val_loss" in epoch_summary and t.early_stopping_patience:
+                if epoch_summary["val_loss"] < state.best_val - t.early_stopping_min_delta:
+                    state.best_val, state.bad_epochs = epoch_summary["val_loss"], 0
+                else:
+                    state.bad_epochs += 1
+                if state.bad_epochs >= t.early_stopping_patience:
+                    stopped_early = True
+            every_epochs = config.checkpoint.every_epochs
+            if every_epochs and state.epoch % every_epochs == 0:
+                save(state)
+            if stopped_early:
+                if chief:
+                    log.info("early stop: no validation improvement in %d epochs", state.bad_epochs)
+                break
+    except BaseException:
+        tracker.finish("FAILED")
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)
+
+    output_dir = Path(config.output_dir)
+    if interrupted:
+        tracker.finish("KILLED")
+        return TrainingResult(state, _unwrap(model), stopped_early, {"interrupted": True}, output_dir, None)
+    report: dict[str, Any] = {}
+    registered = None
+    if chief:
+        from fieldkube.trainer.finish import finish_run
+
+        elapsed = time.perf_counter() - started
+        report, registered = finish_run(
+            config,
+            _unwrap(model),
+            task,
+            tile,
+            test_set,
+            state,
+            tracker,
+            device,
+            {
+                "world_size": backend.size,
+                "backend": backend.name,
+                "global_batch": global_batch,
+                "steps": state.global_step,
+                "epochs": state.epoch,
+                "seconds_this_run": round(elapsed, 3),
+                "train_images_per_second": steady_images / steady_seconds if steady_seconds else None,
+                "loader_wait_share": steady_wait / steady_seconds if steady_seconds else None,
+                "stopped_early": stopped_early,
+                "run_id": state.run_id,
+            },
+        )
+    tracker.finish("FINISHED")
+    return TrainingResult(state, _unwrap(model), stopped_early, report, output_dir, registered)

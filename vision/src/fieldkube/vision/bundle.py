@@ -1,0 +1,184 @@
+"""A trained model on disk: ``model.safetensors`` + ``model.json``, written atomically, loaded without pickle.
+
+The bundle is the unit the trainer logs to MLflow (artifact path ``model``) and the service loads.
+model.json: {"format": 1, "name": "counter-mcnn", "task": "counter", "params": {...}, "tile": 224,
+"density_scale": 1.0, "metrics": {...}, "trained": {...}}. ``density_scale`` is the factor the training
+targets were multiplied by: count = sum(model output) / density_scale.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from fieldkube.vision.models import UnknownModelError, build_model, task_of
+
+BUNDLE_FORMAT = 1
+WEIGHTS_FILE = "model.safetensors"
+SPEC_FILE = "model.json"
+
+
+class BundleError(ValueError):
+    """A model bundle that is missing, malformed or does not match its declared model."""
+
+
+@dataclass(frozen=True)
+class BundleSpec:
+    """The parsed model.json of a bundle."""
+
+    name: str
+    task: str
+    params: dict[str, Any]
+    tile: int = 224
+    density_scale: float = 1.0
+    metrics: dict[str, Any] = field(default_factory=dict)
+    trained: dict[str, Any] = field(default_factory=dict)
+    format: int = BUNDLE_FORMAT
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        return {"format": data.pop("format"), **data}
+
+
+@dataclass
+class LoadedModel:
+    """A bundle's model (on CPU, in eval mode) and its spec."""
+
+    model: nn.Module
+    spec: BundleSpec
+
+
+def save_bundle(
+    directory: str | os.PathLike[str],
+    model: nn.Module,
+    name: str,
+    params: dict[str, Any],
+    *,
+    tile: int = 224,
+    density_scale: float = 1.0,
+    metrics: dict[str, Any] | None = None,
+    trained: dict[str, Any] | None = None,
+) -> BundleSpec:
+    """Write `model` as a bundle at `directory`, atomically replacing any previous bundle there.
+
+    Files are written to a temporary sibling directory which is then renamed into place, so a reader
+    never sees a half-written bundle.
+    """
+    spec = BundleSpec(
+        name=name,
+        task=task_of(name),
+        params=dict(params),
+        tile=int(tile),
+        density_scale=float(density_scale),
+        metrics=dict(metrics or {}),
+        trained=dict(trained or {}),
+    )
+    target = Path(directory)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    try:
+        state = {key: t.detach().cpu().contiguous() for key, t in model.state_dict().items()}
+        save_file(state, str(staging / WEIGHTS_FILE), metadata={"name": name})
+        (staging / SPEC_FILE).write_text(json.dumps(spec.to_json(), indent=2, sort_keys=False) + "\n")
+        _replace_directory(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return spec
+
+
+def _replace_directory(staging: Path, target: Path) -> None:
+    if not target.exists():
+        staging.rename(target)
+        return
+    old = target.with_name(f".{target.name}.old-{os.getpid()}")
+    target.rename(old)
+    try:
+        staging.rename(target)
+    except BaseException:
+        old.rename(target)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _field(data: dict[str, Any], key: str, kind: type | tuple[type, ...], path: Path) -> Any:
+    if key not in data:
+        raise BundleError(f"{path}: missing field {key!r}")
+    value = data[key]
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise BundleError(f"{path}: field {key!r} has the wrong type {type(value).__name__}")
+    return value
+
+
+def read_spec(directory: str | os.PathLike[str]) -> BundleSpec:
+    """Parse and validate a bundle's model.json."""
+    path = Path(directory) / SPEC_FILE
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise BundleError(
+            f"{path}: not found (a model bundle needs {SPEC_FILE} and {WEIGHTS_FILE})"
+        ) from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise BundleError(f"{path}: not valid JSON ({error})") from None
+    if not isinstance(data, dict):
+        raise BundleError(f"{path}: expected a JSON object")
+    fmt = _field(data, "format", int, path)
+    if fmt != BUNDLE_FORMAT:
+        raise BundleError(f"{path}: field 'format' is {fmt}, this version reads format {BUNDLE_FORMAT}")
+    name = _field(data, "name", str, path)
+    try:
+        task = task_of(name)
+    except UnknownModelError as error:
+        raise BundleError(f"{path}: field 'name': {error}") from None
+    if data.get("task", task) != task:
+        raise BundleError(f"{path}: field 'task' is {data['task']!r} but model {name!r} is a {task}")
+    tile = _field(data, "tile", int, path) if "tile" in data else 224
+    if tile <= 0:
+        raise BundleError(f"{path}: field 'tile' must be > 0, got {tile}")
+    scale = float(_field(data, "density_scale", (int, float), path)) if "density_scale" in data else 1.0
+    if not (math.isfinite(scale) and scale > 0):
+        raise BundleError(f"{path}: field 'density_scale' must be a positive number, got {scale}")
+    return BundleSpec(
+        name=name,
+        task=task,
+        params=_field(data, "params", dict, path) if "params" in data else {},
+        tile=tile,
+        density_scale=scale,
+        metrics=data.get("metrics") or {},
+        trained=data.get("trained") or {},
+        format=fmt,
+    )
+
+
+def load_bundle(directory: str | os.PathLike[str], device: str | torch.device = "cpu") -> LoadedModel:
+    """Rebuild a bundle's model from its spec and load its safetensors weights (no unpickling)."""
+    spec = read_spec(directory)
+    weights = Path(directory) / WEIGHTS_FILE
+    try:
+        model = build_model(spec.name, **spec.params)
+    except (UnknownModelError, TypeError, ValueError) as error:
+        raise BundleError(f"{Path(directory) / SPEC_FILE}: field 'params': {error}") from None
+    try:
+        state = load_file(str(weights), device=str(device))
+    except FileNotFoundError:
+        raise BundleError(f"{weights}: not found") from None
+    except (SafetensorError, OSError, ValueError) as error:
+        raise BundleError(f"{weights}: not a readable safetensors file ({error})") from None
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as error:
+        first = str(error).splitlines()[0]
+        raise BundleError(f"{weights}: weights do not match {spec.name} {spec.params}: {first}") from None
+    return LoadedModel(model=model.to(device).eval(), spec=spec)

@@ -1,0 +1,244 @@
+"""Read field and aerial images (JPEG/PNG/TIFF) as uint8 RGB with clear errors, and large TIFFs by window.
+
+Every error is an `ImageError` naming the file and what was expected. Decoding is refused above a pixel
+limit before any pixel is decoded. `read_tiff_window` reads a window of a large (Geo)TIFF by
+memory-mapping uncompressed data or decoding only the strips/tiles the window touches.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import tifffile
+from PIL import Image, UnidentifiedImageError
+
+from fieldkube.vision.tiling import Box
+
+MAX_PIXELS = 100_000_000
+_TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+
+Source = str | os.PathLike[str] | bytes
+
+
+class ImageError(ValueError):
+    """An image that cannot be read: missing, corrupt, unsupported or too large."""
+
+
+def _name(source: Source, name: str | None) -> str:
+    if name is not None:
+        return name
+    return "<image bytes>" if isinstance(source, bytes) else str(source)
+
+
+def _head(source: Source, label: str) -> bytes:
+    if isinstance(source, bytes):
+        return source[:4]
+    try:
+        with Path(source).open("rb") as handle:
+            return handle.read(4)
+    except FileNotFoundError:
+        raise ImageError(f"{label}: no such file") from None
+    except IsADirectoryError:
+        raise ImageError(f"{label}: is a directory, expected an image file") from None
+    except OSError as error:
+        raise ImageError(f"{label}: cannot be read ({error.strerror or error})") from None
+
+
+def _check_pixels(label: str, height: int, width: int, max_pixels: int) -> None:
+    if height * width > max_pixels:
+        raise ImageError(
+            f"{label}: {width}x{height} = {height * width} pixels exceeds the limit of {max_pixels}; "
+            "tile it or read a window"
+        )
+    if height == 0 or width == 0:
+        raise ImageError(f"{label}: empty image ({width}x{height})")
+
+
+def to_rgb8(array: np.ndarray, label: str = "image") -> np.ndarray:
+    """Convert a decoded (H, W), (H, W, 1|2|3|4) array of any integer/float dtype to uint8 (H, W, 3)."""
+    if array.ndim == 2:
+        array = array[..., None]
+    if array.ndim != 3 or array.shape[2] not in (1, 2, 3, 4):
+        raise ImageError(f"{label}: expected a 2-D grey or RGB(A) image, got array shape {array.shape}")
+    if array.shape[2] in (1, 2):
+        array = np.repeat(array[..., :1], 3, axis=2)
+    array = array[..., :3]
+    if array.dtype == np.uint8:
+        return np.ascontiguousarray(array)
+    if array.dtype == np.bool_:
+        return array.astype(np.uint8) * 255
+    if np.issubdtype(array.dtype, np.integer):
+        bits = np.iinfo(array.dtype).bits
+        shifted = np.right_shift(array.astype(np.uint64), bits - 8) if bits > 8 else array
+        return shifted.astype(np.uint8)
+    if np.issubdtype(array.dtype, np.floating):
+        scale = 255.0 if float(np.nanmax(array, initial=0.0)) <= 1.0 else 1.0
+        return np.clip(np.nan_to_num(array) * scale, 0, 255).round().astype(np.uint8)
+    raise ImageError(f"{label}: unsupported pixel type {array.dtype}")
+
+
+def _read_tiff(source: Source, label: str, max_pixels: int) -> np.ndarray:
+    handle = io.BytesIO(source) if isinstance(source, bytes) else source
+    try:
+        with tifffile.TiffFile(handle) as tif:
+            page = tif.pages.first
+            height, width = int(page.imagelength), int(page.imagewidth)
+            _check_pixels(label, height, width, max_pixels)
+            array = page.asarray()
+            if page.planarconfig == 2 and array.ndim == 3:
+                array = np.moveaxis(array, 0, -1)
+    except ImageError:
+        raise
+    except Exception as error:
+        raise ImageError(f"{label}: not a readable TIFF ({type(error).__name__}: {error})") from None
+    return to_rgb8(array, label)
+
+
+def _read_pil(source: Source, label: str, max_pixels: int) -> np.ndarray:
+    handle = io.BytesIO(source) if isinstance(source, bytes) else source
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(handle) as image:
+                width, height = image.size
+                _check_pixels(label, height, width, max_pixels)
+                if image.format not in {"JPEG", "PNG", "BMP", "WEBP", "MPO"}:
+                    raise ImageError(
+                        f"{label}: unsupported format {image.format}; expected JPEG, PNG or TIFF"
+                    )
+                image.load()
+                if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+                    return to_rgb8(np.asarray(image), label)
+                return np.asarray(image.convert("RGB"), dtype=np.uint8).copy()
+    except ImageError:
+        raise
+    except (UnidentifiedImageError, Image.DecompressionBombError) as error:
+        raise ImageError(f"{label}: not a recognised image (expected JPEG, PNG or TIFF): {error}") from None
+    except (OSError, SyntaxError, ValueError) as error:
+        raise ImageError(f"{label}: corrupt or truncated image ({error})") from None
+
+
+def read_image(source: Source, *, name: str | None = None, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """Decode a JPEG/PNG/TIFF file path or bytes into uint8 RGB (H, W, 3).
+
+    Grey, 16-bit and RGBA inputs are converted (alpha dropped). `name` labels bytes in error messages.
+    """
+    label = _name(source, name)
+    head = _head(source, label)
+    if len(head) == 0:
+        raise ImageError(f"{label}: empty file, expected a JPEG, PNG or TIFF image")
+    if head in _TIFF_MAGIC:
+        return _read_tiff(source, label, max_pixels)
+    return _read_pil(source, label, max_pixels)
+
+
+def image_size(path: str | os.PathLike[str]) -> tuple[int, int]:
+    """(height, width) of an image file without decoding its pixels."""
+    label = str(path)
+    if _head(path, label) in _TIFF_MAGIC:
+        try:
+            with tifffile.TiffFile(path) as tif:
+                page = tif.pages.first
+                return int(page.imagelength), int(page.imagewidth)
+        except Exception as error:
+            raise ImageError(f"{label}: not a readable TIFF ({error})") from None
+    try:
+        with Image.open(path) as image:
+            return image.size[1], image.size[0]
+    except (UnidentifiedImageError, OSError) as error:
+        raise ImageError(f"{label}: not a recognised image ({error})") from None
+
+
+def _segment_window(tif: tifffile.TiffFile, box: Box, label: str) -> np.ndarray:
+    """Decode only the strips or tiles of page 0 that intersect `box`; returns the raw window array."""
+    page = tif.pages.first
+    assert isinstance(page, tifffile.TiffPage)
+    if page.planarconfig == 2 and page.samplesperpixel > 1:
+        raise ImageError(f"{label}: planar (separate-plane) TIFFs are read whole, not by window")
+    y0, x0, y1, x1 = box
+    samples = page.samplesperpixel
+    if page.is_tiled:
+        tile_h, tile_w = int(page.tilelength), int(page.tilewidth)
+        tiles_x = -(-int(page.imagewidth) // tile_w)
+        indices = [
+            ty * tiles_x + tx
+            for ty in range(y0 // tile_h, (y1 - 1) // tile_h + 1)
+            for tx in range(x0 // tile_w, (x1 - 1) // tile_w + 1)
+        ]
+    else:
+        rows = int(page.rowsperstrip)
+        indices = list(range(y0 // rows, (y1 - 1) // rows + 1))
+    window = np.zeros((y1 - y0, x1 - x0, samples), dtype=page.dtype)
+    decode = page.decode
+    handle = tif.filehandle
+    extra: dict[str, object] = {"_fullsize": page.is_tiled}
+    if page.compression in {6, 7, 34892, 33007}:
+        extra.update(jpegtables=page.jpegtables, jpegheader=page.jpegheader)
+    for index in indices:
+        handle.seek(page.dataoffsets[index])
+        data = handle.read(page.databytecounts[index])
+        segment, position, _shape = decode(data, index, **extra)
+        if segment is None:
+            continue
+        seg = np.asarray(segment).reshape(segment.shape[-3], segment.shape[-2], -1)
+        sy, sx = int(position[2]), int(position[3])
+        ty0, tx0 = max(y0, sy), max(x0, sx)
+        ty1, tx1 = min(y1, sy + seg.shape[0]), min(x1, sx + seg.shape[1])
+        if ty0 < ty1 and tx0 < tx1:
+            window[ty0 - y0 : ty1 - y0, tx0 - x0 : tx1 - x0] = seg[ty0 - sy : ty1 - sy, tx0 - sx : tx1 - sx]
+    return window
+
+
+def read_tiff_window(path: str | os.PathLike[str], box: Box, *, raw: bool = False) -> np.ndarray:
+    """Read the window `box` = (y0, x0, y1, x1) of page 0 of a TIFF without decoding the whole image.
+
+    Uncompressed contiguous data is memory-mapped; compressed images decode only the strips or tiles the
+    window touches. Returns uint8 RGB (h, w, 3), or with `raw=True` the stored samples (h, w, samples),
+    e.g. for single-channel masks.
+    """
+    label = str(path)
+    _head(path, label)
+    try:
+        with tifffile.TiffFile(path) as tif:
+            page = tif.pages.first
+            height, width = int(page.imagelength), int(page.imagewidth)
+            y0, x0, y1, x1 = box
+            if not (0 <= y0 < y1 <= height and 0 <= x0 < x1 <= width):
+                raise ImageError(f"{label}: window {tuple(box)} is not inside the {width}x{height} image")
+            if page.is_memmappable:
+                mapped = tifffile.memmap(path, page=0, mode="r")
+                window = np.array(mapped[y0:y1, x0:x1])
+                del mapped
+            else:
+                window = _segment_window(tif, Box(y0, x0, y1, x1), label)
+    except ImageError:
+        raise
+    except Exception as error:
+        raise ImageError(
+            f"{label}: cannot read window {tuple(box)} ({type(error).__name__}: {error})"
+        ) from None
+    if window.ndim == 2:
+        window = window[..., None]
+    return window if raw else to_rgb8(window, label)
+
+
+def encode_png(array: np.ndarray) -> bytes:
+    """PNG bytes of a uint8 (H, W), (H, W, 3) or (H, W, 4) array."""
+    if array.dtype != np.uint8 or array.ndim not in (2, 3):
+        raise ValueError(f"encode_png expects a uint8 (H, W[, C]) array, got {array.dtype} {array.shape}")
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def write_png(path: str | os.PathLike[str], array: np.ndarray) -> None:
+    """Write a PNG atomically (temporary file in the same directory, then rename)."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    temporary = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    temporary.write_bytes(encode_png(array))
+    temporary.replace(target)

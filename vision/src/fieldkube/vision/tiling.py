@@ -1,0 +1,156 @@
+"""Cut large images into fixed-size tiles and blend tile predictions back into one full-size map.
+
+Seed 000 crops a field region of interest to a multiple of 224 and cuts a 224 grid; seed 004 cuts a
+128 grid whose last row/column is shifted back inside the image. Stitching uses per-pixel blend
+weights that sum to 1 everywhere, so a stitched density map keeps the count of its tiles.
+Boxes are (y0, x0, y1, x1), half-open, in pixels.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal, NamedTuple
+
+import numpy as np
+
+TileMode = Literal["shift", "pad", "drop"]
+Blend = Literal["cosine", "mean"]
+
+
+class Box(NamedTuple):
+    """A half-open pixel window (y0, x0, y1, x1)."""
+
+    y0: int
+    x0: int
+    y1: int
+    x1: int
+
+
+def _starts(length: int, tile: int, stride: int, mode: TileMode) -> list[int]:
+    if mode == "shift":
+        if length < tile:
+            raise ValueError(
+                f"image side {length} is smaller than the tile {tile}: pad it first or use mode='pad'"
+            )
+        starts = list(range(0, length - tile + 1, stride))
+        if starts[-1] + tile < length:
+            starts.append(length - tile)
+        return starts
+    if mode == "pad":
+        return list(range(0, max(length - (tile - stride), 1), stride))
+    if mode == "drop":
+        return list(range(0, length - tile + 1, stride))
+    raise ValueError(f"tile mode must be 'shift', 'pad' or 'drop', got {mode!r}")
+
+
+def grid_shape(
+    height: int, width: int, tile: int, overlap: int = 0, mode: TileMode = "shift"
+) -> tuple[int, int]:
+    """(rows, cols) of the grid `tile_boxes` returns; box i sits at row i // cols, col i % cols."""
+    stride = _stride(tile, overlap)
+    return len(_starts(height, tile, stride, mode)), len(_starts(width, tile, stride, mode))
+
+
+def _stride(tile: int, overlap: int) -> int:
+    if tile <= 0:
+        raise ValueError(f"tile size must be > 0, got {tile}")
+    if not 0 <= overlap < tile:
+        raise ValueError(f"overlap must be in [0, tile={tile}), got {overlap}")
+    return tile - overlap
+
+
+def tile_boxes(height: int, width: int, tile: int, overlap: int = 0, mode: TileMode = "shift") -> list[Box]:
+    """Row-major tile windows of size `tile` with `overlap` pixels shared between neighbours.
+
+    mode="shift": every box lies inside the image; the last row/column is shifted back inside (seed 004).
+    mode="pad": a regular grid covering the image; the last boxes may extend past the edge (pad first).
+    mode="drop": only whole tiles on the regular grid; the remainder at the bottom/right is dropped.
+    """
+    stride = _stride(tile, overlap)
+    ys = _starts(height, tile, stride, mode)
+    xs = _starts(width, tile, stride, mode)
+    return [Box(y, x, y + tile, x + tile) for y in ys for x in xs]
+
+
+def tile_name(stem: str, row: int, col: int) -> str:
+    """Tile file name stem carrying its grid position, e.g. ``cam1109-0802_r02_c05``."""
+    return f"{stem}_r{row:02d}_c{col:02d}"
+
+
+def roi_to_multiple(
+    height: int,
+    width: int,
+    multiple: int = 224,
+    roi: Box | None = None,
+    anchor: Literal["center", "origin"] = "center",
+) -> Box:
+    """The largest window inside `roi` (default: the whole image) whose sides are multiples of `multiple`."""
+    y0, x0, y1, x1 = roi if roi is not None else Box(0, 0, height, width)
+    if not (0 <= y0 < y1 <= height and 0 <= x0 < x1 <= width):
+        raise ValueError(f"region of interest {tuple(roi or ())} is not inside the {height}x{width} image")
+    roi_h, roi_w = y1 - y0, x1 - x0
+    crop_h, crop_w = roi_h - roi_h % multiple, roi_w - roi_w % multiple
+    if crop_h == 0 or crop_w == 0:
+        raise ValueError(f"region of interest {roi_h}x{roi_w} is smaller than one {multiple}x{multiple} tile")
+    if anchor == "center":
+        y0 += (roi_h - crop_h) // 2
+        x0 += (roi_w - crop_w) // 2
+    return Box(y0, x0, y0 + crop_h, x0 + crop_w)
+
+
+def crop_roi_to_multiple(
+    image: np.ndarray,
+    multiple: int = 224,
+    roi: Box | None = None,
+    anchor: Literal["center", "origin"] = "center",
+) -> np.ndarray:
+    """Crop an (H, W, ...) image to its largest centred (or origin-anchored) multiple-sized window."""
+    y0, x0, y1, x1 = roi_to_multiple(image.shape[0], image.shape[1], multiple, roi, anchor)
+    return image[y0:y1, x0:x1]
+
+
+def blend_window(tile: int, blend: Blend = "cosine") -> np.ndarray:
+    """Per-pixel weight (tile, tile) float64 of one tile before normalisation; never zero.
+
+    "cosine": a raised-sine window that fades towards the tile edges, hiding seams and down-weighting the
+    border pixels where a convolutional model sees padding. "mean": uniform weights (plain averaging).
+    """
+    if blend == "mean":
+        return np.ones((tile, tile), dtype=np.float64)
+    if blend == "cosine":
+        ramp = np.sin(np.pi * (np.arange(tile) + 0.5) / tile)
+        ramp = np.maximum(ramp, 1e-3)
+        return np.outer(ramp, ramp)
+    raise ValueError(f"blend must be 'cosine' or 'mean', got {blend!r}")
+
+
+def stitch(
+    tiles: np.ndarray, boxes: Sequence[Box], height: int, width: int, blend: Blend = "cosine"
+) -> np.ndarray:
+    """Blend tile maps (N, C, t, t) at `boxes` into one (C, H, W) float32 map.
+
+    Each output pixel is the weighted mean of the tiles covering it, with weights normalised to sum to 1
+    at every pixel; parts of boxes outside the image are ignored. Every pixel must be covered.
+    """
+    if tiles.ndim != 4 or tiles.shape[2] != tiles.shape[3]:
+        raise ValueError(f"tiles must be (N, C, t, t), got shape {tiles.shape}")
+    if len(boxes) != tiles.shape[0]:
+        raise ValueError(f"got {tiles.shape[0]} tiles but {len(boxes)} boxes")
+    size = tiles.shape[2]
+    window = blend_window(size, blend)
+    total = np.zeros((tiles.shape[1], height, width), dtype=np.float64)
+    weight = np.zeros((height, width), dtype=np.float64)
+    for tile_map, (y0, x0, y1, x1) in zip(tiles, boxes, strict=True):
+        if y1 - y0 != size or x1 - x0 != size:
+            raise ValueError(f"box {(y0, x0, y1, x1)} does not match the tile size {size}")
+        cy1, cx1 = min(y1, height), min(x1, width)
+        cy0, cx0 = max(y0, 0), max(x0, 0)
+        if cy0 >= cy1 or cx0 >= cx1:
+            continue
+        w = window[cy0 - y0 : cy1 - y0, cx0 - x0 : cx1 - x0]
+        total[:, cy0:cy1, cx0:cx1] += tile_map[:, cy0 - y0 : cy1 - y0, cx0 - x0 : cx1 - x0] * w
+        weight[cy0:cy1, cx0:cx1] += w
+    if not np.all(weight > 0):
+        missing = int(np.count_nonzero(weight == 0))
+        raise ValueError(f"the boxes leave {missing} pixels of the {height}x{width} image uncovered")
+    return (total / weight).astype(np.float32)
