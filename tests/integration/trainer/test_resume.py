@@ -50,12 +50,12 @@ def test_killed_run_resumes_to_the_same_final_weights(
     assert list_checkpoints(resumed / "ckpt")[-1].name >= "ckpt-000000008.pt"
 
     for metric in (
-        'fieldkube_train_samples_total{job="fieldkube",rank="0"}',
+        'fieldkube_train_samples_total{rank="0",trainingjob="fieldkube"}',
         "fieldkube_train_step_duration_seconds_bucket",
         "fieldkube_train_loader_wait_seconds_count",
         "fieldkube_train_images_per_second",
         "fieldkube_train_loss",
-        'fieldkube_train_epoch{job="fieldkube",rank="0"} 1.0',
+        'fieldkube_train_epoch{rank="0",trainingjob="fieldkube"} 1.0',
     ):
         assert metric in scraped, metric
 

@@ -61,8 +61,9 @@ class TrainingMetrics:
 
     def __init__(self, rank: int, job: str, gpu_index: int | None = None) -> None:
         self.registry = CollectorRegistry()
-        labels = ["rank", "job"]
-        self._values = {"rank": str(rank), "job": job}
+        # Not "job": Prometheus sets that label to the scrape job and would rename ours to exported_job.
+        labels = ["rank", "trainingjob"]
+        self._values = {"rank": str(rank), "trainingjob": job}
         r = self.registry
         self.images_per_second = Gauge(
             "fieldkube_train_images_per_second", "Images/s of this rank.", labels, registry=r
