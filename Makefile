@@ -8,7 +8,7 @@ PKGS := vision/src trainer/src serving/src operator/src
 -include mk/*.mk
 
 .PHONY: dev test unit integration lint fmt typecheck cluster cluster-down demo demo-down demo-cluster \
-        bench-train bench-serve bench-accuracy bench-operator clean
+        bench-train bench-serve bench-accuracy bench-operator dashboards clean
 
 dev:  ## set up Debian packages, .venv, Horovod and the local control plane binaries
 	@hack/dev.sh
@@ -30,6 +30,9 @@ lint:  ## ruff (lint + format check) and mypy on all four packages
 fmt:
 	$(PY) -m ruff check --fix $(PKGS) tests bench hack
 	$(PY) -m ruff format $(PKGS) tests bench hack
+
+dashboards:  ## regenerate manifests/monitoring/ (Grafana dashboards, Prometheus rules) from hack/dashboards.py
+	$(PY) hack/dashboards.py
 
 clean:
 	rm -rf .mypy_cache .ruff_cache .pytest_cache
