@@ -22,6 +22,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +52,22 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def wait_healthy(port: int, proc: subprocess.Popen[bytes], log: Path, timeout: float = 60) -> None:
+    """Until the operator answers its liveness probe (it has logged in and started its handlers)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"the operator exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1) as answer:
+                if answer.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.3)
+    raise SystemExit(f"the operator did not answer /healthz in {timeout}s:\n{log.read_text()[-3000:]}")
 
 
 def job_spec() -> dict[str, Any]:
@@ -119,6 +136,17 @@ def wait_all(watcher: Watcher, names: list[str], timeout: float) -> float:
     raise SystemExit(f"timed out: {len(missing)} of {len(names)} MPIJobs missing (e.g. {missing[:3]})")
 
 
+def settle(cluster: Any, kind: str, namespace: str, timeout: float = 600) -> None:
+    """Delete one round's jobs and wait for their pods to go, so the next round starts on an idle cluster."""
+    cluster.kubectl("delete", kind, "--all", "-n", namespace, "--wait=true", timeout=timeout)
+    cluster.wait_for(
+        f"the pods of {namespace} to be deleted",
+        lambda: not cluster.get_json("pods", namespace=namespace)["items"],
+        timeout=timeout,
+        interval=1,
+    )
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
@@ -139,6 +167,7 @@ def run_one(
     cluster.kubectl("create", "-n", direct_ns, "-f", "-", input=yaml.safe_dump_all(docs), timeout=1800)
     direct_s = wait_all(direct, [d["metadata"]["name"] for d in docs], 1800) - t0
     direct.stop_flag = True
+    settle(cluster, "mpijobs", direct_ns)
 
     tj_watch = Watcher(api, "fieldkube.io", "v1alpha1", "trainingjobs", operator_ns)
     mj_watch = Watcher(api, "kubeflow.org", "v2beta1", "mpijobs", operator_ns)
@@ -155,6 +184,7 @@ def run_one(
     latencies = [mj_watch.seen[name] - tj_watch.seen.get(name, t0) for name in names]
     time.sleep(2)
     sampler.stop_flag = tj_watch.stop_flag = mj_watch.stop_flag = True
+    settle(cluster, "trainingjobs", operator_ns)
     return {
         "jobs": n,
         "seconds_until_all_mpijobs": round(all_s, 3),
@@ -184,6 +214,7 @@ def main() -> int:
         sa = cluster.service_account_kubeconfig("fieldkube-system", "fieldkube-operator", create=False)
         log = (state / "operator.log").open("w")
         env = {**os.environ, "KUBECONFIG": str(sa)}
+        health_port = free_port()
         operator = subprocess.Popen(
             [
                 str(BIN / "fieldkube-operator"),
@@ -192,14 +223,16 @@ def main() -> int:
                 "--metrics-port",
                 str(free_port()),
                 "--health-port",
-                str(free_port()),
+                str(health_port),
+                "--bind-address",
+                "127.0.0.1",
             ],
             env=env,
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-        time.sleep(3)
+        wait_healthy(health_port, operator, state / "operator.log")
         config.load_kube_config(str(cluster.kubeconfig))
         api = client.CustomObjectsApi()
         rounds = [run_one(cluster, api, args.jobs, operator.pid, "a")]
@@ -208,6 +241,7 @@ def main() -> int:
         result = {
             **rounds[0],
             "rounds": rounds,
+            "command": " ".join(["bench/operator_bench.py", *sys.argv[1:]]),
             "nodes": args.nodes,
             "cpus": os.cpu_count(),
             "machine": platform.node(),

@@ -6,6 +6,7 @@ hack/cluster/kwok-stages.yaml): everything else is the real API server, schedule
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -18,6 +19,8 @@ from typing import Any
 
 import httpx
 import pytest
+from kubernetes import client, config, watch
+from kubernetes.client.exceptions import ApiException
 
 BIN = Path(sys.executable).parent
 
@@ -75,9 +78,10 @@ class OperatorProcess:
     """`fieldkube-operator run` in a subprocess; kill() is SIGKILL (no graceful shutdown)."""
 
     def __init__(
-        self, kubeconfig: Path, log: Path, mlflow_uri: str | None, extra_env: dict[str, str]
+        self, kubeconfig: Path, log: Path, mlflow_uri: str | None, extra_env: dict[str, str] | None = None
     ) -> None:
-        self.kubeconfig, self.log, self.mlflow_uri, self.extra_env = kubeconfig, log, mlflow_uri, extra_env
+        self.kubeconfig, self.log, self.mlflow_uri = kubeconfig, log, mlflow_uri
+        self.extra_env = extra_env or {}
         self.metrics_port, self.health_port = free_port(), free_port()
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -96,6 +100,8 @@ class OperatorProcess:
             str(self.metrics_port),
             "--health-port",
             str(self.health_port),
+            "--bind-address",
+            "127.0.0.1",
             *args,
         ]
         if self.mlflow_uri:
@@ -142,8 +148,59 @@ def operator_kubeconfig(local_cluster: Any) -> Path:
 
 @pytest.fixture
 def operator_factory(operator_kubeconfig: Path) -> Any:
-    """Make extra operator processes (same ServiceAccount, no MLflow) for restart tests."""
-    return lambda log: OperatorProcess(operator_kubeconfig, log, None, {})
+    """Make extra operator processes (same ServiceAccount, no MLflow) for restart and peering tests."""
+    return lambda log, env=None: OperatorProcess(operator_kubeconfig, log, None, env)
+
+
+@pytest.fixture(scope="session")
+def kube_api(local_cluster: Any) -> client.ApiClient:
+    """An admin API client for the tests' own reads and watches."""
+    return config.new_client_from_config(str(local_cluster.kubeconfig))
+
+
+class JobWatcher:
+    """Waits on one TrainingJob through a watch, so every status the operator writes is seen in order."""
+
+    def __init__(self, api: client.ApiClient, operator: OperatorProcess | None) -> None:
+        self.api, self.operator = client.CustomObjectsApi(api), operator
+
+    def wait(self, namespace: str, name: str, accept: Any, timeout: float) -> dict[str, Any]:
+        """Block until accept(status) holds; returns the status, with the phases seen under '_seen'."""
+        seen: list[str] = []
+        status: dict[str, Any] = {}
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            stream = watch.Watch()
+            try:
+                for event in stream.stream(
+                    self.api.list_namespaced_custom_object,
+                    "fieldkube.io",
+                    "v1alpha1",
+                    namespace,
+                    "trainingjobs",
+                    field_selector=f"metadata.name={name}",
+                    timeout_seconds=max(1, int(left)),
+                ):
+                    status = dict(event["object"].get("status") or {})
+                    phase = status.get("phase")
+                    if phase and (not seen or seen[-1] != phase):
+                        seen.append(phase)
+                    if accept(status):
+                        stream.stop()
+                        return {**status, "_seen": seen}
+            except ApiException as exc:  # 410 Gone: the watch expired; watch again from now
+                if exc.status != 410:
+                    raise
+        log = self.operator.log_text()[-3000:] if self.operator else ""
+        pytest.fail(
+            f"{namespace}/{name}: condition not met in {timeout}s; phases {seen}; status "
+            f"{json.dumps(status, indent=1)}\noperator log tail:\n{log}"
+        )
+
+
+@pytest.fixture
+def job_watcher(kube_api: client.ApiClient, operator: OperatorProcess) -> JobWatcher:
+    return JobWatcher(kube_api, operator)
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,7 @@ from typing import Any
 
 from fieldkube.operator.names import JOB_LABEL, MPI_JOB_NAME_LABEL, MPI_ROLE_LABEL
 from fieldkube.operator.spec import parse_spec
-from fieldkube.operator.status import Tracking, compute_status, failure_diagnosis
+from fieldkube.operator.status import Tracking, compute_status, failure_diagnosis, unscheduled_pods
 from fieldkube.operator.status_model import MlflowStatus, Progress, RegisteredModelStatus
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
@@ -235,3 +235,9 @@ def test_tracking_fills_progress_run_and_registered_model(tj: dict[str, Any]) ->
     tj["status"] = {**status.as_patch(), "phase": "Succeeded"}
     later = _status(tj, None, [], tracking=tracking)
     assert later.phase == "Succeeded" and later.mlflow.runId == "r1"
+
+
+def test_only_pods_the_scheduler_has_not_explained_need_their_events_read() -> None:
+    untouched = pod("flowers-worker-1", "worker", "Pending", conditions=[])
+    bound = {**pod("flowers-worker-2", "worker", "Pending", conditions=[]), "spec": {"nodeName": "n1"}}
+    assert unscheduled_pods([bound, _unschedulable("flowers-worker-0"), untouched]) == ["flowers-worker-1"]

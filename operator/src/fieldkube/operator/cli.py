@@ -1,7 +1,7 @@
 """fieldkube-operator: run the operator, or print the CRDs it is generated from.
 
 fieldkube-operator run [--namespace NS]... [--mlflow-tracking-uri URI] [--metrics-port 8080]
-                       [--health-port 8081] [--standalone]
+                       [--health-port 8081] [--bind-address 0.0.0.0] [--standalone]
 fieldkube-operator crd > manifests/crd/trainingjobs.yaml
 """
 
@@ -22,6 +22,11 @@ def _parser() -> argparse.ArgumentParser:
         "--metrics-port", type=int, default=int(os.environ.get("FIELDKUBE_METRICS_PORT", "8080"))
     )
     run.add_argument("--health-port", type=int, default=int(os.environ.get("FIELDKUBE_HEALTH_PORT", "8081")))
+    run.add_argument(
+        "--bind-address",
+        default=os.environ.get("FIELDKUBE_BIND_ADDRESS", "0.0.0.0"),
+        help="address of the metrics and health servers (0.0.0.0 in a pod; 127.0.0.1 on a workstation)",
+    )
     run.add_argument("--standalone", action="store_true", help="no peering (one replica only)")
     run.add_argument("--verbose", action="store_true")
     sub.add_parser("crd", help="print the CustomResourceDefinitions (YAML)")
@@ -38,11 +43,18 @@ def main(argv: list[str] | None = None) -> None:
     if args.mlflow_tracking_uri:
         os.environ["FIELDKUBE_MLFLOW_TRACKING_URI"] = args.mlflow_tracking_uri
     os.environ["FIELDKUBE_METRICS_PORT"] = str(args.metrics_port)
+    os.environ["FIELDKUBE_BIND_ADDRESS"] = args.bind_address
     import logging
 
     import kopf
 
     import fieldkube.operator.handlers  # noqa: F401  (registers the handlers)
+    from fieldkube.operator.kube import CredentialsError, load_config
+
+    try:  # fail with one line, before kopf starts, when there is no cluster to talk to
+        load_config()
+    except CredentialsError as exc:
+        sys.exit(f"fieldkube-operator: error: {exc}")
 
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
@@ -53,7 +65,9 @@ def main(argv: list[str] | None = None) -> None:
         clusterwide=not args.namespace,
         namespaces=args.namespace,
         standalone=args.standalone,
-        liveness_endpoint=f"http://0.0.0.0:{args.health_port}/healthz" if args.health_port else None,
+        liveness_endpoint=f"http://{args.bind_address}:{args.health_port}/healthz"
+        if args.health_port
+        else None,
     )
 
 

@@ -43,6 +43,7 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
         prefix=STORAGE_PREFIX, key="last-handled-configuration"
     )
+    settings.persistence.finalizer = f"{STORAGE_PREFIX}/cleanup"
     settings.posting.level = logging.WARNING
     settings.execution.max_workers = int(os.environ.get("FIELDKUBE_WORKERS", "16"))
     settings.watching.server_timeout = 300
@@ -53,7 +54,7 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     _reconciler = Reconciler(Cluster(load_config()), config)
     port = int(os.environ.get("FIELDKUBE_METRICS_PORT", "8080"))
     if port:
-        metrics.serve(port)
+        metrics.serve(port, os.environ.get("FIELDKUBE_BIND_ADDRESS", "0.0.0.0"))
 
 
 def _parse(body: kopf.Body) -> spec.TrainingJobSpec:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from typing import Any
 
 from kubernetes import client, config
@@ -13,12 +14,22 @@ from fieldkube.operator import names, spec
 Obj = dict[str, Any]
 
 
+class CredentialsError(Exception):
+    """Neither in-cluster credentials nor a usable kubeconfig were found."""
+
+
 def load_config() -> client.ApiClient:
     """In-cluster credentials when running in a pod, else $KUBECONFIG / ~/.kube/config."""
     try:
         config.load_incluster_config()
     except config.ConfigException:
-        config.load_kube_config()
+        try:
+            config.load_kube_config()
+        except (config.ConfigException, OSError) as exc:
+            where = os.environ.get("KUBECONFIG") or "~/.kube/config"
+            raise CredentialsError(
+                f"no Kubernetes credentials: not in a pod, and the kubeconfig {where} is unusable ({exc})"
+            ) from None
     configuration = client.Configuration.get_default_copy()
     configuration.connection_pool_maxsize = 32
     return client.ApiClient(configuration)
@@ -87,9 +98,12 @@ class Cluster:
         )
         return list(_json(response).get("items") or [])
 
-    def list_scheduling_events(self, namespace: str) -> list[Obj]:
+    def list_scheduling_events(self, namespace: str, pod: str) -> list[Obj]:
+        """FailedScheduling events of one pod (a field selector: cost independent of the namespace size)."""
         response = self.core.list_namespaced_event(
-            namespace, field_selector="reason=FailedScheduling", _preload_content=False
+            namespace,
+            field_selector=f"involvedObject.kind=Pod,involvedObject.name={pod},reason=FailedScheduling",
+            _preload_content=False,
         )
         return list(_json(response).get("items") or [])
 

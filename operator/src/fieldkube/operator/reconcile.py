@@ -26,11 +26,14 @@ from fieldkube.operator.status import (
     is_terminal,
     parse_time,
     previous_status,
+    unscheduled_pods,
 )
 from fieldkube.operator.status_model import TrainingJobStatus
 
 log = logging.getLogger("fieldkube.operator")
 LOG_TAIL_LINES = 20
+# Pods whose FailedScheduling events are read when no pod condition explains a pending job.
+MAX_EVENT_LOOKUPS = 2
 FULL_RESYNC_S = 60.0
 
 
@@ -181,8 +184,13 @@ class Reconciler:
         tracking = self._tracking(tj, tj_spec, previous) if with_tracking else None
         status = compute_status(tj, tj_spec, mpijob, pods, [], now, tracking)
         if status.phase in {"Pending", "Failed"} and status.reason in {"Starting", "NotStarted"}:
-            events = self.cluster.list_scheduling_events(namespace)
-            status = compute_status(tj, tj_spec, mpijob, pods, events, now, tracking)
+            events = [
+                event
+                for pod in unscheduled_pods(pods)[:MAX_EVENT_LOOKUPS]
+                for event in self.cluster.list_scheduling_events(namespace, pod)
+            ]
+            if events:
+                status = compute_status(tj, tj_spec, mpijob, pods, events, now, tracking)
         newly_terminal = is_terminal(status.as_patch()) and not is_terminal(tj.get("status"))
         if newly_terminal and tracking is None:
             tracking = self._tracking(tj, tj_spec, previous)

@@ -113,6 +113,17 @@ def pending_reason(pods: list[Obj], events: list[Obj]) -> tuple[str, str, str] |
     return None
 
 
+def unscheduled_pods(pods: list[Obj]) -> list[str]:
+    """Pods not bound to a node whose status does not say why yet (their events may)."""
+    found = []
+    for pod in sorted(pods, key=_pod_name):
+        conditions = (pod.get("status") or {}).get("conditions") or []
+        explained = any(c.get("type") == "PodScheduled" for c in conditions)
+        if not (pod.get("spec") or {}).get("nodeName") and not explained:
+            found.append(_pod_name(pod))
+    return found
+
+
 def _terminations(pod: Obj) -> list[Obj]:
     status = pod.get("status") or {}
     found = []
