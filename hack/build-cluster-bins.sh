@@ -7,6 +7,14 @@
 # (hack/cluster/mpi-operator) plus its CRD and ClusterRole copied from its module.
 # A component is rebuilt only when missing or when its wrapper's sources changed, so a second run is
 # instant. The Go module and build caches are Go's own (GOMODCACHE, GOCACHE), never the repository.
+#
+# Why it is shaped this way (a cold build on 2 cores is dominated by compiling k8s.io/kubernetes):
+# - the modules of every component are downloaded first, all at once: downloads are network-bound;
+# - the four Kubernetes binaries come from one `go build` so their shared packages compile once and
+#   one binary links while the next one's packages compile;
+# - etcd, mpi-operator and kwok build one after another *beside* the Kubernetes build, filling the
+#   cores during its serial stretches (large single packages, linking).
+# Set FIELDKUBE_BUILD_SERIAL=1 to build one component at a time (for comparing timings).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -20,7 +28,7 @@ START=$(date +%s)
 log() { printf '\033[1;34m[build-cluster-bins %4ss]\033[0m %s\n' "$(( $(date +%s) - START ))" "$*"; }
 die() { printf '\033[31mbuild-cluster-bins: error:\033[0m %s\n' "$*" >&2; exit 1; }
 
-command -v go >/dev/null 2>&1 || die "go is not on PATH (Go >= 1.25 is needed; newer toolchains are fetched through the module proxy)"
+command -v go >/dev/null 2>&1 || die "go is not on PATH (Go >= 1.26 is needed; newer toolchains are fetched through the module proxy)"
 export GOTOOLCHAIN=${GOTOOLCHAIN:-auto}
 export GOFLAGS="-buildvcs=false -mod=readonly"
 export CGO_ENABLED=0
@@ -37,6 +45,8 @@ check_pin hack/cluster/mpi-operator/go.mod github.com/kubeflow/mpi-operator "$MP
 mkdir -p "$BIN"
 exec 9>"$BIN/.build.lock"
 flock 9 || die "could not lock $BIN/.build.lock"
+LOGS=$(mktemp -d "$BIN/.logs.XXXXXX")
+trap 'rm -rf "$LOGS"' EXIT
 
 # Hash of the files a component is built from, stored next to the binary.
 source_hash() { (cd "$1" && find . -type f \( -name '*.go' -o -name go.mod -o -name go.sum \) -print0 \
@@ -48,57 +58,116 @@ for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
   KUBE_LDFLAGS+=" -X $pkg.gitVersion=$KUBERNETES_VERSION -X $pkg.gitMajor=1 -X $pkg.gitMinor=$KUBE_MINOR"
   KUBE_LDFLAGS+=" -X $pkg.gitTreeState=clean"
 done
+KUBE_COMPONENTS=(kube-apiserver kube-controller-manager kube-scheduler kubectl)
+KUBE_HASH=$(source_hash hack/cluster/kube)
+ETCD_HASH=$(source_hash hack/cluster/etcd)
+MPI_HASH=$(source_hash hack/cluster/mpi-operator)
 
-# build <component> <version> <hash> <command...>: the command writes the binary into $OUT.
-BUILT=0
+cached() {  # <name> <version> <hash>: is the cached binary current?
+  local dest=$BIN/$1-$2
+  [ -x "$dest/$1" ] && [ "$(cat "$dest/.source-hash" 2>/dev/null)" = "$3" ]
+}
+
+# build <label> <version> <hash> <names> <command...>: the command writes binary <name> (and any
+# files that go with it) into $OUT/<name>/ for each of the space-separated <names>; each one is then
+# moved into place as a whole, so an interrupted build never leaves a half-written cache entry.
 build() {
-  local name=$1 version=$2 hash=$3; shift 3
-  local dest=$BIN/$name-$version
-  if [ -x "$dest/$name" ] && [ "$(cat "$dest/.source-hash" 2>/dev/null)" = "$hash" ]; then
-    log "$name $version: cached ($dest)"
+  local label=$1 version=$2 hash=$3 names=$4; shift 4
+  local name todo=0
+  for name in $names; do cached "$name" "$version" "$hash" || todo=1; done
+  if [ $todo = 0 ]; then
+    log "$label $version: cached ($BIN/{${names// /,}}-$version)"
     return
   fi
-  log "$name $version: building (the first build of the Kubernetes components takes many minutes on 2 cores)"
+  log "$label $version: building"
   local t0; t0=$(date +%s)
-  OUT=$(mktemp -d "$BIN/.$name-$version.XXXXXX")
-  if ! "$@"; then
+  OUT=$(mktemp -d "$BIN/.$label-$version.XXXXXX")
+  for name in $names; do mkdir -p "$OUT/$name"; done
+  if ! "$@" > "$LOGS/$label.log" 2>&1; then
+    cat "$LOGS/$label.log" >&2
     rm -rf "$OUT"
-    die "building $name $version failed (command: $*)"
+    die "building $label $version failed (command: $*)"
   fi
-  [ -x "$OUT/$name" ] || { rm -rf "$OUT"; die "building $name $version produced no $OUT/$name"; }
-  echo "$hash" > "$OUT/.source-hash"
-  rm -rf "$dest"
-  mv "$OUT" "$dest"
-  BUILT=$((BUILT + 1))
-  log "$name $version: built in $(( $(date +%s) - t0 ))s ($(du -sh "$dest" | cut -f1))"
+  for name in $names; do
+    [ -x "$OUT/$name/$name" ] || { rm -rf "$OUT"; die "building $label $version produced no $name"; }
+    echo "$hash" > "$OUT/$name/.source-hash"
+    rm -rf "$BIN/$name-$version"
+    mv "$OUT/$name" "$BIN/$name-$version"
+  done
+  rm -rf "$OUT"
+  log "$label $version: built in $(( $(date +%s) - t0 ))s ($(cd "$BIN" && du -shc $(printf "%s-$version " $names) | tail -1 | cut -f1))"
 }
 
-go_build() {  # <module dir> <package> <binary name> <ldflags>
-  (cd "$ROOT/$1" && go build -trimpath -ldflags "$4" -o "$OUT/$3" "$2")
-}
-go_install() {  # <package@version> <ldflags>
-  GOBIN=$OUT go install -trimpath -ldflags "$2" "$1"
+go_build() {  # <module dir> <ldflags> <name>...: builds ./cmd/<name> (or . for a single name) of the module
+  local dir=$1 ldflags=$2; shift 2
+  if [ $# = 1 ] && [ ! -d "$ROOT/$dir/cmd/$1" ]; then
+    (cd "$ROOT/$dir" && go build -trimpath -ldflags "$ldflags" -o "$OUT/$1/$1" .) || return 1
+    return 0
+  fi
+  local pkgs=() name
+  for name in "$@"; do pkgs+=("./cmd/$name"); done
+  # `go build -o DIR` with several main packages writes DIR/<name> for each.
+  (cd "$ROOT/$dir" && go build -trimpath -ldflags "$ldflags" -o "$OUT/.bin/" "${pkgs[@]}") || return 1
+  for name in "$@"; do mv "$OUT/.bin/$name" "$OUT/$name/$name" || return 1; done
 }
 
-KUBE_HASH=$(source_hash hack/cluster/kube)
-for c in kube-apiserver kube-controller-manager kube-scheduler kubectl; do
-  build "$c" "$KUBERNETES_VERSION" "$KUBE_HASH" go_build hack/cluster/kube "./cmd/$c" "$c" "$KUBE_LDFLAGS"
-done
-build etcd "$ETCD_VERSION" "$(source_hash hack/cluster/etcd)" go_build hack/cluster/etcd . etcd "-s -w"
-build kwok "$KWOK_VERSION" "$KWOK_VERSION" go_install "sigs.k8s.io/kwok/cmd/kwok@$KWOK_VERSION" "-s -w"
-
-copy_mpi_operator_manifests() {
-  local dir
-  dir=$(cd "$ROOT/hack/cluster/mpi-operator" && go list -m -f '{{.Dir}}' github.com/kubeflow/mpi-operator) \
-    || die "could not locate the github.com/kubeflow/mpi-operator module"
+build_kube() { go_build hack/cluster/kube "$KUBE_LDFLAGS" "${KUBE_COMPONENTS[@]}"; }
+build_etcd() { go_build hack/cluster/etcd "-s -w" etcd; }
+build_kwok() { GOBIN=$OUT/kwok go install -trimpath -ldflags "-s -w" "sigs.k8s.io/kwok/cmd/kwok@$KWOK_VERSION"; }
+build_mpi_operator() {
+  go_build hack/cluster/mpi-operator "-s -w" mpi-operator || return 1
+  local dir f
+  dir=$(cd "$ROOT/hack/cluster/mpi-operator" && go list -m -f '{{.Dir}}' github.com/kubeflow/mpi-operator) || return 1
   for f in kubeflow.org_mpijobs.yaml cluster-role.yaml; do
-    [ -f "$dir/manifests/base/$f" ] || die "$dir/manifests/base/$f is missing from the module"
-    install -m 0644 "$dir/manifests/base/$f" "$OUT/$f"
+    [ -f "$dir/manifests/base/$f" ] || { echo "$dir/manifests/base/$f is missing from the module"; return 1; }
+    install -m 0644 "$dir/manifests/base/$f" "$OUT/mpi-operator/$f" || return 1
   done
 }
-build_mpi_operator() {
-  go_build hack/cluster/mpi-operator . mpi-operator "-s -w" && copy_mpi_operator_manifests
-}
-build mpi-operator "$MPI_OPERATOR_VERSION" "$(source_hash hack/cluster/mpi-operator)" build_mpi_operator
 
-log "done: $BUILT built, binaries in $BIN ($(du -sh "$BIN" | cut -f1))"
+kube_job() { build kubernetes "$KUBERNETES_VERSION" "$KUBE_HASH" "${KUBE_COMPONENTS[*]}" build_kube; }
+others_job() {
+  build etcd "$ETCD_VERSION" "$ETCD_HASH" etcd build_etcd
+  build mpi-operator "$MPI_OPERATOR_VERSION" "$MPI_HASH" mpi-operator build_mpi_operator
+  build kwok "$KWOK_VERSION" "$KWOK_VERSION" kwok build_kwok
+}
+
+# Download the modules of everything that needs building, concurrently (kwok's through a dry run).
+download() {  # <component>
+  if [ "$1" = kwok ]; then
+    GOBIN=$LOGS go install -n "sigs.k8s.io/kwok/cmd/kwok@$KWOK_VERSION" >/dev/null
+  else
+    (cd "hack/cluster/$1" && go mod download)
+  fi
+}
+prefetch=()
+for c in "${KUBE_COMPONENTS[@]}"; do cached "$c" "$KUBERNETES_VERSION" "$KUBE_HASH" || { prefetch+=(kube); break; }; done
+cached etcd "$ETCD_VERSION" "$ETCD_HASH" || prefetch+=(etcd)
+cached mpi-operator "$MPI_OPERATOR_VERSION" "$MPI_HASH" || prefetch+=(mpi-operator)
+cached kwok "$KWOK_VERSION" "$KWOK_VERSION" || prefetch+=(kwok)
+if [ ${#prefetch[@]} -gt 0 ]; then
+  log "downloading the modules of ${prefetch[*]}"
+  pids=()
+  for m in "${prefetch[@]}"; do
+    download "$m" > "$LOGS/download-$m.log" 2>&1 & pids+=($!)
+  done
+  for i in "${!pids[@]}"; do
+    wait "${pids[$i]}" || { cat "$LOGS/download-${prefetch[$i]}.log" >&2; die "downloading the modules of ${prefetch[$i]} failed"; }
+  done
+  log "modules downloaded"
+fi
+
+if [ "${FIELDKUBE_BUILD_SERIAL:-0}" = 1 ]; then
+  kube_job
+  others_job
+else
+  # Both run in the background so that `set -e` holds inside them and a failure of one lets the
+  # other finish (its result is cached) before this script fails.
+  kube_job & kube=$!
+  others_job & others=$!
+  status=0
+  wait $kube || status=1
+  wait $others || status=1
+  [ $status = 0 ] || die "some components failed to build (see above)"
+fi
+
+log "done in $(( $(date +%s) - START ))s, binaries in $BIN ($(du -sh "$BIN" | cut -f1))"
