@@ -7,9 +7,13 @@ CLUSTER_DIR ?= $(or $(FIELDKUBE_CACHE),$(HOME)/.cache/fieldkube)/clusters/$(CLUS
 NODES ?= 4
 GPUS_PER_NODE ?= 8
 CLUSTER_HARNESS := $(PY) hack/cluster/harness.py
-# The operator that `make cluster` starts once the cluster (and manifests/crd, manifests/rbac) is up;
-# set OPERATOR_CMD= to start none. It runs as OPERATOR_SERVICE_ACCOUNT (NAMESPACE/NAME) when set.
-OPERATOR_CMD ?= $(if $(wildcard $(VENV)/bin/fieldkube-operator),$(VENV)/bin/fieldkube-operator run --standalone --metrics-port 18080 --health-port 18081,)
+# The operator that `make cluster` starts once the cluster (and manifests/crd, manifests/rbac) is up,
+# serving /metrics and /healthz on loopback; set OPERATOR_CMD= to start none. It runs as
+# OPERATOR_SERVICE_ACCOUNT (NAMESPACE/NAME) when set.
+OPERATOR_METRICS_PORT ?= 18080
+OPERATOR_HEALTH_PORT ?= 18081
+OPERATOR_CMD ?= $(if $(wildcard $(VENV)/bin/fieldkube-operator),$(VENV)/bin/fieldkube-operator run --standalone \
+  --bind-address 127.0.0.1 --metrics-port $(OPERATOR_METRICS_PORT) --health-port $(OPERATOR_HEALTH_PORT),)
 OPERATOR_SERVICE_ACCOUNT ?= $(if $(wildcard manifests/rbac/serviceaccount.yaml),fieldkube-system/fieldkube-operator,)
 
 .PHONY: cluster-bins cluster-status

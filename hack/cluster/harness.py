@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import base64
 import contextlib
+import ctypes
 import datetime
 import ipaddress
 import json
@@ -71,6 +72,8 @@ CONTROL_PLANE = (
     "kwok",
     "mpi-operator",
 )
+
+_PR_SET_PDEATHSIG = 1
 
 T = TypeVar("T")
 
@@ -247,21 +250,50 @@ def _free_port() -> int:
 # --- processes ----------------------------------------------------------------------------------
 
 
+def _start_time(pid: int) -> int | None:
+    """The start time of process ``pid`` (clock ticks since boot), None if it is gone or a zombie.
+
+    A pid plus its start time names one process for good: pids get reused, start times do not repeat.
+    """
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text(errors="replace")
+    except OSError:
+        return None
+    fields = stat.rsplit(")", 1)[-1].split()
+    if fields[0] in ("Z", "X"):
+        return None
+    return int(fields[19])
+
+
+def _die_with_parent() -> None:
+    """Runs in a child before exec: the kernel kills it when the process that started it dies.
+
+    Used when a cluster belongs to a test session or a benchmark, so a session killed hard (SIGKILL,
+    OOM) leaves no control plane behind. Linux only (prctl PR_SET_PDEATHSIG).
+    """
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+
+
 @dataclass
 class _Process:
     name: str
     pid: int
     argv: list[str]
     log: str
+    start_time: int | None = None
 
     def alive(self) -> bool:
-        """True while the recorded pid still runs the recorded program (pids get reused)."""
-        try:
+        """True while the recorded process runs (the pid is not a later, unrelated process)."""
+        now = _start_time(self.pid)
+        if now is None:
+            return False
+        if self.start_time is not None:
+            return now == self.start_time
+        try:  # a record without a start time: compare the program instead
             cmdline = Path(f"/proc/{self.pid}/cmdline").read_bytes().split(b"\0")
         except OSError:
-            return False
-        stat = Path(f"/proc/{self.pid}/stat").read_text(errors="replace")
-        if stat.rsplit(")", 1)[-1].split()[0] == "Z":
             return False
         return bool(cmdline) and cmdline[0].decode(errors="replace") == self.argv[0]
 
@@ -298,6 +330,48 @@ def _tail(path: Path, lines: int = 30) -> str:
     return f"--- last {lines} lines of {path} ---\n" + "\n".join(text[-lines:])
 
 
+def _listening_inodes() -> dict[int, tuple[str, int]]:
+    """Socket inode -> (address, port) of every TCP socket in LISTEN state (/proc/net/tcp{,6})."""
+    result: dict[int, tuple[str, int]] = {}
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            rows = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            fields = row.split()
+            if len(fields) < 10 or fields[3] != "0A":  # 0A: TCP_LISTEN
+                continue
+            address_hex, port_hex = fields[1].split(":")
+            raw = bytes.fromhex(address_hex)
+            # The kernel prints the address as 32-bit words in host (little-endian) byte order.
+            packed = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
+            result[int(fields[9])] = (str(ipaddress.ip_address(packed)), int(port_hex, 16))
+    return result
+
+
+def _socket_inodes(pid: int) -> set[int]:
+    inodes: set[int] = set()
+    with contextlib.suppress(OSError):
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            with contextlib.suppress(OSError):
+                target = str(fd.readlink())
+                if target.startswith("socket:["):
+                    inodes.add(int(target[8:-1]))
+    return inodes
+
+
+def _children_by_parent() -> dict[int, list[int]]:
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[-1].split()[1])
+            children.setdefault(ppid, []).append(int(entry.name))
+    return children
+
+
 # --- the cluster --------------------------------------------------------------------------------
 
 
@@ -309,6 +383,10 @@ class LocalCluster:
     runs) and returns once the API server answers, every node is Ready and schedulable, the MPIJob
     CRD is established and the mpi-operator runs. YAML files under ``manifests/crd/`` and then
     ``manifests/rbac/`` of the repository are applied if those directories exist.
+
+    With ``die_with_parent`` every process of the cluster is killed by the kernel when the process
+    that started it exits without stopping it (a test session killed hard); `make cluster` leaves it
+    off, since its processes must outlive the command that starts them.
     """
 
     state_dir: Path
@@ -322,6 +400,7 @@ class LocalCluster:
     manifests_dir: Path | None = REPO_ROOT / "manifests"
     start_timeout: float = 180.0
     verbose: bool = False
+    die_with_parent: bool = False
     versions: Versions = field(default_factory=Versions.load)
 
     def __post_init__(self) -> None:
@@ -433,11 +512,16 @@ class LocalCluster:
         self._progress(f"etcd {self.versions.etcd} ready ({time.monotonic() - t0:.1f}s)")
         self._start_apiserver(ports)
         self._progress(f"kube-apiserver {self.versions.kubernetes} ready ({time.monotonic() - t0:.1f}s)")
+        # The controllers start side by side while the MPIJob API and the nodes are registered.
         self._start_controller_manager(ports)
         self._start_scheduler(ports)
         self._start_kwok()
         self._install_mpi_operator_api()
         self._create_nodes()
+        insecure = ssl._create_unverified_context()  # their serving certificates are self-signed, in memory
+        for name, port in (("kube-controller-manager", ports["cm"]), ("kube-scheduler", ports["scheduler"])):
+            self._wait_http(name, f"https://127.0.0.1:{port}/healthz", insecure)
+        self._progress(f"controller-manager and scheduler ready ({time.monotonic() - t0:.1f}s)")
         self._wait_nodes_schedulable()
         self._progress(f"{self.nodes} fake GPU nodes Ready ({time.monotonic() - t0:.1f}s)")
         self._start_mpi_operator(ports)
@@ -546,8 +630,11 @@ class LocalCluster:
                 cwd=cwd or self.state_dir,
                 env={**os.environ, **(env or {})},
                 start_new_session=True,
+                preexec_fn=_die_with_parent if self.die_with_parent else None,  # noqa: PLW1509
             )
-        proc = _Process(name=name, pid=popen.pid, argv=list(argv), log=str(log))
+        proc = _Process(
+            name=name, pid=popen.pid, argv=list(argv), log=str(log), start_time=_start_time(popen.pid)
+        )
         self._processes[name] = proc
         self._save_processes()
         return proc
@@ -711,8 +798,6 @@ class LocalCluster:
                 "--v=1" if self.verbose else "--v=0",
             ],
         )
-        insecure = ssl._create_unverified_context()  # its serving certificate is self-signed, in memory
-        self._wait_http("kube-controller-manager", f"https://127.0.0.1:{ports['cm']}/healthz", insecure)
 
     def _start_scheduler(self, ports: Mapping[str, int]) -> None:
         self._spawn(
@@ -723,8 +808,6 @@ class LocalCluster:
                 "--v=1" if self.verbose else "--v=0",
             ],
         )
-        insecure = ssl._create_unverified_context()
-        self._wait_http("kube-scheduler", f"https://127.0.0.1:{ports['scheduler']}/healthz", insecure)
 
     def _start_kwok(self) -> None:
         self._spawn(
@@ -955,6 +1038,45 @@ class LocalCluster:
     ) -> T:
         """Poll ``probe`` until it returns a truthy value; on timeout raise with ``what`` and the logs."""
         return _wait_until(what, probe, timeout, interval)
+
+    def delete_namespace(self, name: str, wait: bool = False) -> None:
+        """Delete a namespace; its pods go at once (kwok plays the kubelet), freeing their GPUs."""
+        self.kubectl("delete", "namespace", name, "--ignore-not-found", f"--wait={str(wait).lower()}")
+
+    def process_table(self) -> dict[str, tuple[int, bool]]:
+        """Each process of this cluster (control plane and spawned extras): its pid and whether it runs."""
+        return {name: (proc.pid, proc.alive()) for name, proc in self._processes.items()}
+
+    def diagnostics(self, lines: int = 25) -> str:
+        """Which processes run, and the last ``lines`` of every log: what a failed test prints."""
+        parts = [f"local cluster in {self.state_dir} (logs in {self.logs_dir})"]
+        for name, (pid, alive) in self.process_table().items():
+            parts.append(f"  {name:26} pid {pid:<8} {'running' if alive else 'NOT RUNNING'}")
+        for name in self._processes:
+            parts.append(_tail(self.log_path(name), lines))
+        return "\n".join(parts)
+
+    def listening_sockets(self) -> dict[str, list[tuple[str, int]]]:
+        """The TCP sockets each process of this cluster (or a child of one) listens on: (address, port).
+
+        Read from /proc, so it also covers ports a component opens on its own (metrics, health).
+        """
+        listening = _listening_inodes()
+        children = _children_by_parent()
+        result: dict[str, list[tuple[str, int]]] = {}
+        for name, proc in self._processes.items():
+            if not proc.alive():
+                continue
+            found: set[tuple[str, int]] = set()
+            todo = [proc.pid]
+            while todo:
+                pid = todo.pop()
+                todo.extend(children.get(pid, ()))
+                for inode in _socket_inodes(pid):
+                    if inode in listening:
+                        found.add(listening[inode])
+            result[name] = sorted(found)
+        return result
 
     def _progress(self, message: str) -> None:
         print(f"[local-cluster] {message}", file=sys.stderr, flush=True)

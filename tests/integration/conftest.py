@@ -1,11 +1,22 @@
 """Fixtures shared by the integration tests: the real local Kubernetes control plane.
 
-``local_cluster`` (session scope) starts one cluster per test session from the binaries that
-``make dev`` caches (hack/build-cluster-bins.sh): etcd, kube-apiserver with TLS and RBAC,
-kube-controller-manager, kube-scheduler, kwok with fake GPU nodes, and the Kubeflow mpi-operator.
-The repository's manifests/crd/ and manifests/rbac/ are applied on start. ``cluster_namespace``
-gives each test a fresh namespace in it. Set FIELDKUBE_TEST_NODES to change the node count (4) and
-FIELDKUBE_KEEP_CLUSTER=1 to keep the state directory (logs, kubeconfig) after the session.
+``local_cluster`` (session scope) starts one cluster per test session, on first use, from the
+binaries that ``make dev`` caches (hack/build-cluster-bins.sh): etcd, kube-apiserver with TLS and
+RBAC, kube-controller-manager, kube-scheduler, kwok with fake GPU nodes, and the Kubeflow
+mpi-operator. The repository's manifests/crd/ and manifests/rbac/ are applied on start. It is
+stopped when the session ends; its processes die with the session even if pytest is killed hard.
+
+``cluster_namespace`` gives each test a fresh namespace and deletes it afterwards, so pods a test
+leaves running do not hold the fake nodes' GPUs for later tests.
+
+When a test that uses the cluster fails, its report gets a "local cluster" section: which
+processes run and the tail of every component's log (all logs stay in the state directory, whose
+path the session summary prints).
+
+Environment: FIELDKUBE_TEST_NODES (fake GPU nodes, 4), FIELDKUBE_TEST_GPUS_PER_NODE (8),
+FIELDKUBE_KEEP_CLUSTER=1 (keep etcd's data in the state directory after the session),
+FIELDKUBE_KEEP_NAMESPACES=1 (do not delete test namespaces). The API is documented in
+hack/cluster/README.md.
 """
 
 from __future__ import annotations
@@ -15,9 +26,10 @@ import itertools
 import os
 import shutil
 import sys
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import pytest
 
@@ -39,12 +51,31 @@ def load_cluster_harness() -> ModuleType:
 
 cluster_harness = load_cluster_harness()
 
+_CLUSTER_KEY = pytest.StashKey[Any]()
+
+
+def _env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name, str(default))
+    try:
+        value = int(raw)
+    except ValueError:
+        raise pytest.UsageError(f"{name} must be a whole number (got {raw!r})") from None
+    if value < 1:
+        raise pytest.UsageError(f"{name} must be at least 1 (got {value})")
+    return value
+
 
 @pytest.fixture(scope="session")
-def local_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
+def local_cluster(tmp_path_factory: pytest.TempPathFactory, pytestconfig: pytest.Config) -> Iterator[Any]:
     """A running LocalCluster (hack/cluster/harness.py), shared by the whole session."""
     state_dir = tmp_path_factory.mktemp("local-cluster")
-    cluster = cluster_harness.LocalCluster(state_dir, nodes=int(os.environ.get("FIELDKUBE_TEST_NODES", "4")))
+    cluster = cluster_harness.LocalCluster(
+        state_dir,
+        nodes=_env_int("FIELDKUBE_TEST_NODES", 4),
+        gpus_per_node=_env_int("FIELDKUBE_TEST_GPUS_PER_NODE", 8),
+        die_with_parent=True,
+    )
+    pytestconfig.stash[_CLUSTER_KEY] = cluster
     try:
         cluster.start()
     except cluster_harness.ClusterError as exc:
@@ -61,10 +92,29 @@ _namespace_numbers = itertools.count()
 
 
 @pytest.fixture
-def cluster_namespace(local_cluster: object, request: pytest.FixtureRequest) -> str:
-    """A fresh namespace (named after the test) whose default ServiceAccount exists."""
+def cluster_namespace(local_cluster: Any, request: pytest.FixtureRequest) -> Iterator[str]:
+    """A fresh namespace (named after the test) whose default ServiceAccount exists; deleted after."""
     base = request.node.name.lower().replace("_", "-")
     base = "".join(c for c in base if c.isalnum() or c == "-").strip("-")[:50].rstrip("-")
     name = f"{base}-{next(_namespace_numbers)}"
-    local_cluster.create_namespace(name)  # type: ignore[attr-defined]
-    return name
+    local_cluster.create_namespace(name)
+    yield name
+    if os.environ.get("FIELDKUBE_KEEP_NAMESPACES") != "1" and local_cluster.running():
+        local_cluster.delete_namespace(name)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Generator[None, Any, None]:
+    """Attach the cluster's process table and log tails to the report of a failed cluster test."""
+    outcome = yield
+    report = outcome.get_result()
+    cluster = item.config.stash.get(_CLUSTER_KEY, None)
+    if report.failed and cluster is not None and "local_cluster" in getattr(item, "fixturenames", ()):
+        report.sections.append(("local cluster", cluster.diagnostics()))
+
+
+def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
+    """Say where the cluster's logs are when anything failed."""
+    cluster = config.stash.get(_CLUSTER_KEY, None)
+    if cluster is not None and exitstatus != 0:
+        terminalreporter.write_line(f"local cluster logs: {cluster.logs_dir}")

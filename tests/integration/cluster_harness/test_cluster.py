@@ -1,20 +1,134 @@
 """The local control plane is real: RBAC-enforcing API server, real scheduler, real mpi-operator.
 
-Every test runs against the session's ``local_cluster`` (tests/integration/conftest.py); only the
-kubelet's part is simulated, by kwok (hack/cluster/kwok-stages.yaml).
+The first test drives `make cluster` / `make cluster-down` (a cluster of its own, with the real
+fieldkube operator); the others run against the session's ``local_cluster``
+(tests/integration/conftest.py). Only the kubelet's part is simulated, by kwok
+(hack/cluster/kwok-stages.yaml).
 """
 
 from __future__ import annotations
 
 import json
+import os
+import signal
+import socket
+import subprocess
+import sys
 import time
+import urllib.request
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 pytestmark = pytest.mark.cluster
 
+REPO = Path(__file__).resolve().parents[3]
 IMAGE = "registry.invalid/fieldkube/never-pulled:0"
+LOOPBACK = {"127.0.0.1", "::1"}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[0]
+    except OSError:
+        return False
+    return state not in ("Z", "X")
+
+
+def make(*args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["make", "--no-print-directory", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+        env={k: v for k, v in os.environ.items() if not k.startswith("MAKE")},
+    )
+
+
+def test_make_cluster_runs_the_operator_as_its_service_account_and_cluster_down_stops_all(
+    tmp_path: Path,
+) -> None:
+    """Runs before the session cluster starts (first in the file), so only one cluster runs at a time."""
+    state = tmp_path / "cluster"
+    health = free_port()
+    operator = (
+        f"{Path(sys.executable).parent / 'fieldkube-operator'} run --standalone --bind-address 127.0.0.1"
+        f" --metrics-port {free_port()} --health-port {health}"
+    )
+    up = make("cluster", f"CLUSTER_DIR={state}", "NODES=2", f"OPERATOR_CMD={operator}")
+    processes: dict[str, Any] = {}
+    try:
+        assert up.returncode == 0, f"make cluster failed:\n{up.stdout}\n{up.stderr}"
+        assert f"export KUBECONFIG={state / 'kubeconfig'}" in up.stdout
+        processes = json.loads((state / "processes.json").read_text())
+        assert set(processes) == {
+            "etcd",
+            "kube-apiserver",
+            "kube-controller-manager",
+            "kube-scheduler",
+            "kwok",
+            "mpi-operator",
+            "fieldkube-operator",
+        }
+
+        kubectl = str(processes["kube-apiserver"]["argv"][0]).replace("kube-apiserver", "kubectl")
+        nodes = subprocess.run(
+            [kubectl, f"--kubeconfig={state / 'kubeconfig'}", "get", "nodes", "-o", "name"],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=60,
+        ).stdout.split()
+        assert nodes == ["node/gpu-node-0", "node/gpu-node-1"]
+
+        # The operator runs with its ServiceAccount's bound token, not the admin certificate.
+        environ = Path(f"/proc/{processes['fieldkube-operator']['pid']}/environ").read_bytes().split(b"\0")
+        kubeconfig = next(e for e in environ if e.startswith(b"KUBECONFIG=")).decode().split("=", 1)[1]
+        whoami = subprocess.run(
+            [
+                kubectl,
+                f"--kubeconfig={kubeconfig}",
+                "auth",
+                "whoami",
+                "-o",
+                "jsonpath={.status.userInfo.username}",
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=60,
+        ).stdout
+        assert whoami == "system:serviceaccount:fieldkube-system:fieldkube-operator"
+
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{health}/healthz", timeout=2) as response:
+                    assert response.status == 200
+                    break
+            except OSError:
+                assert time.monotonic() < deadline, (state / "logs" / "fieldkube-operator.log").read_text()
+                time.sleep(0.5)
+
+        status = make("cluster-status", f"CLUSTER_DIR={state}")
+        assert status.returncode == 0, status.stdout + status.stderr
+    finally:
+        down = make("cluster-down", f"CLUSTER_DIR={state}")
+    assert down.returncode == 0, down.stdout + down.stderr
+    assert "stopped" in down.stdout
+    still_running = [name for name, proc in processes.items() if pid_alive(proc["pid"])]
+    assert not still_running
+    assert make("cluster-status", f"CLUSTER_DIR={state}").returncode != 0
+    assert (state / "logs" / "kube-apiserver.log").exists(), "the logs are kept after cluster-down"
 
 
 def pod_manifest(
@@ -265,3 +379,62 @@ def test_mpijob_is_run_by_the_real_mpi_operator_to_success(
     ]
     for i in range(workers):
         assert f"pi-worker-{i}" in hostfile
+
+
+def test_every_process_of_the_cluster_listens_on_loopback_only(local_cluster: Any) -> None:
+    sockets = local_cluster.listening_sockets()
+    for component in ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "mpi-operator"):
+        assert sockets.get(component), f"{component} listens on nothing"
+    assert (
+        "127.0.0.1",
+        int(local_cluster.server.rsplit(":", 1)[1]),
+    ) in sockets["kube-apiserver"]
+    exposed = {name: [a for a in addrs if a[0] not in LOOPBACK] for name, addrs in sockets.items()}
+    assert not any(exposed.values()), exposed
+
+
+def test_processes_started_for_a_session_die_with_it(tmp_path: Path) -> None:
+    """A session killed hard (SIGKILL) must not leave a control plane behind: PR_SET_PDEATHSIG."""
+    script = (
+        "import sys; sys.path.insert(0, sys.argv[1]); import harness; "
+        "c = harness.LocalCluster(sys.argv[2], die_with_parent=True); "
+        "print(c.spawn('sleeper', ['sleep', '600']), flush=True); sys.stdin.read()"
+    )
+    parent = subprocess.Popen(
+        [sys.executable, "-c", script, str(REPO / "hack" / "cluster"), str(tmp_path)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert parent.stdout is not None
+    child = int(parent.stdout.readline())
+    assert pid_alive(child)
+    parent.send_signal(signal.SIGKILL)
+    parent.wait(timeout=10)
+    deadline = time.monotonic() + 10
+    while pid_alive(child):
+        assert time.monotonic() < deadline, f"pid {child} outlived the process that started it"
+        time.sleep(0.1)
+
+
+def test_failing_launcher_fails_the_mpijob(local_cluster: Any, cluster_namespace: str) -> None:
+    job = mpijob_manifest("broken", cluster_namespace, workers=1, gpus_per_worker=1)
+    job["spec"]["runPolicy"]["backoffLimit"] = 0
+    job["spec"]["mpiReplicaSpecs"]["Launcher"]["template"]["metadata"] = {
+        "annotations": {"fieldkube.io/simulate-exit-code": "2", "fieldkube.io/simulate-run-seconds": "1"}
+    }
+    local_cluster.apply(job)
+
+    def failed() -> dict[str, Any] | None:
+        obj = local_cluster.get_json("mpijob", "broken", namespace=cluster_namespace)
+        return obj if condition(obj, "Failed").get("status") == "True" else None
+
+    obj = local_cluster.wait_for("MPIJob broken to fail", failed, timeout=60)
+    assert condition(obj, "Succeeded").get("status") != "True"
+    pods = local_cluster.get_json(
+        "pods", "-l", "training.kubeflow.org/job-role=launcher", namespace=cluster_namespace
+    )["items"]
+    assert pods
+    terminated = pods[0]["status"]["containerStatuses"][0]["state"]["terminated"]
+    assert terminated["exitCode"] == 2
+    assert terminated["reason"] == "Error"
