@@ -55,27 +55,27 @@ class Size:
 
 
 FULL = Size(
-    field_images=24,
+    field_images=64,
     field_image_size="448x672",
-    aerial_images=12,
+    aerial_images=16,
     aerial_image_size="512x512",
-    counter_epochs=6,
-    segmenter_epochs=6,
+    counter_epochs=10,
+    segmenter_epochs=8,
     counter_params={"width": 1.0},
     segmenter_params={"base_channels": 8, "depth": 3},
-    counter_lr=1e-3,
+    counter_lr=1.5e-3,
     segmenter_lr=2e-3,
 )
 SMALL = Size(
-    field_images=8,
+    field_images=48,
     field_image_size="224x448",
-    aerial_images=4,
+    aerial_images=6,
     aerial_image_size="256x256",
-    counter_epochs=3,
-    segmenter_epochs=2,
+    counter_epochs=12,
+    segmenter_epochs=4,
     counter_params={"width": 0.5},
     segmenter_params={"base_channels": 8, "depth": 3},
-    counter_lr=1e-3,
+    counter_lr=1.5e-3,
     segmenter_lr=2e-3,
 )
 
@@ -179,7 +179,7 @@ def prepare(state: Path, size: Size, env: dict[str, str]) -> dict[str, Path]:
         ("field", size.field_images, size.field_image_size, "70/30"),
         ("aerial", size.aerial_images, size.aerial_image_size, "60/20/20"),
     ):
-        key = hashlib.sha256(f"{kind}-{count}-{image_size}-{split}".encode()).hexdigest()[:10]
+        key = hashlib.sha256(f"{kind}-{count}-{image_size}-{split}-nobalance".encode()).hexdigest()[:10]
         out = state / "data" / f"{kind}-{key}"
         if (out / "manifest.json").exists():
             say(f"{kind} dataset: cached at {out}")
@@ -194,6 +194,7 @@ def prepare(state: Path, size: Size, env: dict[str, str]) -> dict[str, Path]:
                 "2",
                 "--seed",
                 "1",
+                "--no-balance",  # keep every tile: the demo's datasets are small
                 "--out",
                 str(out),
             ]
@@ -232,6 +233,30 @@ def train_config(task: str, size: Size, data: Path, state: Path, metrics_port: i
     }
 
 
+def free_port_pair(preferred: int) -> int:
+    """A port p with p and p + 1 both free (the two ranks of one training run serve on p + local_rank)."""
+    for candidate in (preferred, *range(20000, 30000, 7)):
+        if free_port(candidate) == candidate and free_port(candidate + 1) == candidate + 1:
+            return candidate
+    raise DemoError("no two consecutive free TCP ports on 127.0.0.1")
+
+
+def write_prometheus_config(state: Path, serve_port: int, metrics_ports: dict[str, int]) -> Path:
+    """Scrape the serving app and every training rank every 2 s; load the project's alert rules."""
+    training_targets = [f"127.0.0.1:{port + rank}" for port in metrics_ports.values() for rank in (0, 1)]
+    config = {
+        "global": {"scrape_interval": "2s", "evaluation_interval": "10s"},
+        "rule_files": [str(ROOT / "manifests" / "monitoring" / "prometheus-rules.yaml")],
+        "scrape_configs": [
+            {"job_name": "fieldkube-serve", "static_configs": [{"targets": [f"127.0.0.1:{serve_port}"]}]},
+            {"job_name": "fieldkube-train", "static_configs": [{"targets": training_targets}]},
+        ],
+    }
+    path = state / "prometheus.yml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
 def registered_champion(mlflow_uri: str, name: str, config_hash: str) -> str | None:
     """The champion version of `name` if it was trained from exactly this configuration."""
     from mlflow import MlflowClient
@@ -249,7 +274,12 @@ def registered_champion(mlflow_uri: str, name: str, config_hash: str) -> str | N
 
 
 def train(
-    state: Path, size: Size, datasets: dict[str, Path], mlflow_uri: str, env: dict[str, str]
+    state: Path,
+    size: Size,
+    datasets: dict[str, Path],
+    mlflow_uri: str,
+    env: dict[str, str],
+    metrics_ports: dict[str, int],
 ) -> dict[str, Any]:
     """Train (or reuse) both models with 2 Horovod ranks each and register them as @champion."""
     trained: dict[str, Any] = {}
@@ -257,7 +287,7 @@ def train(
         ("counter", "field", "fieldkube-counter"),
         ("segmenter", "aerial", "fieldkube-segmenter"),
     ):
-        metrics_port = free_port(9400 if task == "counter" else 9410)
+        metrics_port = metrics_ports[task]
         config = train_config(task, size, datasets[kind], state, metrics_port)
         stable = {k: v for k, v in config.items() if k not in ("metrics",)}
         config_hash = hashlib.sha256(json.dumps(stable, sort_keys=True).encode()).hexdigest()[:12]
@@ -269,8 +299,8 @@ def train(
         config_path = state / f"{task}.yaml"
         config_path.write_text(yaml.safe_dump(config, sort_keys=False))
         say(
-            f"{task}: training with 2 Horovod ranks; Prometheus metrics at "
-            f"http://127.0.0.1:{metrics_port}/metrics and :{metrics_port + 1}/metrics while it runs"
+            f"{task}: training with 2 Horovod ranks; rank metrics at http://127.0.0.1:{metrics_port}/metrics "
+            f"and :{metrics_port + 1}/metrics while it runs (scraped by Prometheus)"
         )
         cmd = [
             str(BIN / "horovodrun"),
@@ -318,8 +348,8 @@ def query_service(serve_url: str, out: Path, small: bool) -> dict[str, Any]:
     from fieldkube.vision.synthetic import make_aerial_scene, make_field_image
 
     rng = np.random.default_rng(20261123)  # neither dataset used this seed
-    field_h, field_w = (224, 448) if small else (720, 1280)
-    field = make_field_image(rng, field_h, field_w, n_flowers=12 if small else 60)
+    field_h, field_w = (448, 448) if small else (720, 1280)
+    field = make_field_image(rng, field_h, field_w, n_flowers=30 if small else 60)
     aerial = make_aerial_scene(rng, 256 if small else 1024, 256 if small else 1024)
     out.mkdir(parents=True, exist_ok=True)
     field_png, aerial_png = encode_png(field.image), encode_png(aerial.image)
@@ -366,10 +396,25 @@ def up(args: argparse.Namespace) -> int:
         wait_http(f"{mlflow_uri}/health", mlflow, "MLflow", mlflow_log)
         say(f"MLflow tracking server ready at {mlflow_uri}")
 
-        datasets = prepare(state, size, env)
-        trained = train(state, size, datasets, mlflow_uri, env)
-
         serve_port = free_port(args.serve_port)
+        metrics_ports = {"counter": free_port_pair(9400), "segmenter": free_port_pair(9410)}
+        prometheus_port = free_port(args.prometheus_port)
+        prometheus_url = f"http://127.0.0.1:{prometheus_port}"
+        prometheus_log = state / "logs" / "prometheus.log"
+        prometheus_cmd = [
+            "prometheus",
+            f"--config.file={write_prometheus_config(state, serve_port, metrics_ports)}",
+            f"--storage.tsdb.path={state / 'prometheus'}",
+            f"--web.listen-address=127.0.0.1:{prometheus_port}",
+        ]
+        prometheus = start_service("Prometheus", prometheus_cmd, prometheus_log, env)
+        pids.append(prometheus.pid)
+        wait_http(f"{prometheus_url}/-/ready", prometheus, "Prometheus", prometheus_log)
+        say(f"Prometheus ready at {prometheus_url} (scraping the training ranks and the service)")
+
+        datasets = prepare(state, size, env)
+        trained = train(state, size, datasets, mlflow_uri, env, metrics_ports)
+
         serve_url = f"http://127.0.0.1:{serve_port}"
         serve_log = state / "logs" / "serve.log"
         serve_cmd = [str(BIN / "fieldkube-serve"), "--host", "127.0.0.1", "--port", str(serve_port)]
@@ -388,6 +433,7 @@ def up(args: argparse.Namespace) -> int:
             "trained": trained,
             "urls": {
                 "mlflow_ui": mlflow_uri,
+                "prometheus": prometheus_url,
                 "web_page": f"{serve_url}/",
                 "api_docs": f"{serve_url}/docs",
                 "serving_metrics": f"{serve_url}/metrics",
@@ -411,6 +457,7 @@ def up(args: argparse.Namespace) -> int:
         f"(ground truth {results['building_fraction_ground_truth']:.3f})"
     )
     print(f"  MLflow UI       : {mlflow_uri}")
+    print(f"  Prometheus      : {prometheus_url}   (dashboards: manifests/monitoring/grafana/)")
     print(f"  web page        : {serve_url}/   (upload an image, see the overlay)")
     print(f"  API docs        : {serve_url}/docs")
     print(f"  outputs         : {out}/field-overlay.png, aerial-overlay.png, summary.json")
@@ -420,7 +467,7 @@ def up(args: argparse.Namespace) -> int:
         return 0
     say("services running; press Ctrl-C to stop")
     try:
-        while all(p.poll() is None for p in (mlflow, serve)):
+        while all(p.poll() is None for p in (mlflow, prometheus, serve)):
             time.sleep(1)
         say("a service exited; stopping the demo")
     except KeyboardInterrupt:
@@ -453,6 +500,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "demo-output", help="where results are written")
     parser.add_argument("--mlflow-port", type=int, default=5000)
     parser.add_argument("--serve-port", type=int, default=8080)
+    parser.add_argument("--prometheus-port", type=int, default=9090)
     args = parser.parse_args(argv)
     return up(args) if args.command == "up" else down(args)
 
