@@ -1,7 +1,8 @@
 """Training throughput benchmark: fieldkube-train vs a bare PyTorch loop, Horovod vs DDP at 2 ranks.
 
 One run, side by side, on the same model (counter-mcnn), tile and per-worker batch:
-  - fieldkube-train, 1 process (real Parquet shards, augmentation, prefetching loader, metrics, checkpoints off)
+  - fieldkube-train, 1 process (real Parquet shards, augmentation, prefetching loader, metrics; no
+    checkpoints)
   - a minimal hand-written loop (same model, optimizer, loss, batch; pre-made tensors, no data loading)
   - fieldkube-train under horovodrun -np 2 (Gloo) and under torchrun --nproc-per-node 2 (DDP, gloo)
 Figures: steady-state images/s (first step excluded), overhead ratio = fieldkube / bare, loader wait share.
@@ -13,31 +14,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-BIN = Path(sys.executable).parent
+from fieldkube.trainer.scale import BIN, launch_command, launcher_env
 
 
-def _env(threads: int) -> dict[str, str]:
-    env = dict(os.environ)
-    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
-    env.update(OMP_NUM_THREADS=str(threads), HOROVOD_GLOO_IFACE="lo", OMPI_MCA_btl_tcp_if_include="lo")
-    env.pop("MLFLOW_TRACKING_URI", None)
-    return env
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _train(launcher: list[str], data: Path, out: Path, args: argparse.Namespace, threads: int) -> dict:
+def _train(
+    label: str, launcher: list[str], data: Path, out: Path, args: argparse.Namespace, threads: int
+) -> dict:
     cmd = [
         *launcher, "--data", str(data), "--set", f"output_dir={out}",
         "--set", f"train.batch_size={args.batch}", "--set", f"train.max_steps={args.steps}",
@@ -46,12 +34,14 @@ def _train(launcher: list[str], data: Path, out: Path, args: argparse.Namespace,
         "--set", "metrics.port=0", "--set", "checkpoint.every_epochs=null",
     ]  # fmt: skip
     began = time.perf_counter()
-    proc = subprocess.run(cmd, env=_env(threads), capture_output=True, text=True, check=False)
+    proc = subprocess.run(cmd, env=launcher_env(threads), capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         sys.exit(f"benchmark run failed: {' '.join(cmd)}\n{proc.stderr[-4000:]}")
     trained = json.loads((out / "summary.json").read_text())["trained"]
-    print(f"  {launcher[0].rsplit('/', 1)[-1]:>22}: {trained['train_images_per_second']:.1f} img/s, "
-          f"loader wait {100 * trained['loader_wait_share']:.1f}% ({time.perf_counter() - began:.0f}s wall)")
+    print(
+        f"  {label:>22}: {trained['train_images_per_second']:.1f} img/s, "
+        f"loader wait {100 * trained['loader_wait_share']:.1f}% ({time.perf_counter() - began:.0f}s wall)"
+    )
     return dict(trained)
 
 
@@ -118,18 +108,24 @@ def main() -> None:
             [str(BIN / "fieldkube-prepare"), "--synthetic", "field", "--num-images", "16", "--image-size",
              f"{2 * args.tile}x{3 * args.tile}", "--tile", str(args.tile), "--no-balance", "--split", "90/10",
              "--workers", "2", "--out", str(data)],
-            check=True, capture_output=True, env=_env(1),
+            check=True, capture_output=True, env=launcher_env(1),
         )  # fmt: skip
         print(f"training {args.steps} steps each:")
-        single = _train([str(BIN / "fieldkube-train")], data, root / "single", args, args.threads)
+        single = _train(
+            "fieldkube-train", [str(BIN / "fieldkube-train")], data, root / "single", args, args.threads
+        )
         bare = bare_loop(args, args.threads)
-        horovod_cmd = [str(BIN / "horovodrun"), "-np", "2", "-H", "localhost:2", "--gloo",
-                       "--network-interface", "lo", str(BIN / "fieldkube-train")]  # fmt: skip
-        horovod = _train(horovod_cmd, data, root / "horovod", args, max(1, args.threads // 2))
-        ddp_cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr",
-                   "127.0.0.1", "--master-port", str(_free_port()), "-m", "fieldkube.trainer.cli",
-                   "--set", "runtime.backend=ddp"]  # fmt: skip
-        ddp = _train(ddp_cmd, data, root / "ddp", args, max(1, args.threads // 2))
+        horovod = _train(
+            "horovodrun -np 2",
+            launch_command("horovod", 2),
+            data,
+            root / "horovod",
+            args,
+            max(1, args.threads // 2),
+        )
+        ddp = _train(
+            "torchrun DDP x2", launch_command("ddp", 2), data, root / "ddp", args, max(1, args.threads // 2)
+        )
     results = {
         "fieldkube_images_per_s": round(single["train_images_per_second"], 2),
         "bare_loop_images_per_s": round(bare, 2),

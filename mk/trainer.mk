@@ -1,11 +1,18 @@
-# Trainer targets: benchmarks (`make bench-train`, `make bench-accuracy`) and the trainer's own tests.
-.PHONY: test-trainer bench-train bench-accuracy
+# Trainer targets: benchmarks (`make bench-train`, `make bench-accuracy`, `make bench-profile`,
+# `make bench-scale`) and the trainer's own tests.
+.PHONY: test-trainer bench-train bench-accuracy bench-profile bench-scale
 
-test-trainer:  ## unit + integration tests of fieldkube-train / fieldkube-prepare
-	$(PY) -m pytest tests/unit/trainer tests/integration/trainer
+test-trainer:  ## unit + integration tests of fieldkube-train / -prepare / -profile / -scale and fieldkube.vision
+	$(PY) -m pytest tests/unit/vision tests/unit/trainer tests/integration/trainer
 
 bench-train:  ## images/s of fieldkube-train vs a bare loop, Horovod vs DDP, loader wait -> bench/results/train.json
 	$(PY) bench/train_bench.py --out bench/results/train.json
 
 bench-accuracy:  ## counter MAE (CNN vs classical, per bin) and segmenter IoU on held-out synthetic data
 	$(PY) bench/accuracy_bench.py --out bench/results/accuracy.json
+
+bench-profile:  ## per-layer profiling overhead and coverage (plain vs hooked iterations) -> bench/profile_bench.json
+	$(PY) bench/profile_bench.py --out bench/profile_bench.json
+
+bench-scale:  ## fieldkube-scale over 1 and 2 workers, Horovod and DDP -> bench/scale_bench.json
+	$(PY) bench/scale_bench.py --out bench/scale_bench.json

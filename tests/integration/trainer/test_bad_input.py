@@ -49,14 +49,18 @@ def test_corrupt_image_is_named(images: Path, tmp_path: Path) -> None:
 def test_points_for_a_missing_image_are_named(images: Path, tmp_path: Path) -> None:
     points = tmp_path / "points.csv"
     points.write_text("image,x,y\na.png,10,12\nmissing.png,3,4\n")
-    proc = _cli("fieldkube-prepare", "--images", str(images), "--points", str(points), "--out", str(tmp_path / "o"))
+    proc = _cli(
+        "fieldkube-prepare", "--images", str(images), "--points", str(points), "--out", str(tmp_path / "o")
+    )
     _assert_clean_error(proc, "points.csv", "missing.png")
 
 
 def test_malformed_annotation_file_is_named(images: Path, tmp_path: Path) -> None:
     points = tmp_path / "points.csv"
     points.write_text("image,x,y\na.png,ten,12\n")
-    proc = _cli("fieldkube-prepare", "--images", str(images), "--points", str(points), "--out", str(tmp_path / "o"))
+    proc = _cli(
+        "fieldkube-prepare", "--images", str(images), "--points", str(points), "--out", str(tmp_path / "o")
+    )
     _assert_clean_error(proc, "points.csv")
 
 

@@ -55,7 +55,10 @@ def test_two_rank_run_is_tracked_and_registered_with_an_alias(
 
     artifacts = {a.path for a in client.list_artifacts(run_id)}
     assert {"model", "evaluation"} <= artifacts
-    assert {a.path for a in client.list_artifacts(run_id, "model")} == {"model/model.json", "model/model.safetensors"}
+    assert {a.path for a in client.list_artifacts(run_id, "model")} == {
+        "model/model.json",
+        "model/model.safetensors",
+    }
     evaluation = {a.path for a in client.list_artifacts(run_id, "evaluation")}
     assert "evaluation/report.json" in evaluation
     assert len(client.list_artifacts(run_id, "evaluation/overlays")) == 2
@@ -69,7 +72,9 @@ def test_two_rank_run_is_tracked_and_registered_with_an_alias(
     from fieldkube.vision.bundle import load_bundle
 
     mlflow.set_tracking_uri(mlflow_server)
-    local = mlflow.artifacts.download_artifacts("models:/fieldkube-counter@champion", dst_path=str(tmp_path / "dl"))
+    local = mlflow.artifacts.download_artifacts(
+        "models:/fieldkube-counter@champion", dst_path=str(tmp_path / "dl")
+    )
     loaded = load_bundle(local)
     assert loaded.spec.name == "counter-mcnn" and loaded.spec.density_scale == 100.0
     assert loaded.spec.trained["world_size"] == 2

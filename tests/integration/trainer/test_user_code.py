@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-USER_MODULE = '''
+USER_MODULE = """
 import torch
 from torch import nn
 from torch.utils.data import Dataset
@@ -39,7 +39,7 @@ class BrightnessMaps(Dataset):
         g = torch.Generator().manual_seed(self.offset + index)
         x = torch.rand(3, 8, 8, generator=g)
         return x, x.mean(dim=0, keepdim=True)
-'''
+"""
 
 
 def test_user_model_and_dataset_train_from_a_mounted_directory(tmp_path: Path, train_cli, fast_args) -> None:

@@ -52,6 +52,11 @@ class SingleBackend:
         else:
             optimizer.step()
 
+    def average_gradients(self, params: list[nn.Parameter]) -> None:
+        """Average `.grad` of `params` over ranks as one explicit, separately timed phase (the profiler's
+        use; training overlaps it with backward instead)."""
+        return None
+
     def barrier(self) -> None:
         return None
 
@@ -112,6 +117,15 @@ class HorovodBackend(SingleBackend):
             else:
                 optimizer.step()
 
+    def average_gradients(self, params: list[nn.Parameter]) -> None:
+        grads = [p.grad for p in params if p.grad is not None]
+        handles = [
+            self.hvd.allreduce_async_(g, op=self.hvd.Average, name=f"fieldkube.grad.{i}")
+            for i, g in enumerate(grads)
+        ]
+        for handle in handles:
+            self.hvd.synchronize(handle)
+
     def barrier(self) -> None:
         self.hvd.allreduce(torch.zeros(1), name="fieldkube.barrier")
 
@@ -159,6 +173,18 @@ class DDPBackend(SingleBackend):
         tensor = torch.tensor(values, dtype=torch.float64, device=device)
         self.dist.all_reduce(tensor, op=self.dist.ReduceOp.SUM)
         return [float(v) for v in tensor.cpu()]
+
+    def average_gradients(self, params: list[nn.Parameter]) -> None:
+        grads = [p.grad for p in params if p.grad is not None]
+        if not grads:
+            return
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        self.dist.all_reduce(flat, op=self.dist.ReduceOp.SUM)
+        flat /= self.size
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset : offset + g.numel()].view_as(g))
+            offset += g.numel()
 
     def barrier(self) -> None:
         self.dist.barrier()

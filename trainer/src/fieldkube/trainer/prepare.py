@@ -61,15 +61,16 @@ class PrepareOptions:
 
 
 def parse_split(text: str) -> tuple[tuple[str, float], ...]:
-    """'70/30' -> train/test; '60/20/20' -> train/val/test (fractions normalised)."""
+    """'70/30' -> train/test; '60/20/20' -> train/val/test (fractions normalised); '0/100' -> test only."""
     try:
         parts = [float(p) for p in text.split("/")]
     except ValueError:
         raise DataError(f"--split {text!r}: expected numbers like 70/30 or 60/20/20") from None
     names = {2: ("train", "test"), 3: ("train", "val", "test")}.get(len(parts))
-    if names is None or any(p < 0 for p in parts) or sum(parts) <= 0 or parts[0] <= 0:
+    if names is None or any(p < 0 for p in parts) or sum(parts) <= 0:
         raise DataError(
-            f"--split {text!r}: expected 2 or 3 non-negative parts with train > 0 (70/30, 60/20/20)"
+            f"--split {text!r}: expected 2 or 3 non-negative parts, not all zero (70/30, 60/20/20; "
+            "0/100 for a held-out evaluation set)"
         )
     total = sum(parts)
     return tuple((name, p / total) for name, p in zip(names, parts, strict=True))

@@ -1,0 +1,376 @@
+"""fieldkube-profile: per-layer forward/backward/optimizer time of training, per iteration and per rank.
+
+    fieldkube-profile run --model counter-mcnn --tile 224 --batch 8 --iterations 30 --out profiles/mcnn
+    horovodrun -np 2 -H localhost:2 --gloo fieldkube-profile run --repetitions 3 --out profiles/mcnn-2
+    fieldkube-profile run --no-profiling ...      # the same iterations without hooks (overhead baseline)
+    fieldkube-profile parse profiles/mcnn         # rebuild totals, summaries, plots and overview.csv
+
+Each repetition and rank writes its own directory `<out>/rep-<k>/rank-<r>/` (see profile_report for the
+files). Inputs are synthetic tensors made before timing starts, so the figures are about the model and
+the framework; the host-to-device copy of each batch is timed as the `data` phase. The gradient
+allreduce of a multi-rank run is one explicit phase between backward and the optimizer (training
+overlaps it with backward), so it is measured instead of hiding inside the layers' backward times.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from itertools import pairwise
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from fieldkube.trainer.backends import AnyBackend, create_backend
+from fieldkube.trainer.errors import ConfigError, TrainerError
+from fieldkube.trainer.launch_env import detect_launch_env
+from fieldkube.trainer.losses import resolve_loss
+from fieldkube.trainer.profile_hooks import Clock, LayerProfiler, clock_for, per_layer_optimizers
+from fieldkube.trainer.profile_report import (
+    ITERATION_FIELDS,
+    LAYER_FIELDS,
+    PHASES,
+    aggregate,
+    summarise_directory,
+    write_csv,
+)
+
+log = logging.getLogger("fieldkube.profile")
+
+
+@dataclass(frozen=True)
+class ProfileSettings:
+    """What one profiling run trains; stored as config.json beside its CSVs."""
+
+    model: str = "counter-mcnn"
+    params: dict[str, Any] = field(default_factory=dict)
+    tile: int = 224
+    batch: int = 8
+    iterations: int = 20
+    warmup: int = 3
+    optimizer: str = "adam"
+    lr: float = 1e-4
+    loss: str = "auto"
+    seed: int = 0
+    threads: int | None = None
+    device: str = "auto"
+    backend: str = "auto"
+    profiling: bool = True
+
+
+@dataclass
+class IterationRecord:
+    iteration: int
+    iteration_s: float
+    phases: dict[str, float]
+    layers: dict[str, tuple[float, float, float]] | None
+
+
+def _device(name: str, local_rank: int) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: no CUDA device is available on this host")
+    if name in ("auto", "cuda") and torch.cuda.is_available():
+        index = local_rank % torch.cuda.device_count()
+        torch.cuda.set_device(index)
+        return torch.device("cuda", index)
+    return torch.device("cpu")
+
+
+def synthetic_batches(
+    task: str, batch: int, tile: int, count: int, seed: int, pin: bool
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """`count` host batches: normalised-looking images and density maps (counter) or masks (segmenter)."""
+    generator = torch.Generator().manual_seed(seed)
+    batches = []
+    for _ in range(count):
+        inputs = torch.randn(batch, 3, tile, tile, generator=generator)
+        noise = torch.rand(batch, 1, tile, tile, generator=generator)
+        targets = (noise > 0.7).float() if task == "segmenter" else noise * 0.01
+        if pin:
+            inputs, targets = inputs.pin_memory(), targets.pin_memory()
+        batches.append((inputs, targets))
+    return batches
+
+
+def _optimizer_factory(settings: ProfileSettings) -> Callable[[list[nn.Parameter]], torch.optim.Optimizer]:
+    def make(params: list[nn.Parameter]) -> torch.optim.Optimizer:
+        if settings.optimizer == "sgd":
+            return torch.optim.SGD(params, lr=settings.lr, momentum=0.9)
+        return torch.optim.Adam(params, lr=settings.lr)
+
+    return make
+
+
+class IterationRunner:
+    """Runs timed training iterations of one model, with or without the per-layer hooks."""
+
+    def __init__(self, settings: ProfileSettings, backend: AnyBackend, device: torch.device) -> None:
+        from fieldkube.vision.models import UnknownModelError, build_model, task_of
+
+        self.settings = settings
+        self.backend = backend
+        self.device = device
+        torch.manual_seed(settings.seed)
+        try:
+            self.model: nn.Module = build_model(settings.model, **settings.params).to(device)
+            task = task_of(settings.model)
+        except UnknownModelError as exc:
+            raise ConfigError(f"--model/--param: {exc}") from None
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"--param for {settings.model}: {exc}") from None
+        self.task = task
+        if settings.loss not in ("auto", "l2_per_image", "pixel_mse", "bce", "bce_dice"):
+            raise ConfigError(
+                f"--loss {settings.loss!r}: expected auto, l2_per_image, pixel_mse, bce, bce_dice"
+            )
+        self.loss_name, self.loss_fn = resolve_loss(settings.loss, task)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.clock: Clock = clock_for(device)
+        factory = _optimizer_factory(settings)
+        self.profiler: LayerProfiler | None = None
+        if settings.profiling:
+            self.profiler = LayerProfiler(self.model, self.clock)
+            self.optimizers = per_layer_optimizers(self.model, factory)
+            extra = [name for name, _ in self.optimizers if name not in self.profiler.names]
+            self.profiler.names.extend(extra)
+            self.profiler.kinds.update({name: "Parameters" for name in extra})
+        else:
+            self.optimizers = [("(all)", factory(self.params))]
+        self.batches = synthetic_batches(
+            task, settings.batch, settings.tile, 4, settings.seed + backend.rank, device.type == "cuda"
+        )
+        self.model.train()
+
+    def step(self, index: int) -> IterationRecord:
+        """One timed iteration: copy, zero_grad, forward, loss, backward, allreduce, optimizer."""
+        clock, profiler = self.clock, self.profiler
+        host_inputs, host_targets = self.batches[index % len(self.batches)]
+        marks = [clock.mark()]
+        inputs = host_inputs.to(self.device, non_blocking=True)
+        targets = host_targets.to(self.device, non_blocking=True)
+        marks.append(clock.mark())
+        for _, optimizer in self.optimizers:
+            optimizer.zero_grad(set_to_none=True)
+        marks.append(clock.mark())
+        output = self.model(inputs)
+        marks.append(clock.mark())
+        loss = self.loss_fn(output.float(), targets)
+        marks.append(clock.mark())
+        loss.backward()
+        marks.append(clock.mark())
+        self.backend.average_gradients(self.params)
+        marks.append(clock.mark())
+        for name, optimizer in self.optimizers:
+            if profiler is not None:
+                with profiler.optimizer_step(name):
+                    optimizer.step()
+            else:
+                optimizer.step()
+        marks.append(clock.mark())
+        clock.synchronize()
+        phases = {phase: clock.seconds(a, b) for phase, (a, b) in zip(PHASES, pairwise(marks), strict=True)}
+        layers = profiler.take() if profiler is not None else None
+        return IterationRecord(index, clock.seconds(marks[0], marks[-1]), phases, layers)
+
+    def run(self, iterations: int, warmup: int) -> list[IterationRecord]:
+        for index in range(warmup):
+            self.step(-warmup + index)
+        return [self.step(index) for index in range(iterations)]
+
+    def close(self) -> None:
+        if self.profiler is not None:
+            self.profiler.remove()
+
+
+def write_profile(
+    directory: Path, settings: ProfileSettings, runner: IterationRunner, records: list[IterationRecord]
+) -> dict[str, Any]:
+    """config.json, iterations.csv and layers.csv of one run, then the derived summary and plots."""
+    rank = runner.backend.rank
+    config = {
+        **asdict(settings),
+        "task": runner.task,
+        "loss_resolved": runner.loss_name,
+        "rank": rank,
+        "world_size": runner.backend.size,
+        "backend_resolved": runner.backend.name,
+        "device_resolved": str(runner.device),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+    }
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    iteration_rows = [
+        {
+            "iteration": r.iteration,
+            "rank": rank,
+            "iteration_s": r.iteration_s,
+            **{f"{p}_s": r.phases[p] for p in PHASES},
+        }
+        for r in records
+    ]
+    write_csv(directory / "iterations.csv", ITERATION_FIELDS, iteration_rows)
+    if runner.profiler is not None:
+        kinds = runner.profiler.kinds
+        layer_rows = [
+            {
+                "iteration": r.iteration,
+                "rank": rank,
+                "layer": name,
+                "kind": kinds[name],
+                "forward_s": times[0],
+                "backward_s": times[1],
+                "optimizer_s": times[2],
+            }
+            for r in records
+            for name, times in (r.layers or {}).items()
+        ]
+        write_csv(directory / "layers.csv", LAYER_FIELDS, layer_rows)
+    else:
+        (directory / "layers.csv").unlink(missing_ok=True)
+    return summarise_directory(directory)
+
+
+def run_profile(settings: ProfileSettings, out: Path, repetitions: int) -> list[dict[str, Any]]:
+    """Profile `repetitions` fresh runs on this rank; returns each repetition's summary."""
+    env = detect_launch_env()
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    device = _device(settings.device, env.local_rank)
+    if settings.backend not in ("auto", "single", "horovod", "ddp"):
+        raise ConfigError(f"--backend {settings.backend!r}: expected auto, single, horovod or ddp")
+    backend = create_backend(settings.backend, env, device)  # type: ignore[arg-type]
+    summaries = []
+    try:
+        for repetition in range(repetitions):
+            runner = IterationRunner(settings, backend, device)
+            began = time.perf_counter()
+            records = runner.run(settings.iterations, settings.warmup)
+            runner.close()
+            directory = out / f"rep-{repetition:03d}" / f"rank-{backend.rank}"
+            summary = write_profile(directory, settings, runner, records)
+            summary["repetition"] = repetition
+            summaries.append(summary)
+            if summary.get("coverage_mean") is not None and settings.profiling:
+                log.info(
+                    "rep %d rank %d: %d iterations in %.2fs, mean %.1f ms, layers cover %.1f%% -> %s",
+                    repetition,
+                    backend.rank,
+                    settings.iterations,
+                    time.perf_counter() - began,
+                    1000 * summary["mean_iteration_s"],
+                    100 * summary["coverage_mean"],
+                    directory,
+                )
+            else:
+                log.info(
+                    "rep %d rank %d: %d iterations, mean %.1f ms (profiling off) -> %s",
+                    repetition,
+                    backend.rank,
+                    settings.iterations,
+                    1000 * summary["mean_iteration_s"],
+                    directory,
+                )
+            backend.barrier()
+    finally:
+        backend.shutdown()
+    return summaries
+
+
+def _params(values: list[str]) -> dict[str, Any]:
+    from fieldkube.trainer.config import parse_value
+
+    params: dict[str, Any] = {}
+    for text in values:
+        key, sep, value = text.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--param {text!r}: expected name=value (e.g. base_channels=32)")
+        params[key] = parse_value(value)
+    return params
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text}")
+    return value
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fieldkube-profile", description="Per-layer forward/backward/optimizer time of training."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="train a few iterations and record per-layer times")
+    run.add_argument("--out", type=Path, required=True, help="output root (rep-<k>/rank-<r>/ below it)")
+    run.add_argument("--model", default="counter-mcnn", help="counter-mcnn, counter-fcrn or segmenter-unet")
+    run.add_argument("--param", action="append", default=[], metavar="NAME=VALUE", help="model parameter")
+    run.add_argument("--tile", type=_positive, default=224, help="input height = width (pixels)")
+    run.add_argument("--batch", type=_positive, default=8, help="images per rank per iteration")
+    run.add_argument("--iterations", type=_positive, default=20, help="recorded iterations")
+    run.add_argument("--warmup", type=int, default=3, help="iterations run before recording")
+    run.add_argument("--repetitions", type=_positive, default=1, help="fresh runs, one directory each")
+    run.add_argument("--optimizer", choices=["adam", "sgd"], default="adam")
+    run.add_argument("--lr", type=float, default=1e-4)
+    run.add_argument("--loss", default="auto", help="auto (the seed loss), l2_per_image, pixel_mse, bce, ...")
+    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--threads", type=_positive, default=None, help="torch CPU threads per process")
+    run.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    run.add_argument("--backend", choices=["auto", "single", "horovod", "ddp"], default="auto")
+    run.add_argument(
+        "--profiling",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="per-layer hooks on (default) or off (only iteration and phase times: the overhead baseline)",
+    )
+    parse = sub.add_parser("parse", help="re-derive totals, summaries, plots and overview.csv from CSVs")
+    parse.add_argument("directory", type=Path, help="a profile output root")
+    parse.add_argument("--no-plots", action="store_true", help="only the CSV files")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "parse":
+            rows = aggregate(args.directory, plots=not args.no_plots)
+            for row in rows:
+                coverage = row.get("coverage_mean")
+                shown = f", layers cover {100 * coverage:.1f}%" if isinstance(coverage, float) else ""
+                print(f"{row['directory']}: {row['mean_iteration_s'] * 1000:.2f} ms/iteration{shown}")
+            print(f"wrote {args.directory / 'overview.csv'}")
+            return
+        if args.warmup < 0:
+            raise ConfigError(f"--warmup {args.warmup}: expected >= 0")
+        settings = ProfileSettings(
+            model=args.model,
+            params=_params(args.param),
+            tile=args.tile,
+            batch=args.batch,
+            iterations=args.iterations,
+            warmup=args.warmup,
+            optimizer=args.optimizer,
+            lr=args.lr,
+            loss=args.loss,
+            seed=args.seed,
+            threads=args.threads,
+            device=args.device,
+            backend=args.backend,
+            profiling=args.profiling,
+        )
+        run_profile(settings, args.out, args.repetitions)
+    except TrainerError as exc:
+        print(f"fieldkube-profile: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
