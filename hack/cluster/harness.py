@@ -460,18 +460,30 @@ class LocalCluster:
         self.binaries.check()
         if self.nodes < 1:
             raise ClusterError(f"nodes must be >= 1 (got {self.nodes})")
+        if self.gpus_per_node < 0:
+            raise ClusterError(f"gpus_per_node must be >= 0 (got {self.gpus_per_node})")
         if any(p.alive() for p in self._processes.values()):
             raise ClusterError(
                 f"a cluster is already running from {self.state_dir}; stop it first "
                 f"(python {Path(__file__).relative_to(REPO_ROOT)} down --state-dir {self.state_dir})"
             )
         t0 = time.monotonic()
-        self._reset_state_dir()
-        try:
-            self._start_all(t0)
-        except BaseException:
-            self.stop()
-            raise
+        for attempt in (1, 2):
+            self._reset_state_dir()
+            try:
+                self._start_all(t0)
+                break
+            except ClusterError:
+                self.stop()
+                # Ports are chosen free, then bound by the components: another process may take
+                # one in between. That is worth one more try on fresh ports; anything else is not.
+                if attempt == 1 and self._lost_a_port():
+                    self._progress("a chosen port was taken before it was bound; starting again")
+                    continue
+                raise
+            except BaseException:
+                self.stop()
+                raise
         self._progress(f"cluster ready in {time.monotonic() - t0:.1f}s; KUBECONFIG={self.kubeconfig}")
         return self
 
@@ -481,6 +493,13 @@ class LocalCluster:
             self._terminate(proc, timeout)
         self._processes.clear()
         self._save_processes()
+
+    def _lost_a_port(self) -> bool:
+        for log in self.logs_dir.glob("*.log"):
+            with contextlib.suppress(OSError):
+                if "address already in use" in log.read_text(errors="replace"):
+                    return True
+        return False
 
     def _reset_state_dir(self) -> None:
         if self.state_dir.exists():
@@ -493,7 +512,7 @@ class LocalCluster:
                 raise ClusterError(f"{self.state_dir} is not empty and holds no cluster: refusing to wipe it")
             shutil.rmtree(self.state_dir)
         for sub in ("pki", "logs", "etcd", "kubeconfigs"):
-            (self.state_dir / sub).mkdir(parents=True, exist_ok=True)
+            (self.state_dir / sub).mkdir(mode=0o700, parents=True, exist_ok=True)
         self.state_dir.chmod(0o700)
 
     def _start_all(self, t0: float) -> None:
@@ -560,6 +579,13 @@ class LocalCluster:
             pair = _issue(_name(cn, org), ca, client=True)
             _write(self._pki(f"{user}.crt"), pair.cert_pem, 0o644)
             _write(self._pki(f"{user}.key"), pair.key_pem)
+        # The front-proxy pair (as kubeadm sets up): the API server authenticates to aggregated API
+        # servers with it, and controller-manager and scheduler read its CA to trust proxied requests.
+        front_proxy_ca = _issue(_name("fieldkube-local-front-proxy-ca"), None, ca=True)
+        _write(self._pki("front-proxy-ca.crt"), front_proxy_ca.cert_pem, 0o644)
+        front_proxy = _issue(_name("front-proxy-client"), front_proxy_ca, client=True)
+        _write(self._pki("front-proxy-client.crt"), front_proxy.cert_pem, 0o644)
+        _write(self._pki("front-proxy-client.key"), front_proxy.key_pem)
         sa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
         _write(
             self._pki("sa.key"),
@@ -747,10 +773,20 @@ class LocalCluster:
                 f"--etcd-servers=http://127.0.0.1:{ports['etcd']}",
                 "--bind-address=127.0.0.1",
                 "--advertise-address=127.0.0.1",
+                # Endpoints may not hold loopback addresses, and loopback is all this API server
+                # serves: the `kubernetes` Service keeps no endpoints rather than an invalid one.
+                "--endpoint-reconciler-type=none",
                 f"--secure-port={ports['apiserver']}",
                 f"--tls-cert-file={pki / 'apiserver.crt'}",
                 f"--tls-private-key-file={pki / 'apiserver.key'}",
                 f"--client-ca-file={pki / 'ca.crt'}",
+                f"--requestheader-client-ca-file={pki / 'front-proxy-ca.crt'}",
+                "--requestheader-allowed-names=front-proxy-client",
+                "--requestheader-username-headers=X-Remote-User",
+                "--requestheader-group-headers=X-Remote-Group",
+                "--requestheader-extra-headers-prefix=X-Remote-Extra-",
+                f"--proxy-client-cert-file={pki / 'front-proxy-client.crt'}",
+                f"--proxy-client-key-file={pki / 'front-proxy-client.key'}",
                 f"--cert-dir={pki}",
                 "--authorization-mode=Node,RBAC",
                 "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
