@@ -16,7 +16,7 @@ OPERATOR_CMD ?= $(if $(wildcard $(VENV)/bin/fieldkube-operator),$(VENV)/bin/fiel
   --bind-address 127.0.0.1 --metrics-port $(OPERATOR_METRICS_PORT) --health-port $(OPERATOR_HEALTH_PORT),)
 OPERATOR_SERVICE_ACCOUNT ?= $(if $(wildcard manifests/rbac/serviceaccount.yaml),fieldkube-system/fieldkube-operator,)
 
-.PHONY: cluster-bins cluster-status
+.PHONY: cluster-bins cluster-status bench-cluster
 
 cluster-bins:  ## build and cache the control plane binaries (instant when cached)
 	@hack/build-cluster-bins.sh
@@ -34,3 +34,7 @@ cluster-down:  ## stop the local control plane started by `make cluster`
 
 cluster-status:  ## show the local control plane's processes
 	@$(CLUSTER_HARNESS) status --state-dir "$(CLUSTER_DIR)"
+
+# BENCH_CLUSTER_ARGS: e.g. --cold-build (adds a ~25 min serial vs overlapped cold build comparison).
+bench-cluster: cluster-bins  ## cluster start/stop times (and cold builds) -> bench/results/cluster.json
+	@$(PY) hack/cluster/bench.py --out bench/results/cluster.json $(BENCH_CLUSTER_ARGS)

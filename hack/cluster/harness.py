@@ -407,6 +407,8 @@ class LocalCluster:
         self.state_dir = Path(self.state_dir).expanduser().resolve()
         self.binaries = Binaries(self.bin_dir or default_cache_dir() / "bin", self.versions)
         self._processes: dict[str, _Process] = {}
+        self.start_timings: dict[str, float] = {}
+        """Seconds from ``start()`` until each step was ready (etcd, ..., ready), for benchmarks."""
         self._load_processes()
 
     # -- paths and identity ---------------------------------------------------------------------
@@ -528,9 +530,9 @@ class LocalCluster:
         self._write_kubeconfigs()
 
         self._start_etcd(ports)
-        self._progress(f"etcd {self.versions.etcd} ready ({time.monotonic() - t0:.1f}s)")
+        self._mark("etcd", t0, f"etcd {self.versions.etcd}")
         self._start_apiserver(ports)
-        self._progress(f"kube-apiserver {self.versions.kubernetes} ready ({time.monotonic() - t0:.1f}s)")
+        self._mark("kube-apiserver", t0, f"kube-apiserver {self.versions.kubernetes}")
         # The controllers start side by side while the MPIJob API and the nodes are registered.
         self._start_controller_manager(ports)
         self._start_scheduler(ports)
@@ -540,12 +542,20 @@ class LocalCluster:
         insecure = ssl._create_unverified_context()  # their serving certificates are self-signed, in memory
         for name, port in (("kube-controller-manager", ports["cm"]), ("kube-scheduler", ports["scheduler"])):
             self._wait_http(name, f"https://127.0.0.1:{port}/healthz", insecure)
-        self._progress(f"controller-manager and scheduler ready ({time.monotonic() - t0:.1f}s)")
+        self._mark("controllers", t0, "kube-controller-manager and kube-scheduler")
         self._wait_nodes_schedulable()
-        self._progress(f"{self.nodes} fake GPU nodes Ready ({time.monotonic() - t0:.1f}s)")
+        self._mark("nodes", t0, f"{self.nodes} fake GPU nodes")
         self._start_mpi_operator(ports)
+        self._mark("mpi-operator", t0, f"mpi-operator {self.versions.mpi_operator}")
         self._wait_default_service_account("default")
         self.apply_project_manifests()
+        self._mark("ready", t0, "the cluster")
+
+    def _mark(self, step: str, t0: float, what: str) -> None:
+        """Record (in ``start_timings``) and print how long the start took up to ``step``."""
+        self.start_timings[step] = round(time.monotonic() - t0, 2)
+        if step != "ready":
+            self._progress(f"{what} ready ({self.start_timings[step]:.1f}s)")
 
     def _pki(self, name: str) -> Path:
         return self.state_dir / "pki" / name
