@@ -109,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--nodes", type=int, nargs="+", default=[4, 32], help="node counts to start")
     parser.add_argument("--starts", type=int, default=3, help="starts per node count")
     parser.add_argument("--cold-build", action="store_true", help="also compare cold builds (~25 min)")
+    parser.add_argument("--skip-start", action="store_true", help="keep the last start figures")
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "bench" / "results" / "cluster.json")
     args = parser.parse_args(argv)
     if args.starts < 1 or any(n < 1 for n in args.nodes):
@@ -121,7 +122,8 @@ def main(argv: list[str] | None = None) -> int:
         except json.JSONDecodeError:
             print(f"{args.out} is not JSON; it will be replaced", file=sys.stderr)
     try:
-        results["start"] = {"machine": machine(), **bench_start(args.nodes, args.starts)}
+        if not args.skip_start:
+            results["start"] = {"machine": machine(), **bench_start(args.nodes, args.starts)}
         if args.cold_build:
             results["cold_build"] = {"machine": machine(), **bench_cold_build()}
     except harness.ClusterError as exc:

@@ -438,3 +438,42 @@ def test_failing_launcher_fails_the_mpijob(local_cluster: Any, cluster_namespace
     terminated = pods[0]["status"]["containerStatuses"][0]["state"]["terminated"]
     assert terminated["exitCode"] == 2
     assert terminated["reason"] == "Error"
+
+
+def harness_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(REPO / "hack" / "cluster" / "harness.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env={**os.environ, **(env or {})},
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "message"),
+    [
+        (["--nodes", "0"], {}, "nodes must be >= 1 (got 0)"),
+        (["--gpus-per-node", "-1"], {}, "gpus_per_node must be >= 0 (got -1)"),
+        ([], {"FIELDKUBE_CACHE": "/nonexistent/fieldkube"}, "build them with `make dev`"),
+    ],
+)
+def test_bad_cluster_parameters_are_refused_with_one_clear_line(
+    tmp_path: Path, args: list[str], env: dict[str, str], message: str
+) -> None:
+    state = tmp_path / "cluster"
+    result = harness_cli("up", "--state-dir", str(state), *args, env=env)
+    assert result.returncode == 1
+    assert message in result.stderr
+    assert result.stderr.startswith("local-cluster: error:")
+    assert "Traceback" not in result.stderr
+    assert not state.exists(), "nothing is written for a refused start"
+
+
+def test_a_directory_that_holds_no_cluster_is_never_wiped(tmp_path: Path) -> None:
+    (tmp_path / "precious.txt").write_text("keep me")
+    result = harness_cli("up", "--state-dir", str(tmp_path))
+    assert result.returncode == 1
+    assert "is not empty and holds no cluster: refusing to wipe it" in result.stderr
+    assert (tmp_path / "precious.txt").read_text() == "keep me"
