@@ -21,22 +21,18 @@ or from the command line (what `make cluster` / `make cluster-down` run)::
     python hack/cluster/harness.py down --state-dir DIR
 
 Pod simulation annotations (fieldkube.io/simulate-exit-code and friends) are documented in
-hack/cluster/kwok-stages.yaml and hack/cluster/README.md.
+hack/cluster/kwok-stages.yaml and hack/cluster/README.md. Helpers live beside this file:
+cluster_pki.py (certificates, kubeconfigs) and cluster_procs.py (processes, waiting, /proc).
 """
 
 from __future__ import annotations
 
 import argparse
-import base64
 import contextlib
-import ctypes
-import datetime
-import ipaddress
 import json
 import os
 import shutil
 import signal
-import socket
 import ssl
 import subprocess
 import sys
@@ -49,12 +45,27 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from cryptography.x509.oid import NameOID
 
 HERE = Path(__file__).resolve().parent
+if str(HERE) not in sys.path:  # the harness's own modules sit beside it (this is a script, not a package)
+    sys.path.insert(0, str(HERE))
+
+from cluster_pki import b64, kubeconfig_text, write_cluster_pki, write_file  # noqa: E402
+from cluster_procs import (  # noqa: E402
+    ClusterError,
+    Process,
+    children_by_parent,
+    free_port,
+    kill_when_parent_dies,
+    listening_inodes,
+    socket_inodes,
+    start_time_of,
+    tail,
+    wait_until,
+)
+
+__all__ = ["ClusterError", "LocalCluster", "Versions", "default_cache_dir", "default_state_dir"]
+
 REPO_ROOT = HERE.parents[1]
 STAGES_FILE = HERE / "kwok-stages.yaml"
 VERSIONS_FILE = HERE / "versions.env"
@@ -73,13 +84,7 @@ CONTROL_PLANE = (
     "mpi-operator",
 )
 
-_PR_SET_PDEATHSIG = 1
-
 T = TypeVar("T")
-
-
-class ClusterError(RuntimeError):
-    """The local cluster could not be built, started, reached or stopped."""
 
 
 def default_cache_dir() -> Path:
@@ -154,224 +159,6 @@ class Binaries:
             )
 
 
-# --- certificates -------------------------------------------------------------------------------
-
-
-@dataclass
-class _KeyPair:
-    key: ec.EllipticCurvePrivateKey
-    cert: x509.Certificate
-
-    @property
-    def key_pem(self) -> bytes:
-        return self.key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-
-    @property
-    def cert_pem(self) -> bytes:
-        return self.cert.public_bytes(serialization.Encoding.PEM)
-
-
-def _name(common_name: str, organization: str | None = None) -> x509.Name:
-    attributes = [x509.NameAttribute(NameOID.COMMON_NAME, common_name)]
-    if organization:
-        attributes.append(x509.NameAttribute(NameOID.ORGANIZATION_NAME, organization))
-    return x509.Name(attributes)
-
-
-def _issue(
-    subject: x509.Name,
-    issuer: _KeyPair | None,
-    *,
-    ca: bool = False,
-    server_names: Sequence[str] = (),
-    server_ips: Sequence[str] = (),
-    client: bool = False,
-) -> _KeyPair:
-    key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.datetime.now(datetime.UTC)
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(issuer.cert.subject if issuer else subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=365))
-        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
-    )
-    if ca:
-        builder = builder.add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                key_cert_sign=True,
-                crl_sign=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-    else:
-        usages = [x509.ExtendedKeyUsageOID.CLIENT_AUTH] if client else []
-        if server_names or server_ips:
-            usages.append(x509.ExtendedKeyUsageOID.SERVER_AUTH)
-            sans: list[x509.GeneralName] = [x509.DNSName(n) for n in server_names]
-            sans += [x509.IPAddress(ipaddress.ip_address(ip)) for ip in server_ips]
-            builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
-        builder = builder.add_extension(x509.ExtendedKeyUsage(usages), critical=False)
-    signer = issuer.key if issuer else key
-    return _KeyPair(key=key, cert=builder.sign(signer, hashes.SHA256()))
-
-
-def _write(path: Path, data: bytes | str, mode: int = 0o600) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data.encode() if isinstance(data, str) else data)
-    path.chmod(mode)
-    return path
-
-
-def _b64(data: bytes) -> str:
-    return base64.b64encode(data).decode()
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-# --- processes ----------------------------------------------------------------------------------
-
-
-def _start_time(pid: int) -> int | None:
-    """The start time of process ``pid`` (clock ticks since boot), None if it is gone or a zombie.
-
-    A pid plus its start time names one process for good: pids get reused, start times do not repeat.
-    """
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text(errors="replace")
-    except OSError:
-        return None
-    fields = stat.rsplit(")", 1)[-1].split()
-    if fields[0] in ("Z", "X"):
-        return None
-    return int(fields[19])
-
-
-def _die_with_parent() -> None:
-    """Runs in a child before exec: the kernel kills it when the process that started it dies.
-
-    Used when a cluster belongs to a test session or a benchmark, so a session killed hard (SIGKILL,
-    OOM) leaves no control plane behind. Linux only (prctl PR_SET_PDEATHSIG).
-    """
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
-        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
-
-
-@dataclass
-class _Process:
-    name: str
-    pid: int
-    argv: list[str]
-    log: str
-    start_time: int | None = None
-
-    def alive(self) -> bool:
-        """True while the recorded process runs (the pid is not a later, unrelated process)."""
-        now = _start_time(self.pid)
-        if now is None:
-            return False
-        if self.start_time is not None:
-            return now == self.start_time
-        try:  # a record without a start time: compare the program instead
-            cmdline = Path(f"/proc/{self.pid}/cmdline").read_bytes().split(b"\0")
-        except OSError:
-            return False
-        return bool(cmdline) and cmdline[0].decode(errors="replace") == self.argv[0]
-
-
-def _wait_until(
-    what: str,
-    probe: Callable[[], T | None],
-    timeout: float,
-    interval: float = 0.2,
-    on_fail: Callable[[], str] | None = None,
-) -> T:
-    """Poll ``probe`` until it returns a value other than None/False, or fail naming ``what``."""
-    deadline = time.monotonic() + timeout
-    last_error: Exception | None = None
-    while True:
-        try:
-            value = probe()
-            if value is not None and value is not False:
-                return value
-        except Exception as exc:  # the probe's failure is reported if the wait times out
-            last_error = exc
-        if time.monotonic() > deadline:
-            detail = f" (last error: {last_error})" if last_error else ""
-            extra = f"\n{on_fail()}" if on_fail else ""
-            raise ClusterError(f"timed out after {timeout:.0f}s waiting for {what}{detail}{extra}")
-        time.sleep(interval)
-
-
-def _tail(path: Path, lines: int = 30) -> str:
-    try:
-        text = path.read_text(errors="replace").splitlines()
-    except OSError:
-        return f"({path} is unreadable)"
-    return f"--- last {lines} lines of {path} ---\n" + "\n".join(text[-lines:])
-
-
-def _listening_inodes() -> dict[int, tuple[str, int]]:
-    """Socket inode -> (address, port) of every TCP socket in LISTEN state (/proc/net/tcp{,6})."""
-    result: dict[int, tuple[str, int]] = {}
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            rows = Path(table).read_text().splitlines()[1:]
-        except OSError:
-            continue
-        for row in rows:
-            fields = row.split()
-            if len(fields) < 10 or fields[3] != "0A":  # 0A: TCP_LISTEN
-                continue
-            address_hex, port_hex = fields[1].split(":")
-            raw = bytes.fromhex(address_hex)
-            # The kernel prints the address as 32-bit words in host (little-endian) byte order.
-            packed = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
-            result[int(fields[9])] = (str(ipaddress.ip_address(packed)), int(port_hex, 16))
-    return result
-
-
-def _socket_inodes(pid: int) -> set[int]:
-    inodes: set[int] = set()
-    with contextlib.suppress(OSError):
-        for fd in Path(f"/proc/{pid}/fd").iterdir():
-            with contextlib.suppress(OSError):
-                target = str(fd.readlink())
-                if target.startswith("socket:["):
-                    inodes.add(int(target[8:-1]))
-    return inodes
-
-
-def _children_by_parent() -> dict[int, list[int]]:
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        with contextlib.suppress(OSError, IndexError, ValueError):
-            ppid = int((entry / "stat").read_text().rsplit(")", 1)[-1].split()[1])
-            children.setdefault(ppid, []).append(int(entry.name))
-    return children
-
-
 # --- the cluster --------------------------------------------------------------------------------
 
 
@@ -406,7 +193,7 @@ class LocalCluster:
     def __post_init__(self) -> None:
         self.state_dir = Path(self.state_dir).expanduser().resolve()
         self.binaries = Binaries(self.bin_dir or default_cache_dir() / "bin", self.versions)
-        self._processes: dict[str, _Process] = {}
+        self._processes: dict[str, Process] = {}
         self.start_timings: dict[str, float] = {}
         """Seconds from ``start()`` until each step was ready (etcd, ..., ready), for benchmarks."""
         self._load_processes()
@@ -518,14 +305,14 @@ class LocalCluster:
         self.state_dir.chmod(0o700)
 
     def _start_all(self, t0: float) -> None:
-        ports = {name: _free_port() for name in ("etcd", "etcd-peer", "apiserver", "cm", "scheduler", "mpi")}
+        ports = {name: free_port() for name in ("etcd", "etcd-peer", "apiserver", "cm", "scheduler", "mpi")}
         info = {
             "server": f"https://127.0.0.1:{ports['apiserver']}",
             "ports": ports,
             "nodes": self.node_names,
             "versions": self.versions.__dict__,
         }
-        _write(self.state_dir / "cluster.json", json.dumps(info, indent=2))
+        write_file(self.state_dir / "cluster.json", json.dumps(info, indent=2))
         self._write_pki()
         self._write_kubeconfigs()
 
@@ -561,76 +348,10 @@ class LocalCluster:
         return self.state_dir / "pki" / name
 
     def _write_pki(self) -> None:
-        ca = _issue(_name("fieldkube-local-ca"), None, ca=True)
-        _write(self._pki("ca.crt"), ca.cert_pem, 0o644)
-        _write(self._pki("ca.key"), ca.key_pem)
-        serving = _issue(
-            _name("kube-apiserver"),
-            ca,
-            server_names=[
-                "localhost",
-                "kubernetes",
-                "kubernetes.default",
-                "kubernetes.default.svc",
-                "kubernetes.default.svc.cluster.local",
-            ],
-            server_ips=["127.0.0.1", str(next(ipaddress.ip_network(SERVICE_CLUSTER_IP_RANGE).hosts()))],
-        )
-        _write(self._pki("apiserver.crt"), serving.cert_pem, 0o644)
-        _write(self._pki("apiserver.key"), serving.key_pem)
-        clients = {
-            "admin": ("kubernetes-admin", "system:masters"),
-            "controller-manager": ("system:kube-controller-manager", None),
-            "scheduler": ("system:kube-scheduler", None),
-            "kwok": ("fieldkube:kwok-controller", "system:masters"),
-            "mpi-operator": (MPI_OPERATOR_USER, None),
-        }
-        for user, (cn, org) in clients.items():
-            pair = _issue(_name(cn, org), ca, client=True)
-            _write(self._pki(f"{user}.crt"), pair.cert_pem, 0o644)
-            _write(self._pki(f"{user}.key"), pair.key_pem)
-        # The front-proxy pair (as kubeadm sets up): the API server authenticates to aggregated API
-        # servers with it, and controller-manager and scheduler read its CA to trust proxied requests.
-        front_proxy_ca = _issue(_name("fieldkube-local-front-proxy-ca"), None, ca=True)
-        _write(self._pki("front-proxy-ca.crt"), front_proxy_ca.cert_pem, 0o644)
-        front_proxy = _issue(_name("front-proxy-client"), front_proxy_ca, client=True)
-        _write(self._pki("front-proxy-client.crt"), front_proxy.cert_pem, 0o644)
-        _write(self._pki("front-proxy-client.key"), front_proxy.key_pem)
-        sa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-        _write(
-            self._pki("sa.key"),
-            sa_key.private_bytes(
-                serialization.Encoding.PEM,
-                serialization.PrivateFormat.TraditionalOpenSSL,
-                serialization.NoEncryption(),
-            ),
-        )
-        _write(
-            self._pki("sa.pub"),
-            sa_key.public_key().public_bytes(
-                serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-            ),
-            0o644,
-        )
+        write_cluster_pki(self.state_dir / "pki", SERVICE_CLUSTER_IP_RANGE, MPI_OPERATOR_USER)
 
     def _kubeconfig_text(self, user: str, credentials: Mapping[str, str]) -> str:
-        config = {
-            "apiVersion": "v1",
-            "kind": "Config",
-            "clusters": [
-                {
-                    "name": "fieldkube-local",
-                    "cluster": {
-                        "server": self.server,
-                        "certificate-authority-data": _b64(self.ca_file.read_bytes()),
-                    },
-                }
-            ],
-            "users": [{"name": user, "user": dict(credentials)}],
-            "contexts": [{"name": user, "context": {"cluster": "fieldkube-local", "user": user}}],
-            "current-context": user,
-        }
-        return yaml.safe_dump(config, sort_keys=False)
+        return kubeconfig_text(self.server, self.ca_file.read_bytes(), user, credentials)
 
     def _client_kubeconfig(self, user: str) -> Path:
         return self.state_dir / "kubeconfigs" / f"{user}.kubeconfig"
@@ -640,11 +361,11 @@ class LocalCluster:
             text = self._kubeconfig_text(
                 user,
                 {
-                    "client-certificate-data": _b64(self._pki(f"{user}.crt").read_bytes()),
-                    "client-key-data": _b64(self._pki(f"{user}.key").read_bytes()),
+                    "client-certificate-data": b64(self._pki(f"{user}.crt").read_bytes()),
+                    "client-key-data": b64(self._pki(f"{user}.key").read_bytes()),
                 },
             )
-            _write(self._client_kubeconfig(user), text)
+            write_file(self._client_kubeconfig(user), text)
         shutil.copyfile(self._client_kubeconfig("admin"), self.kubeconfig)
         self.kubeconfig.chmod(0o600)
 
@@ -654,7 +375,7 @@ class LocalCluster:
         argv: Sequence[str],
         env: Mapping[str, str] | None = None,
         cwd: Path | None = None,
-    ) -> _Process:
+    ) -> Process:
         log = self.log_path(name)
         log.parent.mkdir(parents=True, exist_ok=True)
         with log.open("ab") as out:
@@ -666,10 +387,10 @@ class LocalCluster:
                 cwd=cwd or self.state_dir,
                 env={**os.environ, **(env or {})},
                 start_new_session=True,
-                preexec_fn=_die_with_parent if self.die_with_parent else None,  # noqa: PLW1509
+                preexec_fn=kill_when_parent_dies if self.die_with_parent else None,  # noqa: PLW1509
             )
-        proc = _Process(
-            name=name, pid=popen.pid, argv=list(argv), log=str(log), start_time=_start_time(popen.pid)
+        proc = Process(
+            name=name, pid=popen.pid, argv=list(argv), log=str(log), start_time=start_time_of(popen.pid)
         )
         self._processes[name] = proc
         self._save_processes()
@@ -695,7 +416,7 @@ class LocalCluster:
         merged = {"KUBECONFIG": str(kubeconfig or self.kubeconfig), **(env or {})}
         return self._spawn(name, [resolved, *argv[1:]], merged, cwd=Path.cwd()).pid
 
-    def _terminate(self, proc: _Process, timeout: float) -> None:
+    def _terminate(self, proc: Process, timeout: float) -> None:
         if not proc.alive():
             return
         try:
@@ -722,18 +443,18 @@ class LocalCluster:
     def _save_processes(self) -> None:
         if self.state_dir.exists():
             data = {n: p.__dict__ for n, p in self._processes.items()}
-            _write(self.state_dir / "processes.json", json.dumps(data, indent=2))
+            write_file(self.state_dir / "processes.json", json.dumps(data, indent=2))
 
     def _load_processes(self) -> None:
         path = self.state_dir / "processes.json"
         if path.exists():
             data = json.loads(path.read_text())
-            self._processes = {n: _Process(**p) for n, p in data.items()}
+            self._processes = {n: Process(**p) for n, p in data.items()}
 
     def _check_alive(self, name: str) -> None:
         proc = self._processes[name]
         if not proc.alive():
-            raise ClusterError(f"{name} exited during start-up\n{_tail(Path(proc.log))}")
+            raise ClusterError(f"{name} exited during start-up\n{tail(Path(proc.log))}")
 
     def _wait_http(self, name: str, url: str, context: ssl.SSLContext | None) -> None:
         def probe() -> bool:
@@ -741,11 +462,11 @@ class LocalCluster:
             with urllib.request.urlopen(url, timeout=2, context=context) as response:
                 return bool(response.status == 200)
 
-        _wait_until(
+        wait_until(
             f"{name} at {url}",
             probe,
             self.start_timeout,
-            on_fail=lambda: _tail(self.log_path(name)),
+            on_fail=lambda: tail(self.log_path(name)),
         )
 
     # -- components -----------------------------------------------------------------------------
@@ -939,13 +660,13 @@ class LocalCluster:
                     good += 1
             return good == self.nodes
 
-        _wait_until(
+        wait_until(
             f"{self.nodes} Ready, untainted fake GPU nodes",
             ready,
             self.start_timeout,
             interval=0.5,
             on_fail=lambda: (
-                _tail(self.log_path("kwok")) + "\n" + self.kubectl("get", "nodes", "-o", "wide").stdout
+                tail(self.log_path("kwok")) + "\n" + self.kubectl("get", "nodes", "-o", "wide").stdout
             ),
         )
 
@@ -967,7 +688,7 @@ class LocalCluster:
         self._wait_http("mpi-operator", f"http://127.0.0.1:{ports['mpi']}/healthz", None)
 
     def _wait_default_service_account(self, namespace: str) -> None:
-        _wait_until(
+        wait_until(
             f"the default ServiceAccount of namespace {namespace}",
             lambda: (
                 self.kubectl("get", "serviceaccount", "default", "-n", namespace, check=False).returncode == 0
@@ -1072,7 +793,7 @@ class LocalCluster:
         target = path or self.state_dir / "kubeconfigs" / f"sa-{namespace}-{name}.kubeconfig"
         config = yaml.safe_load(self._kubeconfig_text(user, {"token": token}))
         config["contexts"][0]["context"]["namespace"] = namespace
-        _write(target, yaml.safe_dump(config, sort_keys=False))
+        write_file(target, yaml.safe_dump(config, sort_keys=False))
         return target
 
     def wait_for(
@@ -1083,7 +804,7 @@ class LocalCluster:
         interval: float = 0.25,
     ) -> T:
         """Poll ``probe`` until it returns a truthy value; on timeout raise with ``what`` and the logs."""
-        return _wait_until(what, probe, timeout, interval)
+        return wait_until(what, probe, timeout, interval)
 
     def delete_namespace(self, name: str, wait: bool = False) -> None:
         """Delete a namespace; its pods go at once (kwok plays the kubelet), freeing their GPUs."""
@@ -1099,7 +820,7 @@ class LocalCluster:
         for name, (pid, alive) in self.process_table().items():
             parts.append(f"  {name:26} pid {pid:<8} {'running' if alive else 'NOT RUNNING'}")
         for name in self._processes:
-            parts.append(_tail(self.log_path(name), lines))
+            parts.append(tail(self.log_path(name), lines))
         return "\n".join(parts)
 
     def listening_sockets(self) -> dict[str, list[tuple[str, int]]]:
@@ -1107,8 +828,8 @@ class LocalCluster:
 
         Read from /proc, so it also covers ports a component opens on its own (metrics, health).
         """
-        listening = _listening_inodes()
-        children = _children_by_parent()
+        listening = listening_inodes()
+        children = children_by_parent()
         result: dict[str, list[tuple[str, int]]] = {}
         for name, proc in self._processes.items():
             if not proc.alive():
@@ -1118,7 +839,7 @@ class LocalCluster:
             while todo:
                 pid = todo.pop()
                 todo.extend(children.get(pid, ()))
-                for inode in _socket_inodes(pid):
+                for inode in socket_inodes(pid):
                     if inode in listening:
                         found.add(listening[inode])
             result[name] = sorted(found)
