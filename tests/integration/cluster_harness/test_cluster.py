@@ -274,19 +274,25 @@ def test_pod_asking_for_more_gpus_than_any_node_has_stays_pending_unschedulable(
     assert not pod["spec"].get("nodeName")
 
 
-def test_simulated_oom_kill_ends_the_pod_failed_with_exit_code_137(
-    local_cluster: Any, cluster_namespace: str
+@pytest.mark.parametrize(("exit_code", "reason"), [(137, "OOMKilled"), (137, "Evicted")])
+def test_simulated_kill_ends_the_pod_failed_with_its_exit_code_and_reason(
+    local_cluster: Any, cluster_namespace: str, exit_code: int, reason: str
 ) -> None:
     annotations = {
-        "fieldkube.io/simulate-exit-code": "137",
-        "fieldkube.io/simulate-reason": "OOMKilled",
+        "fieldkube.io/simulate-exit-code": str(exit_code),
+        "fieldkube.io/simulate-reason": reason,
         "fieldkube.io/simulate-run-seconds": "1",
     }
-    local_cluster.apply(pod_manifest("oom", cluster_namespace, gpus=1, annotations=annotations))
-    failed = wait_for_phase(local_cluster, cluster_namespace, "oom", "Failed", timeout=30)
+    local_cluster.apply(pod_manifest("killed", cluster_namespace, gpus=1, annotations=annotations))
+    failed = wait_for_phase(local_cluster, cluster_namespace, "killed", "Failed", timeout=30)
     terminated = failed["status"]["containerStatuses"][0]["state"]["terminated"]
-    assert terminated["exitCode"] == 137
-    assert terminated["reason"] == "OOMKilled"
+    assert terminated["exitCode"] == exit_code
+    assert terminated["reason"] == reason
+    if reason == "Evicted":  # as the kubelet's eviction manager reports it, on the pod itself
+        assert failed["status"]["reason"] == "Evicted"
+        assert "low on resource" in failed["status"]["message"]
+    else:
+        assert "reason" not in failed["status"]
 
 
 def test_pod_keeps_running_until_a_failure_is_injected_into_it(
