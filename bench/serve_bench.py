@@ -121,7 +121,7 @@ class Server:
             try:
                 if requests.get(f"{self.url}/v2/health/ready", timeout=2).status_code == 200:
                     return
-            except requests.ConnectionError:
+            except requests.RequestException:  # not listening yet, or too busy to answer
                 pass
             if self.process.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"fieldkube-serve did not become ready; see {log}")

@@ -121,11 +121,17 @@ class ServerThread:
             time.sleep(0.02)
         port = self.server.servers[0].sockets[0].getsockname()[1]
         self.url = f"http://127.0.0.1:{port}"
-        while requests.get(f"{self.url}/v2/health/ready", timeout=5).status_code != 200:
+        while not self.ready():
             if time.monotonic() > deadline:
                 raise RuntimeError("models did not become ready")
             time.sleep(0.05)
         return self
+
+    def ready(self) -> bool:
+        try:
+            return requests.get(f"{self.url}/v2/health/ready", timeout=10).status_code == 200
+        except requests.RequestException:  # too busy to answer in time: ask again
+            return False
 
     def stop(self) -> None:
         self.server.should_exit = True
@@ -201,7 +207,7 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowSe
             try:
                 if requests.get(f"{url}/health", timeout=2).status_code == 200:
                     break
-            except requests.ConnectionError:
+            except requests.RequestException:  # not listening yet, or too busy to answer
                 pass
             if process.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(

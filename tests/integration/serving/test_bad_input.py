@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import io
+import struct
+import time
+import zlib
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -21,12 +25,29 @@ def test_body_over_the_size_limit_is_413(start_server, bundles) -> None:
     assert "limit is 4096 bytes" in response.json()["detail"]
 
 
+def _png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose header claims width x height RGB pixels, with no pixel data at all."""
+
+    def chunk(kind: bytes, payload: bytes) -> bytes:
+        checksum = zlib.crc32(kind + payload)
+        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", checksum)
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b"")
+
+
 def test_decompression_bomb_is_refused_before_decoding(server) -> None:
     buffer = io.BytesIO()
     Image.new("L", (8000, 8000)).save(buffer, format="PNG")  # ~64 MP that compresses to a few KB
     response = _post(server.url, buffer.getvalue(), "image/png")
     assert response.status_code == 413
     assert "8000x8000 = 64000000 pixels" in response.json()["detail"]
+
+
+def test_header_past_the_decoders_own_bomb_guard_is_413_too(server) -> None:
+    response = _post(server.url, _png_header_only(30000, 30000), "image/png")
+    assert response.status_code == 413, response.text
+    assert "the limit is 26000000 pixels" in response.json()["detail"]
 
 
 @pytest.mark.parametrize(
@@ -107,14 +128,41 @@ def test_corrupted_image_bytes_never_cause_a_server_error(server, images) -> Non
     assert requests.get(f"{server.url}/v2/health/ready", timeout=10).status_code == 200
 
 
-def test_queue_limit_answers_429_with_retry_after(start_server, bundles, images) -> None:
-    server = start_server(counter=str(bundles.counter), max_queue_tiles=4)
-    response = requests.post(
-        f"{server.url}/v1/count", data=images.png(images.field(4, 200, 200, 5)), timeout=60
+def _queued_tiles(url: str) -> float:
+    for line in requests.get(f"{url}/metrics", timeout=10).text.splitlines():
+        if line.startswith('fieldkube_serve_queued_tiles{task="counter"}'):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def test_full_queue_answers_429_with_retry_after(start_server, bundles, images) -> None:
+    """While one image's 3 tiles wait for a batch (long batch delay), a 5-tile image does not fit in 6."""
+    server = start_server(
+        counter=str(bundles.counter), max_queue_tiles=6, max_batch_size=64, max_batch_delay_s=3.0
     )
-    assert response.status_code == 429
+    three_tiles = images.png(images.field(4, 64, 128, 3))  # tile 64, overlap 32
+    five_tiles = images.png(images.field(5, 64, 192, 5))
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        first = pool.submit(requests.post, f"{server.url}/v1/count", data=three_tiles, timeout=60)
+        deadline = time.monotonic() + 10
+        while _queued_tiles(server.url) < 3 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        response = requests.post(f"{server.url}/v1/count", data=five_tiles, timeout=60)
+        assert first.result().status_code == 200
+    assert response.status_code == 429, response.text
     assert int(response.headers["Retry-After"]) >= 1
-    assert "queue is full" in response.json()["detail"]
+    assert "queue is full (3 tiles waiting, this image needs 5, limit 6)" in response.json()["detail"]
+    assert requests.post(f"{server.url}/v1/count", data=five_tiles, timeout=60).status_code == 200
+
+
+def test_image_needing_more_tiles_than_the_queue_holds_is_400(start_server, bundles, images) -> None:
+    """Retrying could never help, so this is not a 429: the message says to use a larger tile."""
+    server = start_server(counter=str(bundles.counter), max_queue_tiles=6)
+    response = requests.post(
+        f"{server.url}/v1/count", data=images.png(images.field(6, 64, 256, 5)), timeout=60
+    )
+    assert response.status_code == 400
+    assert "into 7 tiles; the limit is 6: use a larger tile" in response.json()["detail"]
 
 
 def test_request_timeout_answers_503_with_retry_after(start_server, bundles, images) -> None:

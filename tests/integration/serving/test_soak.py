@@ -42,7 +42,7 @@ def serve_process(bundles, tmp_path, loopback_port):
             try:
                 if requests.get(f"{url}/v2/health/ready", timeout=2).status_code == 200:
                     break
-            except requests.ConnectionError:
+            except requests.RequestException:  # not listening yet, or too busy to answer
                 pass
             if process.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError((tmp_path / "serve.log").read_text()[-2000:])

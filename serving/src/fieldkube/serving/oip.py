@@ -120,9 +120,12 @@ def parse_infer_request(body: bytes, header_length: str | None, max_pixels: int)
             f"input '{INPUT_NAME}': datatype {spec.get('datatype')!r} is not supported; expected 'UINT8'"
         )
     shape = _shape(spec.get("shape"))
-    if shape[-3] * shape[-2] > max_pixels:
+    pixels = math.prod(shape[:-1])
+    if pixels > max_pixels:
+        batch = f"{shape[0]} images of " if len(shape) == 4 else ""
         raise ProtocolError(
-            f"input '{INPUT_NAME}': {shape[-2]}x{shape[-3]} pixels exceeds the limit of {max_pixels}"
+            f"input '{INPUT_NAME}': {batch}{shape[-2]}x{shape[-3]} = {pixels} pixels exceeds the limit of "
+            f"{max_pixels} pixels per request"
         )
     params = spec.get("parameters") or {}
     if not isinstance(params, dict):

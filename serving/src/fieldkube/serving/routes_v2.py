@@ -9,7 +9,6 @@ Errors are 400 (404 for an unknown model) with body {"error": message}.
 
 from __future__ import annotations
 
-import asyncio
 from importlib.metadata import PackageNotFoundError, version
 from typing import Annotated, Any
 
@@ -253,9 +252,7 @@ async def _infer(request: Request, service: Service, name: str, model_version: s
             )
     except ProtocolError as error:
         raise ApiError(400, str(error)) from None
-    results = await asyncio.gather(*(service.predict(task, image, tile, overlap) for image in parsed.images))
-    maps = np.stack([r[0] for r in results])
-    used = results[0][2]
+    maps = np.stack(await service.predict_batch(model, parsed.images, tile, overlap))
     tensors: dict[str, np.ndarray] = {}
     for out in wanted:
         if out == "count":
@@ -272,7 +269,7 @@ async def _infer(request: Request, service: Service, name: str, model_version: s
             for f in fractions:
                 service.metrics.mask_fraction.observe(float(f))
             tensors[out] = fractions
-    payload, header_length = build_response(parsed, used.name, used.version, tensors)
+    payload, header_length = build_response(parsed, model.name, model.version, tensors)
     if header_length is None:
         return Response(payload, media_type="application/json")
     return Response(

@@ -15,7 +15,7 @@ import torch
 from fastapi import Request
 
 from fieldkube.serving.batcher import TileBatcher
-from fieldkube.serving.inference import TilePlan, predict_map
+from fieldkube.serving.inference import TilePlan, TilingError, plan_tiles, predict_map
 from fieldkube.serving.metrics import ServeMetrics
 from fieldkube.serving.registry import ModelRegistry
 from fieldkube.serving.served_model import TASKS, ServedModel, Task
@@ -82,12 +82,49 @@ class Service:
     ) -> tuple[np.ndarray, TilePlan, ServedModel]:
         """Full-size map of `image` from `task`'s current model (held for the whole request)."""
         model = self.registry.get(task)
-        size = tile or model.tile
-        chosen_overlap = min(self.settings.default_overlap, size // 2) if overlap is None else overlap
-        result, plan = await predict_map(
-            self.batchers[task], model, image, size, chosen_overlap, self.settings.max_tiles_per_image
-        )
+        result, plan = await self._predict_with(model, image, tile, overlap)
         return result, plan, model
+
+    async def predict_batch(
+        self, model: ServedModel, images: np.ndarray, tile: int | None, overlap: int | None
+    ) -> list[np.ndarray]:
+        """Maps of a batch of images, all from `model` (so one version answers for the whole batch).
+
+        The images' tiles are queued together and share forward passes; if one image fails (queue
+        full, timeout) the others are cancelled instead of running on for a request that already failed.
+        """
+        if len(images) > 1:
+            height, width = images.shape[1:3]
+            size = tile or model.tile
+            plan = plan_tiles(height, width, size, self._overlap(size, overlap), self.max_tiles)
+            needed = len(plan.boxes) * len(images)
+            if needed > self.max_tiles:
+                raise TilingError(
+                    f"{len(images)} images of {width}x{height} need {needed} tiles of {size} pixels; one "
+                    f"request may use at most {self.max_tiles}: send fewer images or use a larger tile"
+                )
+        try:
+            async with asyncio.TaskGroup() as group:
+                jobs = [group.create_task(self._predict_with(model, im, tile, overlap)) for im in images]
+        except BaseExceptionGroup as errors:
+            raise errors.exceptions[0] from None
+        return [job.result()[0] for job in jobs]
+
+    async def _predict_with(
+        self, model: ServedModel, image: np.ndarray, tile: int | None, overlap: int | None
+    ) -> tuple[np.ndarray, TilePlan]:
+        size = tile or model.tile
+        return await predict_map(
+            self.batchers[model.task], model, image, size, self._overlap(size, overlap), self.max_tiles
+        )
+
+    def _overlap(self, tile: int, requested: int | None) -> int:
+        return min(self.settings.default_overlap, tile // 2) if requested is None else requested
+
+    @property
+    def max_tiles(self) -> int:
+        """Most tiles one request may need: more could never fit the queue, so retrying would not help."""
+        return min(self.settings.max_tiles_per_image, self.settings.max_queue_tiles)
 
 
 def get_service(request: Request) -> Service:

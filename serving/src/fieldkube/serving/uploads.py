@@ -5,6 +5,7 @@ unsupported types (415) and corrupt or truncated files (400) with messages that 
 from __future__ import annotations
 
 import io
+import warnings
 
 import numpy as np
 from starlette.datastructures import UploadFile
@@ -105,12 +106,16 @@ def image_size(data: bytes, fmt: str) -> tuple[int, int]:
             return int(page.imagewidth), int(page.imagelength)
     from PIL import Image
 
-    with Image.open(io.BytesIO(data)) as img:
-        return int(img.width), int(img.height)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit is applied next
+        with Image.open(io.BytesIO(data)) as img:
+            return int(img.width), int(img.height)
 
 
 def decode_image(data: bytes, declared_type: str, max_pixels: int) -> np.ndarray:
     """uint8 (H, W, 3) RGB; raises ApiError 400/413/415 for every bad input."""
+    from PIL.Image import DecompressionBombError as ImageBombError
+
     from fieldkube.vision.imageio import ImageError, read_image
 
     if not data:
@@ -122,6 +127,8 @@ def decode_image(data: bytes, declared_type: str, max_pixels: int) -> np.ndarray
         )
     try:
         width, height = image_size(data, fmt)
+    except ImageBombError as error:  # Pillow refuses headers past twice its own limit before we see them
+        raise ApiError(413, f"image is too large ({error}); the limit is {max_pixels} pixels") from None
     except Exception as error:
         raise ApiError(
             400, f"corrupt or truncated {fmt.upper()} image: cannot read its header ({error})"
