@@ -112,7 +112,7 @@ class ServerThread:
         self.thread = threading.Thread(target=self.server.run, name="uvicorn-test", daemon=True)
         self.url = ""
 
-    def start(self, ready_timeout_s: float = 60.0) -> ServerThread:
+    def start(self, ready_timeout_s: float = 60.0, wait_ready: bool = True) -> ServerThread:
         self.thread.start()
         deadline = time.monotonic() + ready_timeout_s
         while not self.server.started:
@@ -121,7 +121,7 @@ class ServerThread:
             time.sleep(0.02)
         port = self.server.servers[0].sockets[0].getsockname()[1]
         self.url = f"http://127.0.0.1:{port}"
-        while not self.ready():
+        while wait_ready and not self.ready():
             if time.monotonic() > deadline:
                 raise RuntimeError("models did not become ready")
             time.sleep(0.05)
@@ -143,10 +143,10 @@ def start_server() -> Iterator[Callable[..., ServerThread]]:
     """Factory: start a server with the given settings; every server started is stopped afterwards."""
     started: list[ServerThread] = []
 
-    def start(**fields: Any) -> ServerThread:
+    def start(wait_ready: bool = True, **fields: Any) -> ServerThread:
         fields.setdefault("torch_threads", 1)
         fields.setdefault("port", 0)
-        server = ServerThread(ServeSettings(**fields)).start()
+        server = ServerThread(ServeSettings(**fields)).start(wait_ready=wait_ready)
         started.append(server)
         return server
 

@@ -182,4 +182,5 @@ def test_unconfigured_task_is_503_with_a_reason(start_server, bundles, images) -
         f"{server.url}/v1/segment", data=images.png(images.aerial(1, 64, 64)), timeout=60
     )
     assert response.status_code == 503
+    assert "Retry-After" not in response.headers  # configuration, not load: retrying cannot help
     assert "no segmenter model is configured" in response.json()["detail"]

@@ -114,3 +114,32 @@ def test_serving_a_pinned_registry_version(mlflow_server, register, start_server
         f"{server.url}/v1/segment", data=images.png(images.aerial(5, 64, 64)), timeout=60
     ).json()
     assert body["model"] == {"name": name, "version": version, "architecture": "segmenter-unet"}
+
+
+def test_alias_that_resolves_to_nothing_keeps_the_server_unready_with_the_reason(
+    mlflow_server, start_server, bundles, images
+) -> None:
+    server = start_server(
+        wait_ready=False,
+        counter="models:/fieldkube-no-such-model@champion",
+        segmenter=str(bundles.segmenter),
+        mlflow_tracking_uri=mlflow_server.url,
+        poll_interval_s=0.5,
+    )
+    data = images.png(images.field(1, 64, 64, 2))
+    assert _wait_for(lambda: requests.get(f"{server.url}/v2/models/segmenter/ready", timeout=10).ok, 60)
+    assert _wait_for(
+        lambda: "cannot resolve" in requests.post(f"{server.url}/v1/count", data=data, timeout=10).text, 60
+    )
+    assert requests.get(f"{server.url}/v2/health/ready", timeout=10).status_code == 503
+    response = requests.post(f"{server.url}/v1/count", data=data, timeout=10)
+    assert response.status_code == 503
+    assert int(response.headers["Retry-After"]) >= 1
+    assert (
+        "the counter model is not ready: cannot resolve models:/fieldkube-no-such-model@champion"
+        in (response.json()["detail"])
+    )
+    segmented = requests.post(
+        f"{server.url}/v1/segment", data=images.png(images.aerial(1, 64, 64)), timeout=60
+    )
+    assert segmented.status_code == 200

@@ -139,6 +139,22 @@ def test_metrics_record_requests_batches_and_drift_signals(server, images) -> No
         in text
     )
     assert 'fieldkube_serve_batch_size_count{task="counter"}' in text
+    assert 'fieldkube_serve_queue_wait_seconds_count{task="counter"}' in text
+    assert 'fieldkube_serve_batch_inference_seconds_count{task="counter"}' in text
     assert "fieldkube_serve_predicted_count_count" in text
+    assert "fieldkube_serve_mask_fraction_bucket" in text
     assert 'fieldkube_serve_model_info{architecture="segmenter-unet"' in text
     assert "fieldkube_serve_requests_in_flight" in text
+
+
+def test_openapi_docs_describe_both_apis(server) -> None:
+    docs = requests.get(f"{server.url}/docs", timeout=10)
+    assert docs.status_code == 200 and "swagger" in docs.text.lower()
+    paths = requests.get(f"{server.url}/openapi.json", timeout=10).json()["paths"]
+    assert {"/v1/count", "/v1/segment", "/v2/models/{name}/infer", "/v2/health/ready"} <= set(paths)
+    assert set(paths["/v1/count"]["post"]["requestBody"]["content"]) == {
+        "image/jpeg",
+        "image/png",
+        "image/tiff",
+        "multipart/form-data",
+    }

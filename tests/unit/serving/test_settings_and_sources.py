@@ -56,3 +56,12 @@ def test_model_uri_forms(
     source = parse_model_source(uri)
     assert (source.kind, source.registered_name, source.alias, source.version) == (kind, name, alias, version)
     assert source.watchable == (kind == "alias")
+
+
+def test_cli_exits_with_a_message_for_a_path_that_is_not_a_bundle(
+    tmp_path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        parse_settings(["--segmenter", str(tmp_path / "missing")], environ={})
+    assert exit_info.value.code == 2
+    assert f"segmenter: {tmp_path / 'missing'} is not a model bundle directory" in capsys.readouterr().err

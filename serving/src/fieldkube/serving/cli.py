@@ -6,10 +6,12 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from fieldkube.serving.model_source import parse_model_source
 from fieldkube.serving.settings import ServeSettings, SettingsError, build_settings, field_env_name
+from fieldkube.vision.bundle import SPEC_FILE
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -39,9 +41,14 @@ def parse_settings(argv: Sequence[str] | None = None, environ: dict[str, str] | 
             uri = getattr(settings, flag)
             if uri:
                 try:
-                    parse_model_source(uri)
+                    source = parse_model_source(uri)
                 except ValueError as error:
                     raise SettingsError(f"{flag}: {error}") from None
+                if source.kind == "path" and not (Path(source.uri) / SPEC_FILE).is_file():
+                    raise SettingsError(
+                        f"{flag}: {source.uri} is not a model bundle directory (expected {SPEC_FILE} and "
+                        "model.safetensors in it), nor a models:/<name>@<alias> URI"
+                    )
     except SettingsError as error:
         parser.error(str(error))
     return settings

@@ -76,7 +76,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(ModelNotAvailableError)
     async def _no_model(request: Request, error: ModelNotAvailableError) -> JSONResponse:
-        return error_response(request, 503, str(error), {"Retry-After": "5"})
+        return error_response(request, 503, str(error), {"Retry-After": "5"} if error.retryable else None)
 
     @app.exception_handler(OverloadedError)
     async def _overloaded(request: Request, error: OverloadedError) -> JSONResponse:

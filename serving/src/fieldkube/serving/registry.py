@@ -27,7 +27,11 @@ log = logging.getLogger(__name__)
 
 
 class ModelNotAvailableError(LookupError):
-    """A task with no model: not configured, or not loaded yet."""
+    """A task with no model: not configured (retrying cannot help), or not loaded yet (it can)."""
+
+    def __init__(self, message: str, retryable: bool) -> None:
+        super().__init__(message)
+        self.retryable = retryable
 
 
 @dataclass(frozen=True)
@@ -63,9 +67,9 @@ class ModelRegistry:
         model = self._models.get(task)
         if model is None:
             if task not in self.sources:
-                raise ModelNotAvailableError(f"no {task} model is configured on this server")
+                raise ModelNotAvailableError(f"no {task} model is configured on this server", retryable=False)
             reason = self.last_error.get(task, "still loading")
-            raise ModelNotAvailableError(f"the {task} model is not ready: {reason}")
+            raise ModelNotAvailableError(f"the {task} model is not ready: {reason}", retryable=True)
         return model
 
     def ready(self) -> bool:
