@@ -3,7 +3,7 @@
 For each model, one process builds the same model twice (same seed, same synthetic batches): one with
 fieldkube-profile's hooks and per-layer optimizers, one plain. After warm-up the two run in alternating
 blocks of iterations (so drift on a shared machine hits both alike). Figures per model:
-  - overhead = mean profiled iteration / mean plain iteration - 1 (seed 001: +235 % and +245 %);
+  - overhead = median profiled iteration / median plain iteration - 1 (seed 001: +235 % and +245 %);
   - coverage = sum of per-layer times / measured iteration (seed 001 missed 38-54 %, i.e. 46-62 %),
     with the remainder split into the named phases (data copy, zero_grad, loss, allreduce) and what lies
     between layers (functional ops: padding, concatenation, interpolation).
@@ -65,22 +65,24 @@ def measure(model: str, params: dict[str, Any], args: argparse.Namespace) -> dic
         between.append((forward_gap + backward_gap) / record.iteration_s)
         named = sum(record.phases[p] for p in ("data", "zero_grad", "loss", "allreduce"))
         phases.append(named / record.iteration_s)
-    plain_mean = statistics.fmean(plain_times)
-    profiled_mean = statistics.fmean(profiled_times)
+    # medians: on a shared machine a few iterations are slowed by other work, in either arm
+    plain_median = statistics.median(plain_times)
+    profiled_median = statistics.median(profiled_times)
     result = {
         "model": model,
         "params": params,
         "layers": len(profiled.profiler.names) if profiled.profiler else 0,
-        "plain_ms": round(1000 * plain_mean, 3),
-        "profiled_ms": round(1000 * profiled_mean, 3),
-        "overhead_percent": round(100 * (profiled_mean / plain_mean - 1), 2),
+        "plain_median_ms": round(1000 * plain_median, 3),
+        "profiled_median_ms": round(1000 * profiled_median, 3),
+        "overhead_percent": round(100 * (profiled_median / plain_median - 1), 2),
         "coverage_percent": round(100 * statistics.fmean(coverage), 2),
         "coverage_min_percent": round(100 * min(coverage), 2),
         "named_phases_percent": round(100 * statistics.fmean(phases), 2),
         "between_layers_percent": round(100 * statistics.fmean(between), 2),
         "iterations_each": len(plain_times),
     }
-    print(f"  {model:>15}: plain {result['plain_ms']:.1f} ms, profiled {result['profiled_ms']:.1f} ms "
+    plain_ms, profiled_ms = result["plain_median_ms"], result["profiled_median_ms"]
+    print(f"  {model:>15}: plain {plain_ms:.1f} ms, profiled {profiled_ms:.1f} ms "
           f"(overhead {result['overhead_percent']:+.1f}%), layers cover {result['coverage_percent']:.1f}% "
           f"(min {result['coverage_min_percent']:.1f}%), named phases {result['named_phases_percent']:.1f}%, "
           f"between layers {result['between_layers_percent']:.1f}%", flush=True)  # fmt: skip
@@ -90,12 +92,12 @@ def measure(model: str, params: dict[str, Any], args: argparse.Namespace) -> dic
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("bench/profile_bench.json"))
-    parser.add_argument("--tile", type=int, default=128)
+    parser.add_argument("--tile", type=int, default=96)
     parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--blocks", type=int, default=4)
-    parser.add_argument("--block", type=int, default=5, help="iterations per alternating block")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--blocks", type=int, default=8)
+    parser.add_argument("--block", type=int, default=2, help="iterations per alternating block")
     parser.add_argument("--models", default=",".join(MODELS))
     args = parser.parse_args()
     began = time.perf_counter()

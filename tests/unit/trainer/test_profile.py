@@ -118,3 +118,24 @@ def test_bad_model_and_missing_profile_are_named(tmp_path: Path, capsys: pytest.
     with pytest.raises(SystemExit):
         main(["parse", str(tmp_path / "nothing")])
     assert "nothing: directory not found" in capsys.readouterr().err
+
+
+def test_profiling_does_not_change_what_is_trained() -> None:
+    """Per-layer optimizers and hooks give the same weights as one optimizer without hooks."""
+    import torch
+
+    from fieldkube.trainer.backends import SingleBackend
+    from fieldkube.trainer.launch_env import LaunchEnv
+    from fieldkube.trainer.profile import IterationRunner, ProfileSettings
+
+    backend = SingleBackend(LaunchEnv("single", 0, 0, 1))
+    runs = []
+    for profiling in (False, True):
+        settings = ProfileSettings(tile=24, batch=2, iterations=3, warmup=0, profiling=profiling, lr=1e-2)
+        runner = IterationRunner(settings, backend, torch.device("cpu"))
+        runner.run(settings.iterations, settings.warmup)
+        runner.close()
+        runs.append(runner.model.state_dict())
+    plain, profiled = runs
+    for name, tensor in plain.items():
+        torch.testing.assert_close(profiled[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
