@@ -1,8 +1,11 @@
 """The MPIJob's launcher command, run on this machine, trains for real and reports to a real MLflow server.
 
-Exactly the argv and env the builder gives the launcher container; only the hostfile differs (the
-mpi-operator writes /etc/mpi/hostfile in the pod; here it lists localhost with the job's slots). Paths in the
-spec are local directories (no PVC), so nothing in the command line is rewritten.
+The argv and env the builder gives the launcher container, with two differences: the hostfile (the
+mpi-operator writes /etc/mpi/hostfile in the pod; here it lists localhost with the job's slots), and the
+ranks' metrics servers, moved by two trailing `--set` flags from the pod's fixed port 9400 on every
+interface to free loopback ports (this machine is shared). Paths in the spec are local directories (no
+PVC), so nothing else in the command line is rewritten. The MLflow server is the session's
+(tests/integration/operator/conftest.py).
 """
 
 from __future__ import annotations
@@ -11,10 +14,8 @@ import os
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import httpx
 import pytest
 
 from fieldkube.operator import mlflow_client
@@ -24,46 +25,19 @@ from fieldkube.operator.spec import parse_spec
 BIN = Path(sys.executable).parent
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory: pytest.TempPathFactory):
-    root = tmp_path_factory.mktemp("mlflow")
-    port = _free_port()
-    cmd = [
-        str(BIN / "mlflow"),
-        "server",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--workers",
-        "1",
-        "--backend-store-uri",
-        f"sqlite:///{root / 'mlflow.db'}",
-        "--artifacts-destination",
-        str(root / "art"),
-    ]
-    log = (root / "mlflow.log").open("w")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    uri = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{uri}/health", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.5)
-    else:
-        proc.kill()
-        pytest.fail(f"MLflow server did not start: {(root / 'mlflow.log').read_text()[-2000:]}")
-    yield uri
-    proc.terminate()
-    proc.wait(timeout=30)
+def free_port_pair() -> int:
+    """A loopback port p with p + 1 also free: the trainer's two local ranks serve metrics on p and p + 1."""
+    for _ in range(50):
+        with socket.socket() as first:
+            first.bind(("127.0.0.1", 0))
+            port = int(first.getsockname()[1])
+            with socket.socket() as second:
+                try:
+                    second.bind(("127.0.0.1", port + 1))
+                except OSError:
+                    continue
+                return port
+    raise RuntimeError("no two consecutive free loopback ports")
 
 
 def test_launcher_command_trains_two_ranks_and_the_operator_reads_the_run(
@@ -128,9 +102,9 @@ def test_launcher_command_trains_two_ranks_and_the_operator_reads_the_run(
             "OMPI_MCA_oob_tcp_if_include": "lo",
         }
     )
-    proc = subprocess.run(
-        container["command"], env=env, capture_output=True, text=True, timeout=600, check=False
-    )
+    port = free_port_pair()
+    command = [*container["command"], "--set", f"metrics.port={port}", "--set", "metrics.address=127.0.0.1"]
+    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, check=False)
     output = proc.stdout[-4000:] + proc.stderr[-4000:]
     assert proc.returncode == 0, output
     assert "rank 1" in output and "rank 0" in output, output  # both ranks ran

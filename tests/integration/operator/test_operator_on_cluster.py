@@ -309,20 +309,41 @@ def test_suspend_and_resume_map_to_the_mpijob(
     job_watcher.wait(cluster_namespace, "pausable", lambda s: s.get("phase") == "Running", 60)
 
 
-def test_metrics_and_health_endpoints(operator: Any) -> None:
+def metric(text: str, name: str, **labels: str) -> float:
+    """One sample's value from a Prometheus text exposition (0 when absent)."""
+    wanted = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+    for line in text.splitlines():
+        key, _, value = line.rpartition(" ")
+        if key == (f"{name}{{{wanted}}}" if labels else name):
+            return float(value)
+    return 0.0
+
+
+def test_metrics_count_reconciles_phases_durations_gpu_seconds_and_failures(
+    local_cluster: Any, cluster_namespace: str, job_watcher: Any, operator: Any
+) -> None:
     assert httpx.get(f"http://127.0.0.1:{operator.health_port}/healthz", timeout=5).status_code == 200
-    text = operator.metrics()
-    for name in (
-        "fieldkube_operator_reconcile_total",
-        "fieldkube_operator_reconcile_duration_seconds_bucket",
-        "fieldkube_trainingjobs{",
-        "fieldkube_trainingjob_time_to_running_seconds_count",
-        "fieldkube_trainingjob_duration_seconds_count",
-        "fieldkube_trainingjob_failures_total",
-        "fieldkube_operator_reconcile_errors_total",
-        "fieldkube_trainingjob_gpu_seconds_total",
-    ):
-        assert name in text, name
+    before = operator.metrics()
+    fast = {"launcher": {"annotations": {f"{SIM}run-seconds": "2"}}}
+    failing = {"launcher": {"annotations": {f"{SIM}run-seconds": "2", f"{SIM}exit-code": "3"}}}
+    apply(local_cluster, cluster_namespace, trainingjob("metered", gpusPerWorker=2, podMetadata=fast))
+    apply(local_cluster, cluster_namespace, trainingjob("broken", podMetadata=failing))
+    job_watcher.wait(cluster_namespace, "metered", lambda s: s.get("phase") == "Succeeded", 90)
+    job_watcher.wait(cluster_namespace, "broken", lambda s: s.get("phase") == "Failed", 90)
+    after = operator.metrics()
+
+    def grew(name: str, **labels: str) -> bool:
+        return metric(after, name, **labels) > metric(before, name, **labels)
+
+    assert grew("fieldkube_operator_reconcile_total", handler="create")
+    assert grew("fieldkube_operator_reconcile_duration_seconds_count", handler="create")
+    assert grew("fieldkube_trainingjob_time_to_running_seconds_count")
+    assert grew("fieldkube_trainingjob_duration_seconds_count", outcome="Succeeded")
+    assert grew("fieldkube_trainingjob_duration_seconds_count", outcome="Failed")
+    assert metric(after, "fieldkube_trainingjob_gpu_seconds_total", namespace=cluster_namespace) > 0
+    assert grew("fieldkube_trainingjob_failures_total", reason="Error")
+    assert metric(after, "fieldkube_trainingjobs", phase="Succeeded") >= 1
+    assert "fieldkube_operator_reconcile_errors_total" in after
 
 
 def test_operator_killed_and_restarted_reconciles_every_job_exactly_once(

@@ -144,9 +144,14 @@ def test_running_counts_ready_workers_and_keeps_the_start_time(tj: dict[str, Any
 
 
 def test_succeeded_mirrors_the_mpijob_and_clears_the_diagnosis(tj: dict[str, Any]) -> None:
-    job = mpijob(("Succeeded", "MPIJobSucceeded"), completionTime="2026-01-01T00:10:00Z")
+    job = mpijob(
+        ("Succeeded", "MPIJobSucceeded"),
+        startTime="2026-01-01T00:00:02Z",
+        completionTime="2026-01-01T00:10:00Z",
+    )
     status = _status(tj, job, [])
     assert status.phase == "Succeeded" and status.completionTime == "2026-01-01T00:10:00Z"
+    assert status.startTime == "2026-01-01T00:00:02Z"  # never seen Running: the MPIJob's start
     assert status.diagnosis is None and status.progress.summary == "100%"
 
 

@@ -44,8 +44,6 @@ def main(argv: list[str] | None = None) -> None:
         os.environ["FIELDKUBE_MLFLOW_TRACKING_URI"] = args.mlflow_tracking_uri
     os.environ["FIELDKUBE_METRICS_PORT"] = str(args.metrics_port)
     os.environ["FIELDKUBE_BIND_ADDRESS"] = args.bind_address
-    import logging
-
     import kopf
 
     import fieldkube.operator.handlers  # noqa: F401  (registers the handlers)
@@ -56,11 +54,7 @@ def main(argv: list[str] | None = None) -> None:
     except CredentialsError as exc:
         sys.exit(f"fieldkube-operator: error: {exc}")
 
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-    )
-    kopf.configure(verbose=args.verbose)
+    kopf.configure(verbose=args.verbose, log_prefix=True)  # one handler for kopf's and our loggers
     kopf.run(
         clusterwide=not args.namespace,
         namespaces=args.namespace,

@@ -263,12 +263,15 @@ def compute_status(
         )
         if diagnosis is not None:
             status.reason = diagnosis.reason
+        status.startTime = status.startTime or mpi_status.get("startTime")
         status.completionTime = mpi_status.get("completionTime") or stamp
     elif succeeded is not None:
         status.phase = "Succeeded"
         status.reason = "Succeeded"
         status.message = str(succeeded.get("message", ""))
         status.diagnosis = None
+        # a job can finish between two syncs (or while the operator restarts): the MPIJob knows its start
+        status.startTime = status.startTime or mpi_status.get("startTime")
         status.completionTime = mpi_status.get("completionTime") or stamp
     elif spec.runPolicy.suspend or suspended is not None:
         status.phase = "Suspended"
