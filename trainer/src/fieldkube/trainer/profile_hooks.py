@@ -105,6 +105,7 @@ class LayerProfiler:
         self.kinds = {name: type(module).__name__ for name, module in self.layers}
         self.current = LayerTimes()
         self._open_forward: dict[str, Any] = {}
+        self._hooked_nodes: set[Any] = set()
         self._handles: list[RemovableHandle] = []
         for name, module in self.layers:
             self._handles.append(module.register_forward_pre_hook(self._forward_start(name)))
@@ -121,7 +122,10 @@ class LayerProfiler:
             end = self.clock.mark()
             self.current.forward.setdefault(name, []).append((self._open_forward.pop(name), end))
             node = output.grad_fn if isinstance(output, torch.Tensor) else None
-            if node is not None:
+            # A layer that returns its input unchanged (dropout in eval mode) shares the previous layer's
+            # node: that backward kernel is counted once, for the layer that made it.
+            if node is not None and node not in self._hooked_nodes:
+                self._hooked_nodes.add(node)
                 # The node is captured now: a later in-place op (ReLU(inplace=True)) replaces the output's
                 # grad_fn but keeps this node in the graph, so it still brackets this layer's own kernel.
                 self._hook_backward(name, node)
@@ -150,6 +154,7 @@ class LayerProfiler:
         """This iteration's per-layer seconds (call after the clock synchronised); starts the next one."""
         resolved = self.current.resolve(self.clock, self.names)
         self.current = LayerTimes()
+        self._hooked_nodes.clear()
         return resolved
 
     def remove(self) -> None:
