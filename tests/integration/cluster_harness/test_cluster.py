@@ -300,7 +300,7 @@ def test_pod_keeps_running_until_a_failure_is_injected_into_it(
 ) -> None:
     local_cluster.apply(pod_manifest("server", cluster_namespace, gpus=1))
     wait_for_phase(local_cluster, cluster_namespace, "server", "Running", timeout=30)
-    time.sleep(5)
+    time.sleep(3)  # longer than the default run time (2 s) of a pod meant to terminate
     assert get_pod(local_cluster, cluster_namespace, "server")["status"]["phase"] == "Running"
 
     local_cluster.kubectl(
