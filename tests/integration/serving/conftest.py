@@ -166,6 +166,57 @@ def server(bundles: Bundles) -> Iterator[ServerThread]:
     running.stop()
 
 
+class ServeProcess:
+    """`fieldkube-serve` (the console script) as its own process on a free loopback port."""
+
+    def __init__(self, args: list[str], log_path: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        command = [str(Path(sys.executable).parent / "fieldkube-serve"), "--port", str(self.port), *args]
+        self.log_path = log_path
+        self._log = log_path.open("wb")
+        self.process = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT)
+
+    def wait_ready(self, timeout_s: float = 120.0) -> ServeProcess:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                if requests.get(f"{self.url}/v2/health/ready", timeout=5).status_code == 200:
+                    return self
+            except requests.RequestException:  # not listening yet, or too busy to answer
+                pass
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"fieldkube-serve did not become ready: {self.log_path.read_text()[-2000:]}"
+                )
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._log.close()
+
+
+@pytest.fixture
+def start_serve_process(tmp_path: Path) -> Iterator[Callable[..., ServeProcess]]:
+    """Factory: run `fieldkube-serve ARGS...` until ready; every process started is stopped afterwards."""
+    started: list[ServeProcess] = []
+
+    def start(*args: str) -> ServeProcess:
+        process = ServeProcess(list(args), tmp_path / f"serve-{len(started)}.log")
+        started.append(process)
+        return process.wait_ready()
+
+    yield start
+    for process in started:
+        process.stop()
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

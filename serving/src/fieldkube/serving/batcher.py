@@ -33,6 +33,12 @@ class OverloadedError(RuntimeError):
         self.retry_after_s = retry_after_s
 
 
+class ShuttingDownError(RuntimeError):
+    """The server is stopping: work not yet started is refused so clients can go to another replica."""
+
+    retry_after_s = 1
+
+
 class InferenceTimeoutError(RuntimeError):
     """The request waited longer than the configured timeout."""
 
@@ -86,10 +92,21 @@ class TileBatcher:
         self._wakeup = asyncio.Event()
         self._worker: asyncio.Task[None] | None = None
         self._tiles_per_s = 0.0  # running estimate, for Retry-After
+        self._closing = False
 
     def start(self) -> None:
         if self._worker is None:
             self._worker = asyncio.get_running_loop().create_task(self._run(), name=f"batcher-{self.task}")
+
+    def close(self) -> None:
+        """Refuse new work and fail every waiting job (503); a forward pass already running completes."""
+        self._closing = True
+        for job in self._jobs:
+            if not job.future.done():
+                job.future.set_exception(ShuttingDownError("the server is shutting down; retry"))
+        self._jobs.clear()
+        self._queued = 0
+        self._metrics.queued_tiles.labels(self.task).set(0)
 
     async def stop(self) -> None:
         if self._worker is not None:
@@ -115,6 +132,8 @@ class TileBatcher:
         count = int(tiles.shape[0])
         if count == 0:
             return np.zeros((0, 1, *tiles.shape[2:]), dtype=np.float32)
+        if self._closing:
+            raise ShuttingDownError("the server is shutting down; retry")
         if self._queued + count > self.max_queue_tiles:
             self._metrics.rejected.labels(self.task, "queue_full").inc()
             raise OverloadedError(

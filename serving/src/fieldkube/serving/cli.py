@@ -61,12 +61,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    import uvicorn
+    from fieldkube.serving.server import serve
 
-    from fieldkube.serving.app import create_app
-
-    app = create_app(settings)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level, access_log=False)
+    serve(settings)
     return 0
 
 

@@ -14,7 +14,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from fieldkube.serving.batcher import InferenceTimeoutError, OverloadedError
+from fieldkube.serving.batcher import InferenceTimeoutError, OverloadedError, ShuttingDownError
 from fieldkube.serving.inference import TilingError
 from fieldkube.serving.registry import ModelNotAvailableError
 
@@ -81,6 +81,10 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(OverloadedError)
     async def _overloaded(request: Request, error: OverloadedError) -> JSONResponse:
         return error_response(request, 429, str(error), {"Retry-After": str(error.retry_after_s)})
+
+    @app.exception_handler(ShuttingDownError)
+    async def _shutting_down(request: Request, error: ShuttingDownError) -> JSONResponse:
+        return error_response(request, 503, str(error), {"Retry-After": str(error.retry_after_s)})
 
     @app.exception_handler(InferenceTimeoutError)
     async def _timeout(request: Request, error: InferenceTimeoutError) -> JSONResponse:

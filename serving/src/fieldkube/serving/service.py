@@ -48,9 +48,11 @@ class Service:
         }
         self._stop = asyncio.Event()
         self._watcher: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     async def start(self) -> None:
         """Start batchers and the model watcher, which loads the models in the background (ready after)."""
+        self._loop = asyncio.get_running_loop()
         for batcher in self.batchers.values():
             batcher.start()
         self._stop.clear()
@@ -65,6 +67,18 @@ class Service:
         while not self.registry.ready() and loop.time() < deadline:
             await asyncio.sleep(0.05)
         return self.registry.ready()
+
+    def begin_shutdown(self) -> None:
+        """Refuse queued and new inference (503 + Retry-After) so requests in flight end at once.
+
+        Safe to call from a signal handler or another thread: the work is scheduled on the event loop.
+        """
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._close_batchers)
+
+    def _close_batchers(self) -> None:
+        for batcher in self.batchers.values():
+            batcher.close()
 
     async def stop(self) -> None:
         self._stop.set()

@@ -50,6 +50,9 @@ class ServeSettings(BaseModel):
         4096, ge=1, description="tiles allowed to wait; beyond this requests get 429 + Retry-After"
     )
     request_timeout_s: float = Field(60.0, gt=0, description="longest a request may wait for inference")
+    shutdown_timeout_s: int = Field(
+        10, ge=1, description="on SIGTERM, longest wait for requests in flight before they are cancelled"
+    )
     poll_interval_s: float = Field(
         30.0, ge=0, description="how often model aliases are re-resolved for hot reload (0: never)"
     )
