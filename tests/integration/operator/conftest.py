@@ -176,7 +176,9 @@ def operator_kubeconfig(local_cluster: Any) -> Path:
 @pytest.fixture
 def operator_factory(operator_kubeconfig: Path) -> Any:
     """Make extra operator processes (same ServiceAccount, no MLflow) for restart and peering tests."""
-    return lambda log, env=None: OperatorProcess(operator_kubeconfig, log, None, env)
+    return lambda log, env=None, kubeconfig=None: OperatorProcess(
+        kubeconfig or operator_kubeconfig, log, None, env
+    )
 
 
 @pytest.fixture(scope="session")

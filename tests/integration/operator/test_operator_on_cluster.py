@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import time
 from collections import Counter
 from pathlib import Path
@@ -19,6 +20,10 @@ import yaml
 ROOT = Path(__file__).resolve().parents[3]
 EXAMPLES = ROOT / "manifests/examples"
 SIM = "fieldkube.io/simulate-"
+# How the API server words a request that RBAC denied to the operator's ServiceAccount (JSON-escaped in logs).
+RBAC_DENIAL = re.compile(
+    r'forbidden: User \\?"system:serviceaccount:fieldkube-system:fieldkube-operator\\?" cannot'
+)
 pytestmark = pytest.mark.cluster
 
 
@@ -405,7 +410,7 @@ def test_operator_killed_and_restarted_reconciles_every_job_exactly_once(
         created = [line for line in chaos.log_text().splitlines() if "created MPIJob" in line]
         names = Counter(line.rsplit("created MPIJob ", 1)[1].split()[0] for line in created)
         assert set(names) <= set(tjs) and set(names.values()) <= {1}, names
-        assert "Forbidden" not in chaos.log_text()
+        assert not RBAC_DENIAL.search(chaos.log_text())
     finally:
         chaos.stop()
         operator.start("--standalone")
@@ -492,7 +497,47 @@ def test_the_operator_service_account_has_least_privilege(local_cluster: Any) ->
         assert not can(verb, resource, "-n", "any"), f"the operator may {verb} {resource}"
 
 
+def test_a_missing_permission_shows_as_a_denial_and_no_child(
+    local_cluster: Any, cluster_namespace: str, operator_factory: Any, operator: Any, tmp_path: Path
+) -> None:
+    """The check below can fail: the same ClusterRole without `create mpijobs` leaves the job childless."""
+    role = yaml.safe_load((ROOT / "manifests/rbac/clusterrole.yaml").read_text())
+    for rule in role["rules"]:
+        if rule["resources"] == ["mpijobs"]:
+            rule["verbs"] = [v for v in rule["verbs"] if v != "create"]
+    role["metadata"]["name"] = "fieldkube-operator-without-create"
+    binding = {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "ClusterRoleBinding",
+        "metadata": {"name": "fieldkube-operator-without-create"},
+        "roleRef": {
+            "apiGroup": "rbac.authorization.k8s.io",
+            "kind": "ClusterRole",
+            "name": role["metadata"]["name"],
+        },
+        "subjects": [
+            {"kind": "ServiceAccount", "name": "fieldkube-operator", "namespace": cluster_namespace}
+        ],
+    }
+    local_cluster.apply([role, binding])
+    kubeconfig = local_cluster.service_account_kubeconfig(cluster_namespace, "fieldkube-operator")
+    operator.stop()
+    reduced = operator_factory(tmp_path / "operator.log", kubeconfig=kubeconfig)
+    try:
+        reduced.start("--standalone", "-n", cluster_namespace)
+        apply(local_cluster, cluster_namespace, trainingjob("childless"))
+        denial = re.compile(RBAC_DENIAL.pattern.replace("fieldkube-system", re.escape(cluster_namespace)))
+        local_cluster.wait_for("the denial in the log", lambda: denial.search(reduced.log_text()), timeout=60)
+        assert get(local_cluster, cluster_namespace, "mpijob", "childless") is None
+    finally:
+        reduced.stop()
+        local_cluster.kubectl(
+            "delete", "clusterrolebinding,clusterrole", role["metadata"]["name"], check=False
+        )
+        operator.start("--standalone")
+
+
 def test_the_operator_was_never_denied_by_rbac(operator: Any) -> None:
     """Runs after the tests above: a permission the ClusterRole lacks shows as a 403 in the log."""
-    denied = [line for line in operator.log_text().splitlines() if "Forbidden" in line or "(403)" in line]
+    denied = [line for line in operator.log_text().splitlines() if RBAC_DENIAL.search(line)]
     assert not denied, "\n".join(denied[:10])

@@ -71,6 +71,9 @@ class Reconciler:
             self.cluster.create_mpijob(mpijob)
             return True
         except ApiException as exc:
+            if namespace_terminating(exc):  # the job goes with its namespace: nothing to start
+                log.info("not creating %s: namespace %s is being deleted", meta["name"], meta["namespace"])
+                return False
             if exc.status != 409:
                 raise
         existing = self.cluster.get_mpijob(meta["namespace"], mpijob["metadata"]["name"])
@@ -282,6 +285,11 @@ class Reconciler:
         )
         self.cluster.delete_trainingjob(meta["namespace"], meta["name"])
         return True
+
+
+def namespace_terminating(exc: ApiException) -> bool:
+    """The API server refuses new objects in a namespace being deleted (403, cause NamespaceTerminating)."""
+    return exc.status == 403 and "NamespaceTerminating" in str(exc.body or "")
 
 
 def timed(handler: str) -> Any:
