@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
+import io
 import json
 import os
 import signal
@@ -31,6 +32,7 @@ from typing import Any
 
 import numpy as np
 import yaml
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -69,10 +71,10 @@ FULL = Size(
 SMALL = Size(
     field_images=48,
     field_image_size="224x448",
-    aerial_images=6,
+    aerial_images=24,
     aerial_image_size="256x256",
     counter_epochs=12,
-    segmenter_epochs=4,
+    segmenter_epochs=12,
     counter_params={"width": 0.5},
     segmenter_params={"base_channels": 8, "depth": 3},
     counter_lr=1.5e-3,
@@ -350,7 +352,7 @@ def query_service(serve_url: str, out: Path, small: bool) -> dict[str, Any]:
     rng = np.random.default_rng(20261123)  # neither dataset used this seed
     field_h, field_w = (448, 448) if small else (720, 1280)
     field = make_field_image(rng, field_h, field_w, n_flowers=30 if small else 60)
-    aerial = make_aerial_scene(rng, 256 if small else 1024, 256 if small else 1024)
+    aerial = make_aerial_scene(rng, 512 if small else 1024, 512 if small else 1024)
     out.mkdir(parents=True, exist_ok=True)
     field_png, aerial_png = encode_png(field.image), encode_png(aerial.image)
     (out / "field-input.png").write_bytes(field_png)
@@ -361,6 +363,12 @@ def query_service(serve_url: str, out: Path, small: bool) -> dict[str, Any]:
     (out / "field-overlay.png").write_bytes(fetch_bytes(f"{serve_url}/v1/count?output=overlay", field_png))
     say("asking the service to segment buildings in a new aerial image")
     segmented = post_image(f"{serve_url}/v1/segment?output=json", aerial_png)
+    mask_png = fetch_bytes(f"{serve_url}/v1/segment?output=png", aerial_png)
+    (out / "aerial-mask.png").write_bytes(mask_png)
+    predicted = np.asarray(Image.open(io.BytesIO(mask_png)).convert("L")) > 127
+    truth = np.asarray(aerial.mask) > 0
+    union = int(np.logical_or(predicted, truth).sum())
+    iou = float(np.logical_and(predicted, truth).sum() / union) if union else 1.0
     (out / "aerial-overlay.png").write_bytes(
         fetch_bytes(f"{serve_url}/v1/segment?output=overlay", aerial_png)
     )
@@ -370,7 +378,8 @@ def query_service(serve_url: str, out: Path, small: bool) -> dict[str, Any]:
         "count_ground_truth": len(field.points),
         "counter_model": counted.get("model"),
         "building_fraction": segmented["building_fraction"],
-        "building_fraction_ground_truth": float(aerial.mask.mean()),
+        "building_fraction_ground_truth": float(truth.mean()),
+        "building_iou": iou,
         "segmenter_model": segmented.get("model"),
     }
 
@@ -454,7 +463,7 @@ def up(args: argparse.Namespace) -> int:
     print(f"  flowers counted : {results['count']:.1f} (ground truth {results['count_ground_truth']})")
     print(
         f"  building share  : {results['building_fraction']:.3f} "
-        f"(ground truth {results['building_fraction_ground_truth']:.3f})"
+        f"(ground truth {results['building_fraction_ground_truth']:.3f}, IoU {results['building_iou']:.2f})"
     )
     print(f"  MLflow UI       : {mlflow_uri}")
     print(f"  Prometheus      : {prometheus_url}   (dashboards: manifests/monitoring/grafana/)")
