@@ -34,8 +34,8 @@ sys.path.insert(0, str(HERE))
 
 import harness  # noqa: E402  (a script beside this one, not an installed package)
 
-BUILT = re.compile(r"\] (\S+) (v\S+): built in (\d+)s")
-DONE = re.compile(r"\] done in (\d+)s")
+# The build script's log lines: "[build-cluster-bins  12s]<colour reset> etcd v3.6.16: built in 158s (26M)".
+BUILT = re.compile(r"\](?:\x1b\[0m)? (\S+) (v\S+): built in (\d+)s")
 
 
 def machine() -> dict[str, Any]:
@@ -67,8 +67,11 @@ def bench_start(node_counts: list[int], repeats: int) -> dict[str, Any]:
     return results
 
 
-def cold_build(mode: str, serial: bool) -> dict[str, Any]:
-    """One build of every component into fresh caches; returns per-component and total seconds."""
+def cold_build(mode: str, serial: bool, log_dir: Path) -> dict[str, Any]:
+    """One build of every component into fresh caches; returns per-component and total seconds.
+
+    The build's own output is kept in ``log_dir/cluster-build-<mode>.log``.
+    """
     with tempfile.TemporaryDirectory(prefix=f"fieldkube-bench-build-{mode}-") as tmp:
         env = {
             **os.environ,
@@ -85,6 +88,8 @@ def cold_build(mode: str, serial: bool) -> dict[str, Any]:
             check=False,
         )
         wall = time.monotonic() - t0
+        log_dir.mkdir(parents=True, exist_ok=True)
+        (log_dir / f"cluster-build-{mode}.log").write_text(result.stdout + result.stderr)
         if result.returncode != 0:
             raise harness.ClusterError(f"the {mode} cold build failed:\n{result.stdout}\n{result.stderr}")
         components = {name: int(seconds) for name, _, seconds in BUILT.findall(result.stdout)}
@@ -94,9 +99,9 @@ def cold_build(mode: str, serial: bool) -> dict[str, Any]:
     return figures
 
 
-def bench_cold_build() -> dict[str, Any]:
-    serial = cold_build("serial", serial=True)
-    overlapped = cold_build("overlapped", serial=False)
+def bench_cold_build(log_dir: Path) -> dict[str, Any]:
+    serial = cold_build("serial", serial=True, log_dir=log_dir)
+    overlapped = cold_build("overlapped", serial=False, log_dir=log_dir)
     return {
         "serial": serial,
         "overlapped": overlapped,
@@ -125,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.skip_start:
             results["start"] = {"machine": machine(), **bench_start(args.nodes, args.starts)}
         if args.cold_build:
-            results["cold_build"] = {"machine": machine(), **bench_cold_build()}
+            results["cold_build"] = {"machine": machine(), **bench_cold_build(args.out.parent)}
     except harness.ClusterError as exc:
         print(f"bench-cluster: error: {exc}", file=sys.stderr)
         return 1
