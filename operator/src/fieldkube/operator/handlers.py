@@ -44,6 +44,9 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
         prefix=STORAGE_PREFIX, key="last-handled-configuration"
     )
     settings.persistence.finalizer = f"{STORAGE_PREFIX}/cleanup"
+    # The TTL timer deletes its own job: the deletion waits for that timer to exit, re-checked this often
+    # (kopf's default, 60 s, would hold every expired job that long).
+    settings.background.cancellation_polling = 1
     settings.posting.level = logging.WARNING
     settings.execution.max_workers = int(os.environ.get("FIELDKUBE_WORKERS", "16"))
     settings.watching.server_timeout = 300
@@ -76,11 +79,14 @@ def ensure_children(body: kopf.Body, namespace: str | None, name: str, logger: k
         mpijob = rec.build(dict(body), tj_spec)
         kopf.adopt(mpijob, owner=body, nested=None)
         try:
-            if rec.ensure_mpijob(dict(body), mpijob):
-                logger.info(f"created MPIJob {mpijob['metadata']['name']}")
+            created = rec.ensure_mpijob(dict(body), mpijob)
         except OwnershipConflictError as exc:
             raise kopf.TemporaryError(str(exc), delay=5) from exc
-        rec.request_sync(str(namespace), name)
+        if created:
+            # The new MPIJob's ADDED event syncs the status: this handler is free for the next job at once.
+            logger.info(f"created MPIJob {mpijob['metadata']['name']}")
+        else:  # found after a restart: no event is coming for it
+            rec.request_sync(str(namespace), name)
 
 
 @kopf.on.update(*TJ, field="spec.runPolicy.suspend")
