@@ -1,7 +1,8 @@
 """Scaling benchmark: `fieldkube-scale` over 1 and 2 workers (Horovod and DDP) on a synthetic dataset.
 
 Weak scaling as in seeds 002/003/004: the per-worker batch stays fixed, each worker gets
---threads-per-worker CPU threads, and speedup = throughput(N) / throughput(1), efficiency = speedup / N.
+--threads-per-worker CPU threads, the counts alternate over --repeat rounds (median), and
+speedup = throughput(N) / throughput(1), efficiency = speedup / N.
 On a 2-core machine 2 workers is the honest ceiling. Writes bench/scale_bench.json (both launchers) and
 each sweep's scale.json / scale.png under --work.
 """
@@ -26,7 +27,8 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("build/scale-bench"))
     parser.add_argument("--workers", default="1,2")
     parser.add_argument("--tile", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--repeat", type=int, default=3, help="alternating rounds (median per count)")
     parser.add_argument("--batch", type=int, default=8)
     args = parser.parse_args()
     began = time.perf_counter()
@@ -44,6 +46,7 @@ def main() -> None:
         sweeps[launcher] = scale(
             ["--data", str(data), "--out", str(args.work / launcher), "--workers", args.workers,
              "--launcher", launcher, "--steps", str(args.steps), "--batch", str(args.batch),
+             "--repeat", str(args.repeat),
              "--threads-per-worker", "1", "--set", "data.loader_workers=0"]
         )  # fmt: skip
     output = {

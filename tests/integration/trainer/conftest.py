@@ -111,8 +111,8 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield url
     finally:
         os.killpg(proc.pid, 15)
-        try:
-            proc.wait(timeout=20)
+        try:  # a throw-away server: no need to wait long for its workers to drain
+            proc.wait(timeout=5)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, 9)
             proc.wait()

@@ -5,7 +5,8 @@
 
 For each worker count N the real `fieldkube-train` runs under the chosen launcher (horovodrun, mpirun or
 torchrun on this host) with the same per-worker batch (weak scaling, as in the seeds) and a fixed number
-of optimizer steps. Each run's steady-state images/s (first step excluded) comes from its summary.json;
+of optimizer steps, in --repeat rounds that alternate the counts (median per count). Each run's
+steady-state images/s (first step excluded) comes from its summary.json;
 speedup = throughput(N) / throughput(N_min) x N_min (= T1/TN for the same amount of work) and
 efficiency = speedup / N, as seed 003 defines them. Writes scale.json and scale.png under --out.
 """
@@ -17,6 +18,7 @@ import json
 import logging
 import os
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -163,6 +165,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=int, default=20, help="optimizer steps per run")
     parser.add_argument("--batch", type=int, default=8, help="images per worker per step")
     parser.add_argument("--threads-per-worker", type=int, default=1, help="torch CPU threads per worker")
+    parser.add_argument("--repeat", type=int, default=1, help="rounds over all counts (median per count)")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds allowed per run")
     parser.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -176,43 +179,63 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     counts = _workers(args.workers)
     if args.steps < 2:
         raise ConfigError(f"--steps {args.steps}: expected >= 2 (the first step is not timed)")
-    if args.batch < 1 or args.threads_per_worker < 1:
-        raise ConfigError("--batch and --threads-per-worker: expected >= 1")
+    if args.batch < 1 or args.threads_per_worker < 1 or args.repeat < 1:
+        raise ConfigError("--batch, --threads-per-worker and --repeat: expected >= 1")
     from fieldkube.trainer.dataset_format import read_manifest
 
     read_manifest(args.data)  # a clear error before any launcher starts
     extra = [item for assignment in args.overrides for item in ("--set", assignment)]
+    # Rounds alternate the worker counts (1, 2, 1, 2, ...) so that load from other work on a shared
+    # machine falls on every count alike; each count reports the median of its rounds.
+    samples: dict[int, list[dict[str, Any]]] = {workers: [] for workers in counts}
+    for round_index in range(args.repeat):
+        for workers in counts:
+            log.info(
+                "round %d/%d: %d steps with %d worker(s) under %s ...",
+                round_index + 1,
+                args.repeat,
+                args.steps,
+                workers,
+                args.launcher,
+            )
+            trained = train_once(
+                args.launcher,
+                workers,
+                args.data,
+                args.out / f"workers-{workers}",
+                args.steps,
+                args.batch,
+                args.threads_per_worker,
+                extra,
+                args.timeout,
+            )
+            samples[workers].append(trained)
+            log.info(
+                "%d worker(s): %.2f images/s (%.0fs wall)",
+                workers,
+                trained["train_images_per_second"],
+                trained["wall_seconds"],
+            )
     runs = []
-    for workers in counts:
-        log.info("training %d steps with %d worker(s) under %s ...", args.steps, workers, args.launcher)
-        trained = train_once(
-            args.launcher,
-            workers,
-            args.data,
-            args.out / f"workers-{workers}",
-            args.steps,
-            args.batch,
-            args.threads_per_worker,
-            extra,
-            args.timeout,
-        )
-        rate = float(trained["train_images_per_second"])
+    for workers, trials in samples.items():
+        rates = [float(t["train_images_per_second"]) for t in trials]
         runs.append(
             {
                 "workers": workers,
-                "images_per_second": round(rate, 3),
-                "loader_wait_share": trained.get("loader_wait_share"),
-                "wall_seconds": trained["wall_seconds"],
-                "backend": trained.get("backend"),
+                "images_per_second": round(statistics.median(rates), 3),
+                "images_per_second_rounds": [round(r, 3) for r in rates],
+                "loader_wait_share": statistics.median(float(t["loader_wait_share"]) for t in trials),
+                "wall_seconds": round(statistics.median(t["wall_seconds"] for t in trials), 3),
+                "backend": trials[0].get("backend"),
             }
         )
-        log.info("%d worker(s): %.2f images/s (%.0fs wall)", workers, rate, trained["wall_seconds"])
     table = scaling_table(runs)
     result = {
         "launcher": args.launcher,
         "steps": args.steps,
         "batch_per_worker": args.batch,
         "threads_per_worker": args.threads_per_worker,
+        "repeat": args.repeat,
         "overrides": args.overrides,
         "cpu_count": os.cpu_count(),
         "runs": table,
