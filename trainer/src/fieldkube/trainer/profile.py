@@ -15,7 +15,6 @@ overlaps it with backward), so it is measured instead of hiding inside the layer
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import time
@@ -29,6 +28,7 @@ import torch
 from torch import nn
 
 from fieldkube.trainer.backends import AnyBackend, create_backend
+from fieldkube.trainer.dataset_format import write_json_atomic
 from fieldkube.trainer.errors import ConfigError, TrainerError
 from fieldkube.trainer.launch_env import detect_launch_env
 from fieldkube.trainer.losses import resolve_loss
@@ -205,8 +205,7 @@ def write_profile(
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
     }
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    write_json_atomic(directory / "config.json", config)
     iteration_rows = [
         {
             "iteration": r.iteration,
