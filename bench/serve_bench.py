@@ -12,6 +12,7 @@ import argparse
 import json
 import os
 import platform
+import signal
 import socket
 import subprocess
 import sys
@@ -27,6 +28,7 @@ import requests
 import torch
 
 from fieldkube.serving.inference import cut_tiles, plan_tiles
+from fieldkube.serving.settings import default_batch_size
 from fieldkube.vision.bundle import load_bundle, save_bundle
 from fieldkube.vision.imageio import encode_png
 from fieldkube.vision.models import build_model, count_parameters
@@ -37,7 +39,7 @@ WORKLOADS: dict[str, dict[str, Any]] = {
     "count": {
         "endpoint": "/v1/count",
         "model": "counter-mcnn",
-        "params": {"width": 0.5},
+        "params": {"width": 0.25},
         "tile": 224,
         "overlap": 32,
         "size": (720, 1280),
@@ -172,56 +174,74 @@ def load(url: str, body: bytes, concurrency: int, requests_total: int) -> dict[s
     }
 
 
+def measure_task(
+    task: str, spec: dict[str, Any], bundle: Path, body: bytes, servers: dict[str, Server], args: Any
+) -> dict[str, Any]:
+    """Bare forward, then each concurrency level on every server in turn (so load drift on a shared
+    machine hits batching on and off alike)."""
+    image = make_image(task)
+    plan = plan_tiles(image.shape[0], image.shape[1], spec["tile"], spec["overlap"], 100_000)
+    print(f"[{task}] bare forward ...", flush=True)
+    entry: dict[str, Any] = {
+        "image": f"{image.shape[1]}x{image.shape[0]}",
+        "model": spec["model"],
+        "model_params": spec["params"],
+        "parameters": count_parameters(build_model(spec["model"], **spec["params"])),
+        "tile": spec["tile"],
+        "overlap": spec["overlap"],
+        "tiles_per_image": len(plan.boxes),
+        "png_bytes": len(body),
+        "bare_forward_rps": bare_forward_rps(
+            bundle, image, spec["tile"], spec["overlap"], args.batch_size, args.bare_seconds
+        ),
+    }
+    for server in servers.values():
+        load(server.url + spec["endpoint"], body, 1, 1)  # warm-up
+    for mode in servers:
+        entry[mode] = {}
+    for concurrency in CONCURRENCY:
+        total = args.requests or max(2, concurrency)
+        for mode, server in servers.items():
+            print(f"[{task}] {mode} concurrency {concurrency}: {total} requests ...", flush=True)
+            entry[mode][str(concurrency)] = load(server.url + spec["endpoint"], body, concurrency, total)
+    return entry
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("bench/results/serve.json"))
-    parser.add_argument("--requests", type=int, default=0, help="requests per level (default: max(6, 2c))")
     parser.add_argument(
-        "--bare-seconds", type=float, default=8.0, help="time spent measuring each bare forward"
+        "--requests", type=int, default=0, help="requests per concurrency level c (default: max(2, c))"
+    )
+    parser.add_argument(
+        "--bare-seconds", type=float, default=3.0, help="time spent measuring each bare forward"
     )
     parser.add_argument(
         "--threads", type=int, default=os.cpu_count() or 1, help="torch threads (server and bare)"
     )
-    parser.add_argument("--batch-size", type=int, default=16, help="max batch size with batching on")
+    parser.add_argument(
+        "--batch-size", type=int, default=0, help="max batch size with batching on (default: the server's)"
+    )
     args = parser.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the finally blocks: stop the server
     torch.set_num_threads(args.threads)
+    args.batch_size = args.batch_size or default_batch_size("cuda" if torch.cuda.is_available() else "cpu")
     started = time.time()
+    load_at_start = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="serve-bench-") as tmp:
         root = Path(tmp)
         bundles = make_bundles(root)
         bodies = {task: encode_png(make_image(task)) for task in WORKLOADS}
         results: dict[str, Any] = {}
-        for task, spec in WORKLOADS.items():
-            image = make_image(task)
-            plan = plan_tiles(image.shape[0], image.shape[1], spec["tile"], spec["overlap"], 100_000)
-            model = build_model(spec["model"], **spec["params"])
-            print(f"[{task}] bare forward ...", flush=True)
-            results[task] = {
-                "image": f"{image.shape[1]}x{image.shape[0]}",
-                "model": spec["model"],
-                "model_params": spec["params"],
-                "parameters": count_parameters(model),
-                "tile": spec["tile"],
-                "overlap": spec["overlap"],
-                "tiles_per_image": len(plan.boxes),
-                "png_bytes": len(bodies[task]),
-                "bare_forward_rps": bare_forward_rps(
-                    bundles[task], image, spec["tile"], spec["overlap"], args.batch_size, args.bare_seconds
-                ),
-            }
-        for mode, batch_size in (("batching_on", args.batch_size), ("batching_off", 1)):
-            server = Server(bundles, batch_size, args.threads, root / f"serve-{mode}.log")
-            try:
-                for task, spec in WORKLOADS.items():
-                    url = server.url + spec["endpoint"]
-                    load(url, bodies[task], 1, 1)  # warm-up
-                    levels = {}
-                    for concurrency in CONCURRENCY:
-                        total = args.requests or max(6, 2 * concurrency)
-                        print(f"[{task}] {mode} concurrency {concurrency}: {total} requests ...", flush=True)
-                        levels[str(concurrency)] = load(url, bodies[task], concurrency, total)
-                    results[task][mode] = levels
-            finally:
+        modes = {"batching_on": args.batch_size, "batching_off": 1}
+        servers: dict[str, Server] = {}
+        try:
+            for mode, batch_size in modes.items():  # both run at once; measurements alternate between them
+                servers[mode] = Server(bundles, batch_size, args.threads, root / f"serve-{mode}.log")
+            for task, spec in WORKLOADS.items():
+                results[task] = measure_task(task, spec, bundles[task], bodies[task], servers, args)
+        finally:
+            for server in servers.values():
                 server.stop()
         for task in WORKLOADS:
             entry = results[task]
@@ -233,6 +253,7 @@ def main() -> int:
             entry["batching_gain"] = best_on / best_off
     report = {
         "benchmark": "serve",
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "machine": {
             "cpus": os.cpu_count(),
             "torch_threads": args.threads,
@@ -240,6 +261,7 @@ def main() -> int:
             "python": platform.python_version(),
             "torch": torch.__version__,
             "device": "cuda" if torch.cuda.is_available() else "cpu",
+            "load_average_at_start": load_at_start,
             "load_average_at_end": os.getloadavg()[0],
         },
         "definitions": {

@@ -1,9 +1,10 @@
 # The inference service (serving/): `make serve` runs it on the models named by COUNTER / SEGMENTER,
-# `make test-serving` runs its tests, `make bench-serve` writes bench/results/serve.json.
+# `make test-serving` runs its tests, `make bench-serve` writes bench/results/serve.json (extra flags:
+# SERVE_BENCH_ARGS="--threads 1 --requests 8").
 COUNTER ?= models:/fieldkube-counter@champion
 SEGMENTER ?= models:/fieldkube-segmenter@champion
 
-.PHONY: serve test-serving
+.PHONY: serve test-serving bench-serve
 
 serve:  ## run fieldkube-serve on 127.0.0.1:8080 (MLFLOW_TRACKING_URI must point at the registry)
 	$(VENV)/bin/fieldkube-serve --counter "$(COUNTER)" --segmenter "$(SEGMENTER)"
@@ -12,4 +13,4 @@ test-serving:  ## the inference service's unit and integration tests
 	$(PY) -m pytest tests/unit/serving tests/integration/serving
 
 bench-serve:  ## load benchmark of the service (concurrency 1/4/16, batching on/off, bare forward)
-	$(PY) bench/serve_bench.py --out bench/results/serve.json
+	$(PY) bench/serve_bench.py --out bench/results/serve.json $(SERVE_BENCH_ARGS)

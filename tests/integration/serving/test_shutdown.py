@@ -10,9 +10,7 @@ import time
 import requests
 
 
-def test_sigterm_answers_queued_requests_503_and_exits_at_once(
-    start_serve_process, bundles, images
-) -> None:
+def test_sigterm_answers_queued_requests_503_and_exits_at_once(start_serve_process, bundles, images) -> None:
     serve = start_serve_process(
         "--counter", str(bundles.counter), "--torch-threads", "1", "--log-level", "warning",
         "--max-batch-size", "64", "--max-batch-delay-s", "120", "--shutdown-timeout-s", "2",

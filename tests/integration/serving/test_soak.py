@@ -1,4 +1,7 @@
-"""Soak: the `fieldkube-serve` command handles a few thousand small requests with bounded memory growth."""
+"""Soak: the `fieldkube-serve` command handles a few thousand small requests with bounded memory growth.
+
+The mix: multipart counts, OIP v2 JSON tensors, raw-body segmentations and truncated images (400).
+"""
 
 from __future__ import annotations
 
@@ -21,6 +24,17 @@ def test_thousands_of_requests_with_bounded_memory(start_serve_process, bundles,
     count_body = images.png(images.field(41, 48, 48, 3))
     segment_body = images.png(images.aerial(41, 48, 48))
     bad_body = count_body[:60]
+    pixels = images.field(42, 48, 48, 3)
+    infer_body = {
+        "inputs": [
+            {
+                "name": "image",
+                "shape": list(pixels.shape),
+                "datatype": "UINT8",
+                "data": pixels.ravel().tolist(),
+            }
+        ]
+    }
 
     def burst(n: int, session: requests.Session) -> dict[int, int]:
         statuses: dict[int, int] = {}
@@ -30,8 +44,11 @@ def test_thousands_of_requests_with_bounded_memory(start_serve_process, bundles,
                 response = session.post(f"{url}/v1/count", data=bad_body, timeout=60)
             elif kind == 2:
                 response = session.post(f"{url}/v1/segment", data=segment_body, timeout=60)
+            elif kind == 1:
+                response = session.post(f"{url}/v2/models/counter/infer", json=infer_body, timeout=60)
             else:
-                response = session.post(f"{url}/v1/count", data=count_body, timeout=60)
+                files = {"file": ("field.png", count_body, "image/png")}
+                response = session.post(f"{url}/v1/count", files=files, timeout=60)
             statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
         return statuses
 

@@ -5,6 +5,7 @@ and seams are hidden), then derive counts and masks.
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 
 import numpy as np
@@ -69,9 +70,12 @@ async def predict_map(
     """(H, W) float32 map for the image (per-pixel counts or probabilities) and the plan that made it."""
     height, width = image.shape[:2]
     plan = plan_tiles(height, width, tile or model.tile, overlap, max_tiles)
-    tiles = cut_tiles(image, plan)
+    # Cutting and stitching a large image take a good fraction of a second: off the event loop too.
+    tiles = await asyncio.to_thread(cut_tiles, image, plan)
     outputs = await batcher.infer(model, tiles)
-    stitched = stitch(outputs, plan.boxes, plan.padded_height, plan.padded_width, blend="cosine")
+    stitched = await asyncio.to_thread(
+        stitch, outputs, plan.boxes, plan.padded_height, plan.padded_width, "cosine"
+    )
     return stitched[0, :height, :width], plan
 
 

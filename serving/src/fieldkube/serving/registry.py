@@ -17,6 +17,8 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from fieldkube.serving.metrics import ServeMetrics
 from fieldkube.serving.model_source import ModelSource, parse_model_source
 from fieldkube.serving.served_model import ServedModel, Task, load_served_model, pick_device
@@ -60,6 +62,11 @@ class ModelRegistry:
         self.last_error: dict[Task, str] = {}
         self._swap_lock = threading.Lock()
         self._cache = Path(tempfile.mkdtemp(prefix="fieldkube-serve-models-"))
+
+    @property
+    def device(self) -> torch.device:
+        """Where the models run."""
+        return self._device
 
     # -- reading -------------------------------------------------------------------------------------
     def get(self, task: Task) -> ServedModel:

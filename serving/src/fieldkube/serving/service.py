@@ -19,7 +19,7 @@ from fieldkube.serving.inference import TilePlan, TilingError, plan_tiles, predi
 from fieldkube.serving.metrics import ServeMetrics
 from fieldkube.serving.registry import ModelRegistry
 from fieldkube.serving.served_model import TASKS, ServedModel, Task
-from fieldkube.serving.settings import ServeSettings
+from fieldkube.serving.settings import ServeSettings, default_batch_size
 
 log = logging.getLogger(__name__)
 
@@ -33,12 +33,13 @@ class Service:
         if settings.torch_threads:
             torch.set_num_threads(settings.torch_threads)
         self.registry = ModelRegistry(settings, self.metrics)
+        self.max_batch_size = settings.max_batch_size or default_batch_size(self.registry.device.type)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fieldkube-infer")
         self.batchers: dict[Task, TileBatcher] = {
             task: TileBatcher(
                 task,
                 self.metrics,
-                max_batch_size=settings.max_batch_size,
+                max_batch_size=self.max_batch_size,
                 max_batch_delay_s=settings.max_batch_delay_s,
                 max_queue_tiles=settings.max_queue_tiles,
                 request_timeout_s=settings.request_timeout_s,

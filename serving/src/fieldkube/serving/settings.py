@@ -42,7 +42,12 @@ class ServeSettings(BaseModel):
     )
     default_overlap: int = Field(32, ge=0, description="tile overlap when a request does not set one")
     max_tiles_per_image: int = Field(4096, ge=1, description="largest number of tiles one image may need")
-    max_batch_size: int = Field(16, ge=1, description="most tiles in one forward pass (1: no batching)")
+    max_batch_size: int | None = Field(
+        None,
+        ge=1,
+        description="most tiles in one forward pass (1: no batching; default 16 on CUDA, 4 on CPU, where "
+        "larger batches measured slower per tile)",
+    )
     max_batch_delay_s: float = Field(
         0.004, ge=0, description="longest wait for more tiles before a partial batch runs"
     )
@@ -65,6 +70,12 @@ class ServeSettings(BaseModel):
         if not self.counter and not self.segmenter:
             raise ValueError("no model configured: set --counter and/or --segmenter")
         return self
+
+
+def default_batch_size(device_type: str) -> int:
+    """Tiles per forward pass when not set: a GPU needs wide batches to be busy; on CPU, batches past a
+    few tiles only add cache misses (bench/serve_bench.py measured 16 slower per tile than 1-8)."""
+    return 16 if device_type == "cuda" else 4
 
 
 def field_env_name(field: str) -> str:
