@@ -32,7 +32,19 @@ else
   echo "all present"
 fi
 
-# --- 2. Python environment ----------------------------------------------------------------------
+# --- 2. Local Kubernetes control plane binaries, in the background ---------------------------------
+# The Go builds need only the Go toolchain, so they overlap with pip (mostly downloads) and Horovod;
+# their output is shown in step 5. A build that is cached returns at once.
+CLUSTER_PID=""
+if [ -x hack/build-cluster-bins.sh ]; then
+  mkdir -p "$CACHE"
+  CLUSTER_LOG="$CACHE/build-cluster-bins.log"
+  hack/build-cluster-bins.sh >"$CLUSTER_LOG" 2>&1 &
+  CLUSTER_PID=$!
+  trap '[ -n "$CLUSTER_PID" ] && kill "$CLUSTER_PID" 2>/dev/null || true' EXIT
+fi
+
+# --- 3. Python environment ----------------------------------------------------------------------
 command -v "$PYTHON" >/dev/null 2>&1 || PYTHON=python3
 "$PYTHON" -c 'import sys; assert sys.version_info >= (3, 11), sys.version' \
   || die "Python >= 3.11 is required ($PYTHON is $("$PYTHON" --version 2>&1))"
@@ -44,21 +56,26 @@ if [ "$(cat "$STAMP" 2>/dev/null)" != "$WANT" ]; then
   "$VENV/bin/python" -m pip install -q --upgrade "pip==25.3"
   "$VENV/bin/python" -m pip install --progress-bar off -c constraints.txt \
     -e vision -e trainer -e serving -e operator -r requirements-dev.txt \
-    | grep -vE "^(Requirement already satisfied|  Using cached|Collecting|Using cached|  Downloading|Downloading)" || true
+    | { grep -vE "^(Requirement already satisfied|  Using cached|Collecting|Using cached|  Downloading|Downloading)" || true; }
+  [ "${PIPESTATUS[0]}" -eq 0 ] || die "pip install failed (see the messages above)"
   "$VENV/bin/python" -m pip check >/dev/null || { "$VENV/bin/python" -m pip check; die "pip check failed"; }
   echo "$WANT" > "$STAMP"
 else
   echo "up to date"
 fi
 
-# --- 3. Horovod ---------------------------------------------------------------------------------
+# --- 4. Horovod ---------------------------------------------------------------------------------
 step "Horovod (built from sdist, cached in $CACHE/wheels)"
 VENV=$VENV hack/build-horovod.sh
 
-# --- 4. Local Kubernetes control plane binaries ---------------------------------------------------
-if [ -x hack/build-cluster-bins.sh ]; then
+# --- 5. Local Kubernetes control plane binaries (started in step 2) --------------------------------
+if [ -n "$CLUSTER_PID" ]; then
   step "Kubernetes control plane, kwok and mpi-operator binaries (built from Go modules, cached in $CACHE/bin)"
-  hack/build-cluster-bins.sh
+  status=0
+  wait "$CLUSTER_PID" || status=$?
+  CLUSTER_PID=""
+  cat "$CLUSTER_LOG"
+  [ "$status" -eq 0 ] || die "building the control plane binaries failed (exit $status; log above, also in $CLUSTER_LOG)"
 fi
 
 step "done in $(( $(date +%s) - START ))s: activate with 'source $VENV/bin/activate'"
