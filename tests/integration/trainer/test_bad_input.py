@@ -86,3 +86,11 @@ def test_unknown_model_parameter_is_named(field_dataset: Path, tmp_path: Path) -
 def test_missing_dataset_is_named(tmp_path: Path) -> None:
     proc = _cli("fieldkube-train", "--data", str(tmp_path / "nowhere"), "--set", "metrics.port=0")
     _assert_clean_error(proc, "nowhere/manifest.json: not found")
+
+
+def test_unusable_tracking_uri_is_named(field_dataset: Path, tmp_path: Path) -> None:
+    # MLflow refuses its file store; the user sees which field to change, not MLflow's traceback.
+    proc = _cli("fieldkube-train", "--data", str(field_dataset), "--set", f"tracking.uri=file://{tmp_path}/mlruns",
+                "--set", "metrics.port=0", "--set", f"output_dir={tmp_path}")  # fmt: skip
+    _assert_clean_error(proc, "tracking.uri", "file://")
+    assert not (tmp_path / "model").exists()

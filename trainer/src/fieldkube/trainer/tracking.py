@@ -17,6 +17,7 @@ from typing import Any
 
 from fieldkube.trainer.config import TrackingConfig, TrainingConfig
 from fieldkube.trainer.dataset_format import write_json_atomic
+from fieldkube.trainer.errors import ConfigError
 
 log = logging.getLogger("fieldkube.tracking")
 
@@ -69,8 +70,15 @@ class Tracker:
 
         mlflow.set_tracking_uri(self.uri)
         self._mlflow = mlflow
-        self._client = MlflowClient(self.uri)
-        experiment = self._client.get_experiment_by_name(self.config.experiment)
+        try:
+            self._client = MlflowClient(self.uri)
+            experiment = self._client.get_experiment_by_name(self.config.experiment)
+        except MlflowException as exc:  # e.g. a file store MLflow refuses, or a URI that is not a server
+            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ConfigError(
+                f"field 'tracking.uri': MLflow cannot use {self.uri!r}: {first_line} "
+                "(expected an http(s):// tracking server or sqlite:///path.db)"
+            ) from exc
         if experiment is None:
             try:
                 experiment_id = self._client.create_experiment(self.config.experiment)
