@@ -30,7 +30,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-STATE = Path(os.environ.get("FIELDKUBE_CACHE", Path.home() / ".cache" / "fieldkube")) / "demo-cluster"
+DEFAULT_STATE = Path(os.environ.get("FIELDKUBE_CACHE", Path.home() / ".cache" / "fieldkube")) / "demo-cluster"
 NAMESPACE = "field-team"
 SIMULATED = (
     "NOTE: pods are simulated by kwok (no container runtime runs here): nothing trains inside them. "
@@ -54,7 +54,7 @@ def load_harness() -> ModuleType:
     return module
 
 
-def volumes_for(example: dict[str, Any]) -> list[dict[str, Any]]:
+def volumes_for(example: dict[str, Any], state: Path) -> list[dict[str, Any]]:
     """A hostPath PersistentVolume and a bound claim for each PVC an example mounts."""
     manifests: list[dict[str, Any]] = []
     spec = example.get("spec", {})
@@ -72,7 +72,7 @@ def volumes_for(example: dict[str, Any]) -> list[dict[str, Any]]:
                     "capacity": {"storage": "10Gi"},
                     "accessModes": ["ReadWriteMany"],
                     "storageClassName": "",
-                    "hostPath": {"path": str(STATE / "volumes" / claim)},
+                    "hostPath": {"path": str(state / "volumes" / claim)},
                     "claimRef": {"namespace": NAMESPACE, "name": claim},
                 },
             }
@@ -108,7 +108,7 @@ def up(args: argparse.Namespace) -> int:
     harness = load_harness()
     say("building or reusing the control plane binaries (hack/build-cluster-bins.sh)")
     subprocess.run([str(ROOT / "hack" / "build-cluster-bins.sh")], check=True)
-    cluster = harness.LocalCluster(STATE, nodes=args.nodes)
+    cluster = harness.LocalCluster(args.state, nodes=args.nodes)
     if cluster.running():
         say("stopping the previous demo cluster")
         cluster.stop()
@@ -145,7 +145,7 @@ def up(args: argparse.Namespace) -> int:
     cluster.kubectl("create", "namespace", NAMESPACE)
     examples = sorted((ROOT / "manifests" / "examples").glob("*.yaml"))
     for path in examples:
-        cluster.apply(volumes_for(yaml.safe_load(path.read_text())))
+        cluster.apply(volumes_for(yaml.safe_load(path.read_text()), args.state))
     say(f"kubectl apply -f manifests/examples/ -n {NAMESPACE}")
     kubectl = [str(cluster.binaries.path("kubectl")), "--kubeconfig", str(kubeconfig)]
     subprocess.run(
@@ -192,8 +192,8 @@ def up(args: argparse.Namespace) -> int:
     return 1 if unfinished else 0
 
 
-def down(_: argparse.Namespace) -> int:
-    cluster = load_harness().LocalCluster(STATE)
+def down(args: argparse.Namespace) -> int:
+    cluster = load_harness().LocalCluster(args.state)
     cluster.stop()
     say("demo cluster stopped")
     return 0
@@ -206,6 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("command", nargs="?", choices=["up", "down"], default="up")
     parser.add_argument("--nodes", type=int, default=2, help="fake GPU nodes (8 GPUs each)")
     parser.add_argument("--detach", action="store_true", help="leave the cluster running and return")
+    parser.add_argument("--state", type=Path, default=DEFAULT_STATE, help="the cluster's state directory")
     parser.add_argument("--timeout", type=float, default=300, help="seconds to wait for the jobs to finish")
     args = parser.parse_args(argv)
     return up(args) if args.command == "up" else down(args)
