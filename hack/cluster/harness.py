@@ -607,6 +607,26 @@ class LocalCluster:
             ],
         }
         self.apply(binding)
+        # The released ClusterRole lacks update on batch jobs/status, which the controller needs to resume
+        # a suspended MPIJob (it rewrites the launcher Job's status): without it a resumed job never runs.
+        job_status = "fieldkube-local-mpi-operator-job-status"
+        self.apply(
+            [
+                {
+                    "apiVersion": "rbac.authorization.k8s.io/v1",
+                    "kind": "ClusterRole",
+                    "metadata": {"name": job_status},
+                    "rules": [
+                        {"apiGroups": ["batch"], "resources": ["jobs/status"], "verbs": ["update", "patch"]}
+                    ],
+                },
+                {
+                    **binding,
+                    "metadata": {"name": job_status},
+                    "roleRef": {**binding["roleRef"], "name": job_status},
+                },
+            ]
+        )
 
     def _node_manifest(self, name: str) -> dict[str, Any]:
         capacity = {

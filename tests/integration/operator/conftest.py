@@ -137,36 +137,11 @@ class OperatorProcess:
         return self.log.read_text(errors="replace")
 
 
-# The mpi-operator v0.8.2 release's ClusterRole lets it update batch Jobs but not their status, which its
-# controller writes when a suspended MPIJob resumes (mpi_job_controller.go: Jobs(...).UpdateStatus); without
-# this grant a resumed MPIJob never runs again. Granted here until the harness installs it.
-MPI_OPERATOR_JOB_STATUS_GRANT: list[dict[str, Any]] = [
-    {
-        "apiVersion": "rbac.authorization.k8s.io/v1",
-        "kind": "ClusterRole",
-        "metadata": {"name": "fieldkube-test-mpi-operator-job-status"},
-        "rules": [{"apiGroups": ["batch"], "resources": ["jobs/status"], "verbs": ["update", "patch"]}],
-    },
-    {
-        "apiVersion": "rbac.authorization.k8s.io/v1",
-        "kind": "ClusterRoleBinding",
-        "metadata": {"name": "fieldkube-test-mpi-operator-job-status"},
-        "roleRef": {
-            "apiGroup": "rbac.authorization.k8s.io",
-            "kind": "ClusterRole",
-            "name": "fieldkube-test-mpi-operator-job-status",
-        },
-        "subjects": [
-            {"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": "fieldkube:mpi-operator"}
-        ],
-    },
-]
-
-
+# The local cluster (hack/cluster/harness.py) also grants the mpi-operator update on batch jobs/status,
+# which its released ClusterRole lacks and which resuming a suspended MPIJob needs.
 @pytest.fixture(scope="session")
 def operator_kubeconfig(local_cluster: Any) -> Path:
     """The operator's own ServiceAccount token (bound to manifests/rbac/clusterrole.yaml), not admin."""
-    local_cluster.apply(MPI_OPERATOR_JOB_STATUS_GRANT)
     path: Path = local_cluster.service_account_kubeconfig(
         "fieldkube-system", "fieldkube-operator", create=False
     )
