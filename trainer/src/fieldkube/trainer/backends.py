@@ -197,6 +197,20 @@ class DDPBackend(SingleBackend):
 AnyBackend = SingleBackend | HorovodBackend | DDPBackend
 
 
+def pin_device(wanted: str, local_rank: int, setting: str) -> torch.device:
+    """One process per GPU: the CUDA device of this local rank when wanted and present, else the CPU.
+
+    `setting` names where `wanted` came from (config field or flag), for the error when CUDA is absent.
+    """
+    if wanted == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"{setting}: no CUDA device is available on this host")
+    if wanted in ("cuda", "auto") and torch.cuda.is_available():
+        index = local_rank % torch.cuda.device_count()
+        torch.cuda.set_device(index)
+        return torch.device("cuda", index)
+    return torch.device("cpu")
+
+
 def resolve_backend_name(requested: Backend, env: LaunchEnv) -> str:
     """`auto` follows the launcher: horovodrun/mpirun -> horovod, torchrun -> ddp, nothing -> single."""
     if requested != "auto":

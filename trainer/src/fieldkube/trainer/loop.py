@@ -23,7 +23,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from fieldkube.trainer import checkpoint as ckpt
-from fieldkube.trainer.backends import AnyBackend, create_backend
+from fieldkube.trainer.backends import AnyBackend, create_backend, pin_device
 from fieldkube.trainer.config import TrainingConfig
 from fieldkube.trainer.errors import ConfigError, DataError
 from fieldkube.trainer.launch_env import detect_launch_env
@@ -83,17 +83,6 @@ class _Stop:
 
     def __call__(self, signum: int, frame: FrameType | None) -> None:
         self.requested = True
-
-
-def select_device(config: TrainingConfig, local_rank: int) -> torch.device:
-    wanted = config.runtime.device
-    if wanted == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("runtime.device 'cuda': no CUDA device is available on this host")
-    if wanted in ("cuda", "auto") and torch.cuda.is_available():
-        index = local_rank % torch.cuda.device_count()
-        torch.cuda.set_device(index)
-        return torch.device("cuda", index)
-    return torch.device("cpu")
 
 
 def build_task_model(config: TrainingConfig) -> tuple[nn.Module, str]:
@@ -209,7 +198,8 @@ def run_training(config: TrainingConfig) -> TrainingResult:
     env = detect_launch_env()
     if config.runtime.threads:
         torch.set_num_threads(config.runtime.threads)
-    device = select_device(config, env.local_rank)
+    wanted = config.runtime.device
+    device = pin_device(wanted, env.local_rank, f"runtime.device {wanted!r}")
     backend = create_backend(config.runtime.backend, env, device)
     try:
         return _train(config, backend, device)

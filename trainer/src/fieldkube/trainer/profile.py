@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fieldkube.trainer.backends import AnyBackend, create_backend
+from fieldkube.trainer.backends import AnyBackend, create_backend, pin_device
 from fieldkube.trainer.dataset_format import write_json_atomic
 from fieldkube.trainer.errors import ConfigError, TrainerError
 from fieldkube.trainer.launch_env import detect_launch_env
@@ -71,16 +71,6 @@ class IterationRecord:
     iteration_s: float
     phases: dict[str, float]
     layers: dict[str, tuple[float, float, float]] | None
-
-
-def _device(name: str, local_rank: int) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda: no CUDA device is available on this host")
-    if name in ("auto", "cuda") and torch.cuda.is_available():
-        index = local_rank % torch.cuda.device_count()
-        torch.cuda.set_device(index)
-        return torch.device("cuda", index)
-    return torch.device("cpu")
 
 
 def synthetic_batches(
@@ -242,7 +232,7 @@ def run_profile(settings: ProfileSettings, out: Path, repetitions: int) -> list[
     env = detect_launch_env()
     if settings.threads:
         torch.set_num_threads(settings.threads)
-    device = _device(settings.device, env.local_rank)
+    device = pin_device(settings.device, env.local_rank, f"--device {settings.device}")
     if settings.backend not in ("auto", "single", "horovod", "ddp"):
         raise ConfigError(f"--backend {settings.backend!r}: expected auto, single, horovod or ddp")
     backend = create_backend(settings.backend, env, device)  # type: ignore[arg-type]
