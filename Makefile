@@ -3,7 +3,7 @@ SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
-PKGS := vision/src trainer/src serving/src operator/src
+PKGS := vision/src trainer/src serving/src operator/src hack/localcluster/src
 
 -include mk/*.mk
 

@@ -1,6 +1,6 @@
 """Operator overhead: N TrainingJobs through the operator vs the same N MPIJobs applied directly, one run.
 
-Starts the local control plane (hack/cluster/harness.py) and the operator with its own ServiceAccount,
+Starts the local control plane (fieldkube.localcluster) and the operator with its own ServiceAccount,
 then: (1) `kubectl create` of N MPIJobs built by the operator's own builder, timed until all exist;
 (2) `kubectl create` of N equivalent TrainingJobs, timed until the operator has created every MPIJob,
 with per-job latency (TrainingJob seen → its MPIJob seen, by one watching client) and the operator's peak
@@ -10,7 +10,6 @@ RSS. Writes bench/results/operator.json.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import platform
@@ -38,14 +37,9 @@ BIN = Path(sys.executable).parent
 
 
 def load_harness() -> Any:
-    spec = importlib.util.spec_from_file_location(
-        "fieldkube_cluster_harness", ROOT / "hack/cluster/harness.py"
-    )
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    from fieldkube.localcluster import harness
+
+    return harness
 
 
 def free_port() -> int:

@@ -2,9 +2,10 @@
 # Builds the local control plane's binaries from Go modules and caches them outside the repository,
 # one directory per component and version:
 #   ${FIELDKUBE_CACHE:-~/.cache/fieldkube}/bin/<component>-<version>/<component>
-# Components: kube-apiserver, kube-controller-manager, kube-scheduler and kubectl (wrapper module
-# hack/cluster/kube), etcd (hack/cluster/etcd), kwok (sigs.k8s.io/kwok) and mpi-operator
-# (hack/cluster/mpi-operator) plus its CRD and ClusterRole copied from its module.
+# Components: kube-apiserver, kube-controller-manager, kube-scheduler, kubectl, and the real node's
+# kubelet and kube-proxy (wrapper module hack/cluster/kube), etcd (hack/cluster/etcd), CoreDNS
+# (hack/cluster/coredns), kwok (sigs.k8s.io/kwok) and mpi-operator (hack/cluster/mpi-operator) plus
+# its CRD and ClusterRole copied from its module.
 # A component is rebuilt only when missing or when its wrapper's sources changed, so a second run is
 # instant. The Go module and build caches are Go's own (GOMODCACHE, GOCACHE), never the repository.
 #
@@ -12,7 +13,7 @@
 # - the modules of every component are downloaded first, all at once: downloads are network-bound;
 # - the four Kubernetes binaries come from one `go build` so their shared packages compile once and
 #   one binary links while the next one's packages compile;
-# - etcd, mpi-operator and kwok build one after another *beside* the Kubernetes build, filling the
+# - etcd, CoreDNS, mpi-operator and kwok build one after another *beside* the Kubernetes build, filling the
 #   cores during its serial stretches (large single packages, linking).
 # Set FIELDKUBE_BUILD_SERIAL=1 to build one component at a time (for comparing timings).
 set -euo pipefail
@@ -41,6 +42,7 @@ check_pin() {  # <go.mod> <module path> <version>
 check_pin hack/cluster/kube/go.mod k8s.io/kubernetes "$KUBERNETES_VERSION"
 check_pin hack/cluster/etcd/go.mod go.etcd.io/etcd/server/v3 "$ETCD_VERSION"
 check_pin hack/cluster/mpi-operator/go.mod github.com/kubeflow/mpi-operator "$MPI_OPERATOR_VERSION"
+check_pin hack/cluster/coredns/go.mod github.com/coredns/coredns "$COREDNS_VERSION"
 
 mkdir -p "$BIN"
 exec 9>"$BIN/.build.lock"
@@ -58,10 +60,11 @@ for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
   KUBE_LDFLAGS+=" -X $pkg.gitVersion=$KUBERNETES_VERSION -X $pkg.gitMajor=1 -X $pkg.gitMinor=$KUBE_MINOR"
   KUBE_LDFLAGS+=" -X $pkg.gitTreeState=clean"
 done
-KUBE_COMPONENTS=(kube-apiserver kube-controller-manager kube-scheduler kubectl)
+KUBE_COMPONENTS=(kube-apiserver kube-controller-manager kube-scheduler kubectl kubelet kube-proxy)
 KUBE_HASH=$(source_hash hack/cluster/kube)
 ETCD_HASH=$(source_hash hack/cluster/etcd)
 MPI_HASH=$(source_hash hack/cluster/mpi-operator)
+COREDNS_HASH=$(source_hash hack/cluster/coredns)
 
 cached() {  # <name> <version> <hash>: is the cached binary current?
   local dest=$BIN/$1-$2
@@ -113,6 +116,7 @@ go_build() {  # <module dir> <ldflags> <name>...: builds ./cmd/<name> (or . for 
 
 build_kube() { go_build hack/cluster/kube "$KUBE_LDFLAGS" "${KUBE_COMPONENTS[@]}"; }
 build_etcd() { go_build hack/cluster/etcd "-s -w" etcd; }
+build_coredns() { go_build hack/cluster/coredns "-s -w" coredns; }
 build_kwok() { GOBIN=$OUT/kwok go install -trimpath -ldflags "-s -w" "sigs.k8s.io/kwok/cmd/kwok@$KWOK_VERSION"; }
 build_mpi_operator() {
   go_build hack/cluster/mpi-operator "-s -w" mpi-operator || return 1
@@ -127,6 +131,7 @@ build_mpi_operator() {
 kube_job() { build kubernetes "$KUBERNETES_VERSION" "$KUBE_HASH" "${KUBE_COMPONENTS[*]}" build_kube; }
 others_job() {
   build etcd "$ETCD_VERSION" "$ETCD_HASH" etcd build_etcd
+  build coredns "$COREDNS_VERSION" "$COREDNS_HASH" coredns build_coredns
   build mpi-operator "$MPI_OPERATOR_VERSION" "$MPI_HASH" mpi-operator build_mpi_operator
   build kwok "$KWOK_VERSION" "$KWOK_VERSION" kwok build_kwok
 }
@@ -142,6 +147,7 @@ download() {  # <component>
 prefetch=()
 for c in "${KUBE_COMPONENTS[@]}"; do cached "$c" "$KUBERNETES_VERSION" "$KUBE_HASH" || { prefetch+=(kube); break; }; done
 cached etcd "$ETCD_VERSION" "$ETCD_HASH" || prefetch+=(etcd)
+cached coredns "$COREDNS_VERSION" "$COREDNS_HASH" || prefetch+=(coredns)
 cached mpi-operator "$MPI_OPERATOR_VERSION" "$MPI_HASH" || prefetch+=(mpi-operator)
 cached kwok "$KWOK_VERSION" "$KWOK_VERSION" || prefetch+=(kwok)
 if [ ${#prefetch[@]} -gt 0 ]; then

@@ -1,13 +1,14 @@
-"""`make demo-cluster`: the demo's training step through Kubernetes, on the local control plane.
+"""`make demo-cluster`: the TrainingJob flow through Kubernetes, on the local cluster.
 
-It starts the real control plane of hack/cluster/ (etcd, kube-apiserver with TLS and RBAC, controller
-manager, scheduler, the Kubeflow mpi-operator) with fake GPU nodes, starts fieldkube-operator under its
-own least-privilege ServiceAccount, creates the volumes the examples mount, runs
-`kubectl apply -f manifests/examples/` and follows `kubectl get tj -w` until every job has finished.
+It starts the local cluster (etcd, kube-apiserver with TLS and RBAC, controller manager, scheduler, the
+Kubeflow mpi-operator, fake GPU nodes and the real node: containerd, kubelet, kube-proxy, CoreDNS), an
+MLflow server the pods reach, fieldkube-operator under its own least-privilege ServiceAccount, prepares a
+small dataset, creates the volumes the examples mount, runs `kubectl apply -f manifests/examples/` and
+follows `kubectl get tj -w` until every job has finished.
 
-Pods are simulated: kwok plays the kubelet, so no container runs and no training happens inside them;
-the TrainingJobs, MPIJobs, pods, scheduling decisions and status are real Kubernetes objects. (`make demo`
-trains for real on this machine; the operator tests run a job's launcher command locally.)
+flower-counter-cpu trains for real: its launcher runs mpirun over ssh into two worker pods, in containers
+from the project's images (`make images`), and registers its model in MLflow. The GPU examples' pods are
+simulated by kwok on fake GPU nodes (there is no GPU here); their objects and status are real.
 
     python hack/demo_cluster.py [--nodes 2] [--detach]    # Ctrl-C stops the cluster unless --detach
     python hack/demo_cluster.py down
@@ -16,7 +17,6 @@ trains for real on this machine; the operator tests run a job's launcher command
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import socket
 import subprocess
@@ -32,9 +32,12 @@ ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 DEFAULT_STATE = Path(os.environ.get("FIELDKUBE_CACHE", Path.home() / ".cache" / "fieldkube")) / "demo-cluster"
 NAMESPACE = "field-team"
+CPU_JOB = "flower-counter-cpu"
 SIMULATED = (
-    "NOTE: pods are simulated by kwok (no container runtime runs here): nothing trains inside them. "
-    "The TrainingJobs, MPIJobs, pods, scheduling and status you see are real Kubernetes objects."
+    f"NOTE: {CPU_JOB} trains for real: its launcher and worker pods run in containers on the real node "
+    "(fieldkube-node). The GPU examples' pods are simulated by kwok on fake GPU nodes (no GPU here): "
+    "nothing trains inside them, but their TrainingJobs, MPIJobs, pods, scheduling and status are real "
+    "Kubernetes objects."
 )
 TERMINAL = {"Succeeded", "Failed"}
 START = time.monotonic()
@@ -45,52 +48,51 @@ def say(message: str) -> None:
 
 
 def load_harness() -> ModuleType:
-    name = "fieldkube_cluster_harness"
-    spec = importlib.util.spec_from_file_location(name, ROOT / "hack" / "cluster" / "harness.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
+    from fieldkube.localcluster import harness
+
+    return harness
 
 
-def volumes_for(example: dict[str, Any], state: Path) -> list[dict[str, Any]]:
-    """A hostPath PersistentVolume and a bound claim for each PVC an example mounts."""
-    manifests: list[dict[str, Any]] = []
+def claims_of(example: dict[str, Any]) -> list[tuple[str, bool]]:
+    """(claim, written by the trainer) for each PVC an example mounts."""
     spec = example.get("spec", {})
-    for section in ("dataset", "checkpoint"):
-        claim = spec.get(section, {}).get("pvc")
-        if not claim:
-            continue
-        volume = f"{NAMESPACE}-{claim}"
-        manifests.append(
-            {
-                "apiVersion": "v1",
-                "kind": "PersistentVolume",
-                "metadata": {"name": volume},
-                "spec": {
-                    "capacity": {"storage": "10Gi"},
-                    "accessModes": ["ReadWriteMany"],
-                    "storageClassName": "",
-                    "hostPath": {"path": str(state / "volumes" / claim)},
-                    "claimRef": {"namespace": NAMESPACE, "name": claim},
-                },
-            }
-        )
-        manifests.append(
-            {
-                "apiVersion": "v1",
-                "kind": "PersistentVolumeClaim",
-                "metadata": {"name": claim, "namespace": NAMESPACE},
-                "spec": {
-                    "accessModes": ["ReadWriteMany"],
-                    "storageClassName": "",
-                    "volumeName": volume,
-                    "resources": {"requests": {"storage": "10Gi"}},
-                },
-            }
-        )
-    return manifests
+    return [
+        (spec[section]["pvc"], section == "checkpoint")
+        for section in ("dataset", "checkpoint")
+        if spec.get(section, {}).get("pvc")
+    ]
+
+
+def prepare_cpu_dataset(data: Path) -> None:
+    """The CPU example's dataset (prepared/field-small in the field-images claim), prepared once."""
+    out = data / "field-images" / "prepared" / "field-small"
+    if (out / "manifest.json").exists():
+        say(f"dataset for flower-counter-cpu: cached at {out}")
+        return
+    say("preparing a small synthetic field dataset for flower-counter-cpu (fieldkube-prepare)")
+    subprocess.run(
+        [
+            str(BIN / "fieldkube-prepare"),
+            "--synthetic",
+            "field",
+            "--num-images",
+            "16",
+            "--image-size",
+            "224x448",
+            "--split",
+            "70/30",
+            "--workers",
+            "1",
+            "--seed",
+            "1",
+            "--no-balance",
+            "--out",
+            str(out),
+        ],
+        check=True,
+    )
+    for path in [data, *data.rglob("*")]:
+        path.chmod(0o755 if path.is_dir() else 0o644)
 
 
 def free_port() -> int:
@@ -105,22 +107,27 @@ def phases(cluster: Any) -> dict[str, str]:
 
 
 def up(args: argparse.Namespace) -> int:
+    from fieldkube.localcluster.services import TRAINER_UID, host_path_claim, start_mlflow
+
     harness = load_harness()
     say("building or reusing the control plane binaries (hack/build-cluster-bins.sh)")
     subprocess.run([str(ROOT / "hack" / "build-cluster-bins.sh")], check=True)
-    cluster = harness.LocalCluster(args.state, nodes=args.nodes)
-    if cluster.running():
+    cluster = harness.LocalCluster(args.state, nodes=args.nodes, real_node=True)
+    if cluster.running() or cluster._processes:
         say("stopping the previous demo cluster")
         cluster.stop()
     say(
-        "starting etcd, kube-apiserver, controller manager, scheduler, mpi-operator and kwok "
-        f"({args.nodes} fake GPU nodes)"
+        "starting etcd, kube-apiserver, controller manager, scheduler, mpi-operator, kwok "
+        f"({args.nodes} fake GPU nodes) and the real node (containerd, kubelet, kube-proxy, CoreDNS)"
     )
     cluster.start()
     kubeconfig = cluster.kubeconfig
-    say(f"control plane ready: export KUBECONFIG={kubeconfig}")
+    say(f"cluster ready: export KUBECONFIG={kubeconfig}")
     print(SIMULATED, flush=True)
 
+    data = args.state.with_name(args.state.name + "-data")  # outlives the cluster's state directory
+    mlflow_uri = start_mlflow(cluster, data / "mlflow")
+    say(f"MLflow server for the pods: {mlflow_uri}")
     operator_kubeconfig = cluster.service_account_kubeconfig("fieldkube-system", "fieldkube-operator")
     cluster.spawn(
         "fieldkube-operator",
@@ -134,6 +141,8 @@ def up(args: argparse.Namespace) -> int:
             str(free_port()),
             "--health-port",
             str(free_port()),
+            "--mlflow-tracking-uri",
+            mlflow_uri,
         ],
         kubeconfig=operator_kubeconfig,
     )
@@ -143,9 +152,16 @@ def up(args: argparse.Namespace) -> int:
     )
 
     cluster.kubectl("create", "namespace", NAMESPACE)
+    prepare_cpu_dataset(data / "volumes")
     examples = sorted((ROOT / "manifests" / "examples").glob("*.yaml"))
+    claims: dict[str, bool] = {}
     for path in examples:
-        cluster.apply(volumes_for(yaml.safe_load(path.read_text()), args.state))
+        for claim, written in claims_of(yaml.safe_load(path.read_text())):
+            claims[claim] = claims.get(claim, False) or written
+    for claim, written in sorted(claims.items()):
+        host_path_claim(
+            cluster, NAMESPACE, claim, data / "volumes" / claim, writable_by=TRAINER_UID if written else None
+        )
     say(f"kubectl apply -f manifests/examples/ -n {NAMESPACE}")
     kubectl = [str(cluster.binaries.path("kubectl")), "--kubeconfig", str(kubeconfig)]
     subprocess.run(
@@ -174,13 +190,22 @@ def up(args: argparse.Namespace) -> int:
     print(SIMULATED)
     print(f"  kubeconfig : export KUBECONFIG={kubeconfig}")
     print(f"  try        : kubectl describe tj -n {NAMESPACE}; kubectl get tj -n {NAMESPACE} -o yaml")
+    print(
+        f"  real pods  : kubectl logs -n {NAMESPACE} -l training.kubeflow.org/job-name={CPU_JOB},"
+        "training.kubeflow.org/job-role=launcher"
+    )
+    print(f"  MLflow     : {mlflow_uri}  (runs, and the registered model fieldkube-counter)")
     print(f"  logs       : {cluster.logs_dir}")
     unfinished = {name: phase for name, phase in final.items() if phase not in TERMINAL}
+    failed = {name: phase for name, phase in final.items() if phase == "Failed"}
     if unfinished:
         say(f"jobs not finished after {args.timeout:.0f}s: {unfinished}")
+    if failed:
+        say(f"jobs failed: {sorted(failed)} (kubectl describe tj -n {NAMESPACE} says why)")
+    code = 1 if unfinished or failed else 0
     if args.detach:
         say("cluster left running; stop it with: make demo-cluster-down")
-        return 1 if unfinished else 0
+        return code
     say("cluster running; press Ctrl-C to stop it")
     try:
         while True:
@@ -189,7 +214,7 @@ def up(args: argparse.Namespace) -> int:
         print()
     cluster.stop()
     say("stopped")
-    return 1 if unfinished else 0
+    return code
 
 
 def down(args: argparse.Namespace) -> int:
@@ -207,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--nodes", type=int, default=2, help="fake GPU nodes (8 GPUs each)")
     parser.add_argument("--detach", action="store_true", help="leave the cluster running and return")
     parser.add_argument("--state", type=Path, default=DEFAULT_STATE, help="the cluster's state directory")
-    parser.add_argument("--timeout", type=float, default=300, help="seconds to wait for the jobs to finish")
+    parser.add_argument("--timeout", type=float, default=900, help="seconds to wait for the jobs to finish")
     args = parser.parse_args(argv)
     return up(args) if args.command == "up" else down(args)
 

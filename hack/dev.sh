@@ -16,7 +16,8 @@ step() { printf '\n\033[1;34m==> [%3ss] %s\033[0m\n' "$(( $(date +%s) - START ))
 die() { printf '\033[31mmake dev: error:\033[0m %s\n' "$*" >&2; exit 1; }
 
 # --- 1. Debian packages -------------------------------------------------------------------------
-APT_PACKAGES=(openmpi-bin libopenmpi-dev cmake g++ prometheus chromium chromium-driver sqlite3 psmisc)
+APT_PACKAGES=(openmpi-bin libopenmpi-dev cmake g++ prometheus chromium chromium-driver sqlite3 psmisc
+  containerd runc containernetworking-plugins iptables conntrack mmdebstrap buildah)
 step "Debian packages: ${APT_PACKAGES[*]}"
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
@@ -51,11 +52,11 @@ command -v "$PYTHON" >/dev/null 2>&1 || PYTHON=python3
 step "Python environment in $VENV (pinned by constraints.txt)"
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
 STAMP="$VENV/.fieldkube-deps"
-WANT=$(cat constraints.txt requirements-dev.txt */pyproject.toml | sha256sum | cut -c1-16)
+WANT=$(cat constraints.txt requirements-dev.txt */pyproject.toml hack/localcluster/pyproject.toml | sha256sum | cut -c1-16)
 if [ "$(cat "$STAMP" 2>/dev/null)" != "$WANT" ]; then
   "$VENV/bin/python" -m pip install -q --upgrade "pip==25.3"
   "$VENV/bin/python" -m pip install --progress-bar off -c constraints.txt \
-    -e vision -e trainer -e serving -e operator -r requirements-dev.txt \
+    -e vision -e trainer -e serving -e operator -e hack/localcluster -r requirements-dev.txt \
     | { grep -vE "^(Requirement already satisfied|  Using cached|Collecting|Using cached|  Downloading|Downloading)" || true; }
   [ "${PIPESTATUS[0]}" -eq 0 ] || die "pip install failed (see the messages above)"
   "$VENV/bin/python" -m pip check >/dev/null || { "$VENV/bin/python" -m pip check; die "pip check failed"; }

@@ -1,12 +1,14 @@
 # The real local Kubernetes control plane (hack/cluster/): etcd, kube-apiserver (TLS, RBAC),
 # kube-controller-manager, kube-scheduler, kwok fake GPU nodes and the Kubeflow mpi-operator as
-# loopback processes. `make cluster [NODES=4] [GPUS_PER_NODE=8]` starts it (and the fieldkube
-# operator, with its ServiceAccount's token), `make cluster-down` stops everything it started.
+# loopback processes, and one real node (containerd, kubelet, kube-proxy, CoreDNS; REAL_NODE=0 for
+# none). `make cluster [NODES=4] [GPUS_PER_NODE=8]` starts it (and the fieldkube operator, with its
+# ServiceAccount's token), `make cluster-down` stops everything it started and undoes its host changes.
 CLUSTER_NAME ?= local
 CLUSTER_DIR ?= $(or $(FIELDKUBE_CACHE),$(HOME)/.cache/fieldkube)/clusters/$(CLUSTER_NAME)
 NODES ?= 4
 GPUS_PER_NODE ?= 8
-CLUSTER_HARNESS := $(PY) hack/cluster/harness.py
+REAL_NODE ?= 1
+CLUSTER_HARNESS := $(PY) -m fieldkube.localcluster.harness
 # The operator that `make cluster` starts once the cluster (and manifests/crd, manifests/rbac) is up,
 # serving /metrics and /healthz on loopback; set OPERATOR_CMD= to start none. It runs as
 # OPERATOR_SERVICE_ACCOUNT (NAMESPACE/NAME) when set.
@@ -22,7 +24,8 @@ cluster-bins:  ## build and cache the control plane binaries (instant when cache
 	@hack/build-cluster-bins.sh
 
 cluster: cluster-bins  ## start the local control plane with NODES fake GPU nodes, and the operator
-	@$(CLUSTER_HARNESS) up --state-dir "$(CLUSTER_DIR)" --nodes $(NODES) --gpus-per-node $(GPUS_PER_NODE)
+	@$(CLUSTER_HARNESS) up --state-dir "$(CLUSTER_DIR)" --nodes $(NODES) --gpus-per-node $(GPUS_PER_NODE) \
+	  $(if $(filter 1,$(REAL_NODE)),--real-node,)
 	@if [ -n "$(OPERATOR_CMD)" ]; then \
 	  $(CLUSTER_HARNESS) spawn --state-dir "$(CLUSTER_DIR)" --name fieldkube-operator \
 	    $(if $(OPERATOR_SERVICE_ACCOUNT),--service-account $(OPERATOR_SERVICE_ACCOUNT),) -- $(OPERATOR_CMD); \

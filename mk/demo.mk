@@ -7,7 +7,7 @@ demo:  ## the whole flow on this machine (MLflow, data, 2-rank Horovod training,
 demo-down:  ## stop a demo started with DETACH=1
 	$(PY) hack/demo.py down
 
-demo-cluster:  ## the TrainingJob flow through the local control plane (pods simulated by kwok)
+demo-cluster:  ## the TrainingJob flow on the local cluster (a CPU job in real pods, GPU jobs simulated)
 	$(PY) hack/demo_cluster.py up $(if $(DETACH),--detach,)
 
 demo-cluster-down:  ## stop a cluster left running by `make demo-cluster DETACH=1`

@@ -28,11 +28,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from fieldkube.localcluster import harness
+
 HERE = Path(__file__).resolve().parent
 REPO_ROOT = HERE.parents[1]
-sys.path.insert(0, str(HERE))
-
-import harness  # noqa: E402  (a script beside this one, not an installed package)
 
 # The build script's log lines: "[build-cluster-bins  12s]<colour reset> etcd v3.6.16: built in 158s (26M)".
 BUILT = re.compile(r"\](?:\x1b\[0m)? (\S+) (v\S+): built in (\d+)s")

@@ -17,39 +17,26 @@ Environment: FIELDKUBE_TEST_NODES (fake GPU nodes, 4), FIELDKUBE_TEST_GPUS_PER_N
 FIELDKUBE_KEEP_CLUSTER=1 (keep etcd's data in the state directory after the session),
 FIELDKUBE_KEEP_NAMESPACES=1 (do not delete test namespaces). The API is documented in
 hack/cluster/README.md.
+
+``real_node`` (session scope, on first use) adds the cluster's real node, which runs real containers
+from the project's images; ``node_mlflow`` is an MLflow server its pods reach.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import os
 import shutil
+import subprocess
 import sys
+import time
 from collections.abc import Generator, Iterator
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
 
-HARNESS_PATH = Path(__file__).resolve().parents[2] / "hack" / "cluster" / "harness.py"
-
-
-def load_cluster_harness() -> ModuleType:
-    """Import hack/cluster/harness.py (not an installed package) as ``fieldkube_cluster_harness``."""
-    name = "fieldkube_cluster_harness"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, HARNESS_PATH)
-    assert spec is not None and spec.loader is not None, HARNESS_PATH
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-cluster_harness = load_cluster_harness()
+from fieldkube.localcluster import harness as cluster_harness
 
 _CLUSTER_KEY = pytest.StashKey[Any]()
 
@@ -67,7 +54,7 @@ def _env_int(name: str, default: int) -> int:
 
 @pytest.fixture(scope="session")
 def local_cluster(tmp_path_factory: pytest.TempPathFactory, pytestconfig: pytest.Config) -> Iterator[Any]:
-    """A running LocalCluster (hack/cluster/harness.py), shared by the whole session."""
+    """A running LocalCluster (fieldkube.localcluster), shared by the whole session."""
     state_dir = tmp_path_factory.mktemp("local-cluster")
     cluster = cluster_harness.LocalCluster(
         state_dir,
@@ -118,3 +105,56 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
     cluster = config.stash.get(_CLUSTER_KEY, None)
     if cluster is not None and exitstatus != 0:
         terminalreporter.write_line(f"local cluster logs: {cluster.logs_dir}")
+
+
+@pytest.fixture(scope="session")
+def real_node(local_cluster: Any) -> Any:
+    """The session cluster's real node (containerd, kubelet, kube-proxy, CoreDNS), started on first use.
+
+    It runs real containers from the project's images (`make images`); the session cluster stops it
+    (and undoes its host changes) when the session ends.
+    """
+    node = local_cluster.node
+    try:
+        node.start(time.monotonic())
+    except cluster_harness.ClusterError as exc:
+        pytest.fail(f"the real node did not start: {exc}", pytrace=False)
+    return node
+
+
+@pytest.fixture(scope="session")
+def node_mlflow(local_cluster: Any, real_node: Any, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A real MLflow server that pods on the real node reach (bound to the node's gateway address)."""
+    from fieldkube.localcluster.services import start_mlflow
+
+    return start_mlflow(local_cluster, tmp_path_factory.mktemp("node-mlflow"), name="node-mlflow")
+
+
+@pytest.fixture(scope="session")
+def field_dataset_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A directory holding a small prepared field dataset at prepared/field-small (the CPU example's path)."""
+    root = tmp_path_factory.mktemp("field-images")
+    out = root / "prepared" / "field-small"
+    cmd = [
+        str(Path(sys.executable).parent / "fieldkube-prepare"),
+        "--synthetic",
+        "field",
+        "--num-images",
+        "16",
+        "--image-size",
+        "224x448",
+        "--split",
+        "70/30",
+        "--workers",
+        "1",
+        "--seed",
+        "1",
+        "--no-balance",
+        "--out",
+        str(out),
+    ]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+    for path in [root, *root.rglob("*")]:
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    return root

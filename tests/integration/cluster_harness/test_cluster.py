@@ -3,7 +3,7 @@
 The first test drives `make cluster` / `make cluster-down` (a cluster of its own, with the real
 fieldkube operator); the others run against the session's ``local_cluster``
 (tests/integration/conftest.py). Only the kubelet's part is simulated, by kwok
-(hack/cluster/kwok-stages.yaml).
+(fieldkube/localcluster/kwok-stages.yaml).
 """
 
 from __future__ import annotations
@@ -402,12 +402,12 @@ def test_every_process_of_the_cluster_listens_on_loopback_only(local_cluster: An
 def test_processes_started_for_a_session_die_with_it(tmp_path: Path) -> None:
     """A session killed hard (SIGKILL) must not leave a control plane behind: PR_SET_PDEATHSIG."""
     script = (
-        "import sys; sys.path.insert(0, sys.argv[1]); import harness; "
-        "c = harness.LocalCluster(sys.argv[2], die_with_parent=True); "
+        "import sys; from fieldkube.localcluster import harness; "
+        "c = harness.LocalCluster(sys.argv[1], die_with_parent=True); "
         "print(c.spawn('sleeper', ['sleep', '600']), flush=True); sys.stdin.read()"
     )
     parent = subprocess.Popen(
-        [sys.executable, "-c", script, str(REPO / "hack" / "cluster"), str(tmp_path)],
+        [sys.executable, "-c", script, str(tmp_path)],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
@@ -448,7 +448,7 @@ def test_failing_launcher_fails_the_mpijob(local_cluster: Any, cluster_namespace
 
 def harness_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, str(REPO / "hack" / "cluster" / "harness.py"), *args],
+        [sys.executable, "-m", "fieldkube.localcluster.harness", *args],
         capture_output=True,
         text=True,
         timeout=60,

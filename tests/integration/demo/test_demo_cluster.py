@@ -1,7 +1,8 @@
-"""`make demo-cluster`: the example TrainingJobs go to Succeeded through the real local control plane.
+"""`make demo-cluster`: the example TrainingJobs go to Succeeded on the local cluster.
 
-The API server, scheduler, controller manager, mpi-operator and fieldkube-operator are real; pods are
-simulated by kwok (no container runtime here), which the demo itself says in its output.
+The API server, scheduler, controller manager, mpi-operator, fieldkube-operator, MLflow and the CPU
+example's pods (containerd + kubelet on the real node) are real; the GPU examples' pods are simulated by
+kwok (no GPU here), which the demo itself says in its output.
 """
 
 from __future__ import annotations
@@ -28,19 +29,22 @@ def run(*args: str, timeout: float) -> subprocess.CompletedProcess[str]:
     )
 
 
-def test_examples_succeed_and_the_output_says_pods_are_simulated(tmp_path: Path) -> None:
+def test_examples_succeed_the_cpu_job_in_real_pods_and_down_leaves_nothing(tmp_path: Path) -> None:
     state = tmp_path / "cluster"
     try:
-        up = run("up", "--detach", "--state", str(state), "--timeout", "240", timeout=420)
+        up = run("up", "--detach", "--state", str(state), "--timeout", "900", timeout=1500)
         assert up.returncode == 0, up.stdout[-4000:] + up.stderr[-4000:]
+        assert "flower-counter-cpu trains for real" in up.stdout
         assert "pods are simulated by kwok" in up.stdout
         final = up.stdout[up.stdout.rindex("trainingjob.fieldkube.io/") - 200 :]
-        for name in ("flower-counter", "building-segmenter"):
-            line = next(row for row in final.splitlines() if f"trainingjob.fieldkube.io/{name}" in row)
+        for name in ("flower-counter", "building-segmenter", "flower-counter-cpu"):
+            line = next(row for row in final.splitlines() if f"trainingjob.fieldkube.io/{name} " in row)
             assert "Succeeded" in line, final
+        assert "fieldkube-node" in final  # the CPU job's pods ran on the real node
     finally:
-        down = run("down", "--state", str(state), timeout=120)
+        down = run("down", "--state", str(state), timeout=300)
     assert down.returncode == 0, down.stderr
-    harness = sys.modules.get("fieldkube_cluster_harness")
-    assert harness is not None, "tests/integration/conftest.py loads hack/cluster/harness.py"
+    from fieldkube.localcluster import harness, node
+
     assert not harness.LocalCluster(state).running(), "make demo-cluster-down left processes running"
+    assert node.BRIDGE not in node.link_names(), "make demo-cluster-down left the node's bridge"

@@ -83,7 +83,16 @@ def bound_pvc(cluster: Any, namespace: str, name: str) -> None:
     )
 
 
-@pytest.mark.parametrize("example", sorted(p.name for p in EXAMPLES.glob("*.yaml")))
+# Examples for the real node (CPU jobs that select it) train for real in test_real_pods.py.
+SIMULATED_EXAMPLES = sorted(
+    p.name
+    for p in EXAMPLES.glob("*.yaml")
+    if "fieldkube.io/node"
+    not in yaml.safe_load(p.read_text())["spec"].get("scheduling", {}).get("nodeSelector", {})
+)
+
+
+@pytest.mark.parametrize("example", SIMULATED_EXAMPLES)
 def test_example_goes_pending_running_succeeded(
     local_cluster: Any, cluster_namespace: str, job_watcher: Any, example: str
 ) -> None:

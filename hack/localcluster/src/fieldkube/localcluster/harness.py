@@ -16,13 +16,13 @@ Use it from Python (one cluster per pytest session)::
 
 or from the command line (what `make cluster` / `make cluster-down` run)::
 
-    python hack/cluster/harness.py up --state-dir DIR --nodes 4
-    python hack/cluster/harness.py spawn --state-dir DIR --name operator -- python -m ...
-    python hack/cluster/harness.py down --state-dir DIR
+    fieldkube-localcluster up --state-dir DIR --nodes 4
+    fieldkube-localcluster spawn --state-dir DIR --name operator -- python -m ...
+    fieldkube-localcluster down --state-dir DIR
 
 Pod simulation annotations (fieldkube.io/simulate-exit-code and friends) are documented in
-hack/cluster/kwok-stages.yaml and hack/cluster/README.md. Helpers live beside this file:
-cluster_pki.py (certificates, kubeconfigs) and cluster_procs.py (processes, waiting, /proc).
+kwok-stages.yaml beside this module and hack/cluster/README.md. Helpers live beside this file:
+pki.py (certificates, kubeconfigs) and procs.py (processes, waiting, /proc).
 """
 
 from __future__ import annotations
@@ -46,12 +46,9 @@ from typing import Any, TypeVar
 
 import yaml
 
-HERE = Path(__file__).resolve().parent
-if str(HERE) not in sys.path:  # the harness's own modules sit beside it (this is a script, not a package)
-    sys.path.insert(0, str(HERE))
-
-from cluster_pki import b64, kubeconfig_text, write_cluster_pki, write_file  # noqa: E402
-from cluster_procs import (  # noqa: E402
+from fieldkube.localcluster.node import NODE_PROCESSES, RealNode
+from fieldkube.localcluster.pki import b64, kubeconfig_text, write_cluster_pki, write_file
+from fieldkube.localcluster.procs import (
     ClusterError,
     Process,
     children_by_parent,
@@ -66,9 +63,11 @@ from cluster_procs import (  # noqa: E402
 
 __all__ = ["ClusterError", "LocalCluster", "Versions", "default_cache_dir", "default_state_dir"]
 
-REPO_ROOT = HERE.parents[1]
+HERE = Path(__file__).resolve().parent
+# The package is installed editable from hack/localcluster/ (it drives the Go builds of hack/cluster/).
+REPO_ROOT = HERE.parents[4]
 STAGES_FILE = HERE / "kwok-stages.yaml"
-VERSIONS_FILE = HERE / "versions.env"
+VERSIONS_FILE = REPO_ROOT / "hack" / "cluster" / "versions.env"
 
 FAKE_NODE_ANNOTATION = "kwok.x-k8s.io/node"
 GPU_RESOURCE = "nvidia.com/gpu"
@@ -105,6 +104,7 @@ class Versions:
     etcd: str
     kwok: str
     mpi_operator: str
+    coredns: str
 
     @classmethod
     def load(cls, path: Path = VERSIONS_FILE) -> Versions:
@@ -120,6 +120,7 @@ class Versions:
                 etcd=values["ETCD_VERSION"],
                 kwok=values["KWOK_VERSION"],
                 mpi_operator=values["MPI_OPERATOR_VERSION"],
+                coredns=values["COREDNS_VERSION"],
             )
         except KeyError as missing:
             raise ClusterError(f"{path} does not set {missing}") from None
@@ -137,6 +138,7 @@ class Binaries:
             "etcd": self.versions.etcd,
             "kwok": self.versions.kwok,
             "mpi-operator": self.versions.mpi_operator,
+            "coredns": self.versions.coredns,
         }.get(component, self.versions.kubernetes)
         return self.bin_dir / f"{component}-{version}" / component
 
@@ -188,6 +190,8 @@ class LocalCluster:
     start_timeout: float = 180.0
     verbose: bool = False
     die_with_parent: bool = False
+    real_node: bool = False
+    """Also run one real node (containerd, kubelet, kube-proxy, CoreDNS; see node.py): needs root."""
     versions: Versions = field(default_factory=Versions.load)
 
     def __post_init__(self) -> None:
@@ -242,8 +246,14 @@ class LocalCluster:
 
     def running(self) -> bool:
         """True if every control plane process of this state directory is alive (spawned extras aside)."""
-        core = [self._processes.get(name) for name in CONTROL_PLANE]
+        names = [*CONTROL_PLANE, *(NODE_PROCESSES if "kubelet" in self._processes else ())]
+        core = [self._processes.get(name) for name in names]
         return all(p is not None and p.alive() for p in core)
+
+    @property
+    def node(self) -> RealNode:
+        """The real node (started with ``real_node=True`` or by ``node.start``): node.py's NODE_NAME."""
+        return RealNode(self)
 
     def start(self) -> LocalCluster:
         self.binaries.check()
@@ -254,7 +264,7 @@ class LocalCluster:
         if any(p.alive() for p in self._processes.values()):
             raise ClusterError(
                 f"a cluster is already running from {self.state_dir}; stop it first "
-                f"(python {Path(__file__).relative_to(REPO_ROOT)} down --state-dir {self.state_dir})"
+                f"(fieldkube-localcluster down --state-dir {self.state_dir})"
             )
         t0 = time.monotonic()
         for attempt in (1, 2):
@@ -278,6 +288,10 @@ class LocalCluster:
 
     def stop(self, timeout: float = 15.0) -> None:
         """Stop every process of this cluster (newest first); the state directory stays for post-mortems."""
+        # The real node first, while the API server still runs: its pods are deleted through the
+        # kubelet, then what it changed on the host is undone.
+        for line in RealNode(self).stop(lambda name: self._terminate(self._processes[name], timeout)):
+            self._progress(f"real node: {line}")
         for proc in reversed(list(self._processes.values())):
             self._terminate(proc, timeout)
         self._processes.clear()
@@ -335,6 +349,8 @@ class LocalCluster:
         self._start_mpi_operator(ports)
         self._mark("mpi-operator", t0, f"mpi-operator {self.versions.mpi_operator}")
         self._wait_default_service_account("default")
+        if self.real_node:
+            RealNode(self).start(t0)
         self.apply_project_manifests()
         self._mark("ready", t0, "the cluster")
 
@@ -519,6 +535,10 @@ class LocalCluster:
                 f"--proxy-client-cert-file={pki / 'front-proxy-client.crt'}",
                 f"--proxy-client-key-file={pki / 'front-proxy-client.key'}",
                 f"--cert-dir={pki}",
+                f"--kubelet-client-certificate={pki / 'apiserver-kubelet-client.crt'}",
+                f"--kubelet-client-key={pki / 'apiserver-kubelet-client.key'}",
+                f"--kubelet-certificate-authority={pki / 'ca.crt'}",
+                "--kubelet-preferred-address-types=InternalIP",
                 "--authorization-mode=Node,RBAC",
                 "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
                 f"--service-account-key-file={pki / 'sa.pub'}",
@@ -593,7 +613,7 @@ class LocalCluster:
     def _install_mpi_operator_api(self) -> None:
         self.kubectl("apply", "--server-side", "-f", str(self.binaries.mpijob_crd))
         self.kubectl("apply", "--server-side", "-f", str(self.binaries.mpi_operator_cluster_role))
-        binding = {
+        binding: dict[str, Any] = {
             "apiVersion": "rbac.authorization.k8s.io/v1",
             "kind": "ClusterRoleBinding",
             "metadata": {"name": "fieldkube-local-mpi-operator"},
@@ -874,7 +894,11 @@ class LocalCluster:
 
 def _cmd_up(args: argparse.Namespace) -> int:
     cluster = LocalCluster(
-        args.state_dir, nodes=args.nodes, gpus_per_node=args.gpus_per_node, verbose=args.verbose
+        args.state_dir,
+        nodes=args.nodes,
+        gpus_per_node=args.gpus_per_node,
+        verbose=args.verbose,
+        real_node=args.real_node,
     )
     if cluster.running():
         print(f"[local-cluster] already running from {cluster.state_dir}; KUBECONFIG={cluster.kubeconfig}")
@@ -939,6 +963,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     up.add_argument("--nodes", type=int, default=4, help="number of fake GPU nodes")
     up.add_argument("--gpus-per-node", type=int, default=8)
     up.add_argument("--verbose", action="store_true", help="more component logging")
+    up.add_argument(
+        "--real-node", action="store_true", help="also run a real node (containerd, kubelet): root"
+    )
     up.set_defaults(func=_cmd_up)
     down = sub.add_parser("down", help="stop a cluster")
     down.add_argument("--state-dir", **state)  # type: ignore[arg-type]

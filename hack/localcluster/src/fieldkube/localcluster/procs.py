@@ -1,6 +1,6 @@
 """Processes of a local cluster: start, identify (pid + start time), stop, inspect.
 
-Part of the local control plane harness (harness.py); Linux only (/proc, prctl).
+Part of the local control plane harness (fieldkube.localcluster.harness); Linux only (/proc, prctl).
 """
 
 from __future__ import annotations

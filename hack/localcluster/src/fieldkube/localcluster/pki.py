@@ -1,6 +1,6 @@
 """Certificates and kubeconfigs of a local cluster: a fresh CA per cluster, nothing reused.
 
-Part of the local control plane harness (harness.py). Keys are ECDSA P-256 (fast to generate), except
+Part of the local cluster (fieldkube.localcluster.harness). Keys are ECDSA P-256 (fast to generate), except
 the service-account signing key, which is RSA because the API server signs tokens with RS256.
 """
 
@@ -104,9 +104,20 @@ def b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
 
 
-def write_cluster_pki(pki_dir: Path, service_cluster_ip_range: str, mpi_operator_user: str) -> None:
+def write_cluster_pki(
+    pki_dir: Path,
+    service_cluster_ip_range: str,
+    mpi_operator_user: str,
+    node_name: str = "fieldkube-node",
+    node_ip: str = "10.213.0.1",
+) -> None:
     """Write the CA, the API server's serving pair, each component's client pair, the front-proxy
-    pair and the service-account signing key into ``pki_dir`` (keys 0600, certificates 0644)."""
+    pair and the service-account signing key into ``pki_dir`` (keys 0600, certificates 0644).
+
+    The real node's pairs are written too (cheap, and the API server's kubelet-client flags need
+    them at start): the kubelet's client identity ``system:node:<node_name>`` (what the Node
+    authorizer expects), its serving pair for ``node_ip``, and the clients of kube-proxy and CoreDNS.
+    """
 
     def pki(name: str) -> Path:
         return pki_dir / name
@@ -134,11 +145,19 @@ def write_cluster_pki(pki_dir: Path, service_cluster_ip_range: str, mpi_operator
         "scheduler": ("system:kube-scheduler", None),
         "kwok": ("fieldkube:kwok-controller", "system:masters"),
         "mpi-operator": (mpi_operator_user, None),
+        # The API server's identity towards kubelets (logs, exec, port-forward).
+        "apiserver-kubelet-client": ("kube-apiserver-kubelet-client", "system:masters"),
+        "kubelet": (f"system:node:{node_name}", "system:nodes"),
+        "kube-proxy": ("system:kube-proxy", None),  # bound to system:node-proxier by default RBAC
+        "coredns": ("fieldkube:coredns", None),
     }
     for user, (cn, org) in clients.items():
         pair = _issue(_name(cn, org), ca, client=True)
         write_file(pki(f"{user}.crt"), pair.cert_pem, 0o644)
         write_file(pki(f"{user}.key"), pair.key_pem)
+    kubelet_serving = _issue(_name(f"system:node:{node_name}", "system:nodes"), ca, server_ips=[node_ip])
+    write_file(pki("kubelet-serving.crt"), kubelet_serving.cert_pem, 0o644)
+    write_file(pki("kubelet-serving.key"), kubelet_serving.key_pem)
     # The front-proxy pair (as kubeadm sets up): the API server authenticates to aggregated API
     # servers with it, and controller-manager and scheduler read its CA to trust proxied requests.
     front_proxy_ca = _issue(_name("fieldkube-local-front-proxy-ca"), None, ca=True)

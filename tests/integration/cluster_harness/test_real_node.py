@@ -1,0 +1,175 @@
+"""The local cluster's real node: containerd, a real kubelet, kube-proxy, the CNI bridge and CoreDNS.
+
+Real containers from the project's images run here (no kwok): pods get addresses on the bridge, reach
+each other directly, through a ClusterIP Service (kube-proxy's iptables rules) and by DNS name
+(CoreDNS, cluster domain only), `kubectl logs` reaches the kubelet, and a memory limit is enforced.
+Stopping the cluster must leave the host as it found it: iptables, sysctls, links, mounts, cgroups.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from fieldkube.localcluster import node as real_node
+from fieldkube.localcluster.harness import LocalCluster
+
+pytestmark = pytest.mark.cluster
+IMAGE = "fieldkube/trainer:0.1.0"
+
+
+def host_state() -> dict[str, Any]:
+    """What the real node may change on this host, read the way a person would check it."""
+    mounts = {line.split()[4] for line in Path("/proc/self/mountinfo").read_text().splitlines()}
+    shims = subprocess.run(
+        ["pgrep", "-f", "containerd-shim"], capture_output=True, text=True, check=False
+    ).stdout.split()
+    return {
+        "iptables": real_node.iptables_rules("iptables"),
+        "ip6tables": real_node.iptables_rules("ip6tables"),
+        "sysctls": real_node.read_sysctls(),
+        "links": sorted(real_node.link_names()),
+        "mounts": sorted(mounts),
+        "kubepods cgroups": sorted(str(p) for p in Path("/sys/fs/cgroup").glob("*/kubepods")),
+        "containerd shims": len(shims),
+    }
+
+
+def pod(name: str, command: list[str], **extra: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "labels": {"app": name}},
+        "spec": {
+            "nodeSelector": {real_node.NODE_LABEL: real_node.NODE_LABEL_VALUE},
+            "tolerations": [{"key": real_node.NODE_LABEL, "operator": "Exists", "effect": "NoSchedule"}],
+            "automountServiceAccountToken": False,
+            "restartPolicy": "Never",
+            "securityContext": {
+                "runAsNonRoot": True,
+                "runAsUser": 1000,
+                "seccompProfile": {"type": "RuntimeDefault"},
+            },
+            "containers": [
+                {
+                    "name": "main",
+                    "image": IMAGE,
+                    "imagePullPolicy": "Never",
+                    "command": command,
+                    "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
+                    **extra,
+                }
+            ],
+        },
+    }
+
+
+def wait_phase(
+    cluster: LocalCluster, ns: str, name: str, phases: set[str], timeout: float = 180
+) -> dict[str, Any]:
+    def probe() -> dict[str, Any] | None:
+        got = json.loads(cluster.kubectl("get", "pod", name, "-n", ns, "-o", "json").stdout)
+        return got if got.get("status", {}).get("phase") in phases else None
+
+    try:
+        return cluster.wait_for(f"pod {name} in {phases}", probe, timeout=timeout, interval=0.5)
+    except Exception:
+        print(cluster.kubectl("describe", "pod", name, "-n", ns, check=False).stdout)
+        raise
+
+
+def test_real_pods_network_dns_limits_and_a_clean_host_after_stop(tmp_path: Path) -> None:
+    before = host_state()
+    cluster = LocalCluster(tmp_path / "cluster", nodes=1, real_node=True, die_with_parent=True)
+    try:
+        cluster.start()
+        node = json.loads(cluster.kubectl("get", "node", real_node.NODE_NAME, "-o", "json").stdout)
+        assert node["metadata"]["labels"][real_node.NODE_LABEL] == real_node.NODE_LABEL_VALUE
+        assert real_node.NODE_TAINT in [
+            {k: t[k] for k in ("key", "value", "effect")} for t in node["spec"]["taints"]
+        ]
+        addresses = {a["type"]: a["address"] for a in node["status"]["addresses"]}
+        assert addresses["InternalIP"] == real_node.NODE_IP
+
+        ns = "realnode"
+        cluster.create_namespace(ns)
+        server = pod(
+            "web",
+            ["python3", "-m", "http.server", "8000", "--bind", "0.0.0.0"],
+            readinessProbe={"tcpSocket": {"port": 8000}, "periodSeconds": 1},
+        )
+        cluster.apply([{**server, "metadata": {**server["metadata"], "namespace": ns}}])
+        cluster.apply(
+            {
+                "apiVersion": "v1",
+                "kind": "Service",
+                "metadata": {"name": "web", "namespace": ns},
+                "spec": {"selector": {"app": "web"}, "ports": [{"port": 80, "targetPort": 8000}]},
+            }
+        )
+        web = wait_phase(cluster, ns, "web", {"Running"})
+        cluster.wait_for(
+            "web Ready",
+            lambda: (
+                "True"
+                in cluster.kubectl(
+                    "get",
+                    "pod",
+                    "web",
+                    "-n",
+                    ns,
+                    "-o",
+                    "jsonpath={.status.conditions[?(@.type=='Ready')].status}",
+                ).stdout
+            ),
+            timeout=60,
+        )
+        web_ip = web["status"]["podIP"]
+        assert web_ip.startswith("10.213.0."), web_ip
+        service_ip = cluster.kubectl("get", "svc", "web", "-n", ns, "-o", "jsonpath={.spec.clusterIP}").stdout
+
+        # A second pod fetches the first by pod IP, by Service IP (kube-proxy) and by DNS name (CoreDNS);
+        # a name outside the cluster must not resolve (no upstream forwarder).
+        script = (
+            "import socket, urllib.request as u\n"
+            f"for url in ['http://{web_ip}:8000/', 'http://{service_ip}/', 'http://web.{ns}.svc.cluster.local/']:\n"
+            "    print(url, u.urlopen(url, timeout=10).status, flush=True)\n"
+            "try:\n"
+            "    socket.gethostbyname('pypi.org'); print('outside resolved')\n"
+            "except OSError:\n"
+            "    print('outside not resolved')\n"
+        )
+        client = pod("client", ["python3", "-c", script])
+        cluster.apply([{**client, "metadata": {**client["metadata"], "namespace": ns}}])
+        done = wait_phase(cluster, ns, "client", {"Succeeded", "Failed"})
+        logs = cluster.kubectl("logs", "client", "-n", ns).stdout  # API server -> kubelet
+        assert done["status"]["phase"] == "Succeeded", logs
+        assert f"http://{web_ip}:8000/ 200" in logs
+        assert f"http://{service_ip}/ 200" in logs
+        assert f"http://web.{ns}.svc.cluster.local/ 200" in logs
+        assert "outside not resolved" in logs
+
+        # A memory limit is enforced by the kernel: the container is OOMKilled (exit 137).
+        hog = pod(
+            "hog",
+            ["python3", "-c", "x = bytearray(400 * 2**20); x[::4096] = b'1' * len(x[::4096])"],
+            resources={"limits": {"memory": "64Mi", "cpu": "500m"}},
+        )
+        cluster.apply([{**hog, "metadata": {**hog["metadata"], "namespace": ns}}])
+        hogged = wait_phase(cluster, ns, "hog", {"Failed"})
+        terminated = hogged["status"]["containerStatuses"][0]["state"]["terminated"]
+        assert (terminated["reason"], terminated["exitCode"]) == ("OOMKilled", 137), yaml.safe_dump(
+            terminated
+        )
+    finally:
+        cluster.stop()
+    after = host_state()
+    for key in before:
+        assert after[key] == before[key], (
+            f"{key} changed by the real node:\nbefore {before[key]}\nafter {after[key]}"
+        )
