@@ -8,7 +8,7 @@ CLUSTER_DIR ?= $(or $(FIELDKUBE_CACHE),$(HOME)/.cache/fieldkube)/clusters/$(CLUS
 NODES ?= 4
 GPUS_PER_NODE ?= 8
 REAL_NODE ?= 1
-CLUSTER_HARNESS := $(PY) -m fieldkube.localcluster.harness
+CLUSTER_HARNESS := $(PY) -m fieldkube.localcluster
 # The operator that `make cluster` starts once the cluster (and manifests/crd, manifests/rbac) is up,
 # serving /metrics and /healthz on loopback; set OPERATOR_CMD= to start none. It runs as
 # OPERATOR_SERVICE_ACCOUNT (NAMESPACE/NAME) when set.

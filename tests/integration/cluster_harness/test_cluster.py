@@ -448,7 +448,7 @@ def test_failing_launcher_fails_the_mpijob(local_cluster: Any, cluster_namespace
 
 def harness_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "fieldkube.localcluster.harness", *args],
+        [sys.executable, "-m", "fieldkube.localcluster", *args],
         capture_output=True,
         text=True,
         timeout=60,
