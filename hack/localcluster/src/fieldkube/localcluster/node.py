@@ -212,6 +212,8 @@ class RealNode:
         # Kept across clusters so that imported images (gigabytes) are imported once.
         self.containerd_root = self.cache / "containerd-root"
         self.owner_file = self.cache / "owner.json"
+        # What `make images` wrote (hack/build-images.sh): OCI archives and their index.
+        self.images_dir = Path(os.environ.get("FIELDKUBE_IMAGES_DIR", self.cache.parent / "images"))
 
     # -- paths ----------------------------------------------------------------------------------
 
@@ -329,7 +331,7 @@ class RealNode:
             ),
         )
         self.cluster._mark("containerd", t0, "containerd")
-        imported = import_images(self.containerd_socket, self.cluster.binaries.bin_dir.parent / "images")
+        imported = import_images(self.containerd_socket, self.images_dir)
         self.cluster._mark("images", t0, f"images ({', '.join(imported) or 'none new'})")
         self._install_rbac()
         self._start_kubelet(record)
