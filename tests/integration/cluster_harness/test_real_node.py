@@ -95,6 +95,13 @@ def test_real_pods_network_dns_limits_and_a_clean_host_after_stop(tmp_path: Path
         ]
         addresses = {a["type"]: a["address"] for a in node["status"]["addresses"]}
         assert addresses["InternalIP"] == real_node.NODE_IP
+        # Nothing listens beyond loopback but on the bridge address the node created.
+        sockets = cluster.listening_sockets()
+        assert (real_node.NODE_IP, 10250) in sockets["kubelet"]
+        assert (real_node.NODE_IP, 53) in sockets["coredns"]
+        allowed = {"127.0.0.1", "::1", real_node.NODE_IP}
+        exposed = {name: [a for a in addrs if a[0] not in allowed] for name, addrs in sockets.items()}
+        assert not any(exposed.values()), exposed
 
         ns = "realnode"
         cluster.create_namespace(ns)
