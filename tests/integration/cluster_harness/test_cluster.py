@@ -79,6 +79,10 @@ def test_make_cluster_runs_the_operator_as_its_service_account_and_cluster_down_
             "kube-scheduler",
             "kwok",
             "mpi-operator",
+            "containerd",
+            "kubelet",
+            "kube-proxy",
+            "coredns",
             "fieldkube-operator",
         }
 
@@ -90,7 +94,7 @@ def test_make_cluster_runs_the_operator_as_its_service_account_and_cluster_down_
             check=True,
             timeout=60,
         ).stdout.split()
-        assert nodes == ["node/gpu-node-0", "node/gpu-node-1"]
+        assert nodes == ["node/fieldkube-node", "node/gpu-node-0", "node/gpu-node-1"]
 
         # The operator runs with its ServiceAccount's bound token, not the admin certificate.
         environ = Path(f"/proc/{processes['fieldkube-operator']['pid']}/environ").read_bytes().split(b"\0")

@@ -26,6 +26,7 @@ pods use ``imagePullPolicy: IfNotPresent`` or ``Never`` with images imported by 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import ipaddress
 import json
 import os
@@ -212,6 +213,10 @@ class RealNode:
         # Kept across clusters so that imported images (gigabytes) are imported once.
         self.containerd_root = self.cache / "containerd-root"
         self.owner_file = self.cache / "owner.json"
+        # Sockets and the kubelet's root (which holds more sockets) need short paths (unix sockets are
+        # limited to 107 bytes), so they live under the cache, named by a hash of the state directory.
+        digest = hashlib.sha256(str(cluster.state_dir).encode()).hexdigest()[:8]
+        self.run_dir = self.cache / f"run-{digest}"
         # What `make images` wrote (hack/build-images.sh): OCI archives and their index.
         self.images_dir = Path(os.environ.get("FIELDKUBE_IMAGES_DIR", self.cache.parent / "images"))
 
@@ -223,7 +228,7 @@ class RealNode:
 
     @property
     def containerd_socket(self) -> Path:
-        return self.dir / "containerd" / "containerd.sock"
+        return self.run_dir / "containerd.sock"
 
     @property
     def kubelet_dir(self) -> Path:
@@ -296,8 +301,17 @@ class RealNode:
     def start(self, t0: float) -> None:
         self.check()
         self.dir.mkdir(parents=True, exist_ok=True)
-        for sub in ("containerd", "kubelet", "cni/net.d", "cni/ipam", "pod-logs", "coredns"):
+        for sub in ("kubelet", "cni/net.d", "cni/ipam", "pod-logs", "coredns"):
             (self.dir / sub).mkdir(parents=True, exist_ok=True)
+        # A run directory left by a cluster that died without stopping: nothing of it runs now.
+        unmount_all([self.run_dir])
+        shutil.rmtree(self.run_dir, ignore_errors=True)
+        self.run_dir.mkdir(parents=True)
+        longest = self.run_dir / "kubelet" / "plugins_registry" / ("x" * 40)
+        if len(str(longest)) > 107:
+            raise ClusterError(
+                f"{self.run_dir} is too long a path for the node's unix sockets: set FIELDKUBE_CACHE shorter"
+            )
         self.containerd_root.mkdir(parents=True, exist_ok=True)
         record = NodeRecord(
             owner=str(self.cluster.state_dir),
@@ -380,18 +394,18 @@ class RealNode:
         write_file(self.dir / "cni" / "net.d" / "10-fieldkube.conflist", json.dumps(config, indent=2), 0o644)
 
     def _start_containerd(self, record: NodeRecord) -> None:
-        state = self.dir / "containerd"
+        state = self.run_dir / "containerd"
         cri = 'plugins."io.containerd.grpc.v1.cri"'
         config = f"""version = 2
 root = "{self.containerd_root}"
-state = "{state / "state"}"
+state = "{state}"
 disabled_plugins = ["io.containerd.internal.v1.opt", "io.containerd.snapshotter.v1.aufs",
   "io.containerd.snapshotter.v1.btrfs", "io.containerd.snapshotter.v1.zfs",
   "io.containerd.snapshotter.v1.devmapper", "io.containerd.tracing.processor.v1.otlp"]
 [grpc]
   address = "{self.containerd_socket}"
 [ttrpc]
-  address = "{state / "containerd-ttrpc.sock"}"
+  address = "{self.run_dir / "containerd-ttrpc.sock"}"
 [debug]
   address = ""
 [metrics]
@@ -411,13 +425,13 @@ disabled_plugins = ["io.containerd.internal.v1.opt", "io.containerd.snapshotter.
       runtime_type = "io.containerd.runc.v2"
       [{cri}.containerd.runtimes.runc.options]
         SystemdCgroup = false
-        Root = "{state / "runc"}"
+        Root = "{self.run_dir / "runc"}"
   [{cri}.cni]
     bin_dir = "{CNI_BIN_DIR}"
     conf_dir = "{self.dir / "cni" / "net.d"}"
     max_conf_num = 1
 """
-        config_file = write_file(state / "config.toml", config, 0o644)
+        config_file = write_file(self.dir / "containerd.toml", config, 0o644)
         self.cluster._spawn("containerd", ["containerd", "--config", str(config_file)])
 
         def up() -> bool:
@@ -532,7 +546,7 @@ disabled_plugins = ["io.containerd.internal.v1.opt", "io.containerd.snapshotter.
                 str(self.cluster.binaries.path("kubelet")),
                 f"--config={config_file}",
                 f"--kubeconfig={self._client_kubeconfig('kubelet')}",
-                f"--root-dir={self.kubelet_dir / 'root'}",
+                f"--root-dir={self.run_dir / 'kubelet'}",
                 f"--cert-dir={self.kubelet_dir / 'pki'}",
                 f"--hostname-override={NODE_NAME}",
                 f"--node-ip={NODE_IP}",
@@ -733,8 +747,9 @@ disabled_plugins = ["io.containerd.internal.v1.opt", "io.containerd.snapshotter.
                     subprocess.run(["umount", "-l", str(ns)], capture_output=True, check=False)
                     ns.unlink(missing_ok=True)
                     done.append(f"removed network namespace {ns.name}")
-        if points := unmount_all([self.dir, self.containerd_root]):
+        if points := unmount_all([self.dir, self.run_dir, self.containerd_root]):
             done.append(f"unmounted {len(points)} mount(s)")
+        shutil.rmtree(self.run_dir, ignore_errors=True)
         if left := remove_cgroups():
             done.append("cgroups still in use: " + ", ".join(map(str, left[:5])))
         if CONTAINER_LOGS_DIR.exists():
