@@ -1,11 +1,13 @@
 """The MPIJob's launcher command, run on this machine, trains for real and reports to a real MLflow server.
 
-The argv and env the builder gives the launcher container, with two differences: the hostfile (the
-mpi-operator writes /etc/mpi/hostfile in the pod; here it lists localhost with the job's slots), and the
+The argv and env the builder gives the launcher container, with these differences: the hostfile (the
+mpi-operator writes /etc/mpi/hostfile in the pod; here it lists localhost with the job's slots), the
 ranks' metrics servers, moved by two trailing `--set` flags from the pod's fixed port 9400 on every
-interface to free loopback ports (this machine is shared). Paths in the spec are local directories (no
-PVC), so nothing else in the command line is rewritten. The MLflow server is the session's
-(tests/integration/operator/conftest.py).
+interface to free loopback ports (this machine is shared), and, when the tests run as root, OpenMPI's
+opt-in to run as root (the pod runs as uid 1000, so the command has no `--allow-run-as-root`). The ranks
+start on localhost, so the command's ssh options (port 2222) are not exercised here. Paths in the spec
+are local directories (no PVC), so nothing else in the command line is rewritten. The MLflow server is the
+session's (tests/integration/operator/conftest.py).
 """
 
 from __future__ import annotations
@@ -102,6 +104,9 @@ def test_launcher_command_trains_two_ranks_and_the_operator_reads_the_run(
             "OMPI_MCA_oob_tcp_if_include": "lo",
         }
     )
+    assert "--allow-run-as-root" not in container["command"]
+    if os.geteuid() == 0:
+        env.update({"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"})
     port = free_port_pair()
     command = [*container["command"], "--set", f"metrics.port={port}", "--set", "metrics.address=127.0.0.1"]
     proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, check=False)

@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from fieldkube.operator import names
-from fieldkube.operator.mpijob_builder import build_mpijob, trainer_config
+import pytest
+
+from fieldkube.operator import names, trainer_pod
+from fieldkube.operator.mpijob_builder import backend_of, build_mpijob, trainer_config
 from fieldkube.operator.spec import parse_spec
 
 
@@ -24,6 +26,14 @@ def _build(overrides: dict[str, Any] | None = None, uri: str | None = "http://ml
 
 def _containers(mpijob: dict[str, Any], role: str) -> dict[str, Any]:
     return mpijob["spec"]["mpiReplicaSpecs"][role]["template"]["spec"]["containers"][0]
+
+
+def _pod(mpijob: dict[str, Any], role: str) -> dict[str, Any]:
+    return mpijob["spec"]["mpiReplicaSpecs"][role]["template"]["spec"]
+
+
+def _mounts(container: dict[str, Any]) -> dict[str, str]:
+    return {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
 
 
 def _set_flags(command: list[str]) -> dict[str, Any]:
@@ -64,17 +74,46 @@ def test_cpu_only_workers_get_one_slot_and_no_gpu_request() -> None:
 
 
 def test_horovod_launcher_runs_mpirun_with_one_rank_per_slot() -> None:
-    command = _containers(_build(), "Launcher")["command"]
+    command = _containers(_build({"training": {"runtime": {"backend": "horovod"}}}), "Launcher")["command"]
     assert command[0] == "mpirun"
     assert command[command.index("-np") + 1] == "8"
     assert "fieldkube-train" in command and "torchrun" not in command
-    exported = [command[i + 1] for i, a in enumerate(command) if a == "-x"]
-    assert {
-        "MLFLOW_TRACKING_URI",
-        "FIELDKUBE_JOB_NAMESPACE",
-        "FIELDKUBE_JOB_NAME",
-        "FIELDKUBE_JOB_UID",
-    } <= set(exported)
+
+
+def _exported(command: list[str]) -> list[str]:
+    return [command[i + 1] for i, a in enumerate(command) if a == "-x"]
+
+
+def test_mpirun_forwards_the_image_path_and_every_variable_the_launcher_sets() -> None:
+    """ssh sessions on workers have sshd's environment: the venv's PATH must come from the launcher."""
+    launcher = _containers(_build(), "Launcher")
+    exported = _exported(launcher["command"])
+    assert exported[:2] == ["PATH", "LD_LIBRARY_PATH"]
+    assert exported[2:] == [e["name"] for e in launcher["env"]]  # exactly what is set, nothing unset
+    assert {"PYTHONUNBUFFERED", "MPLCONFIGDIR", "XDG_CACHE_HOME", "MLFLOW_TRACKING_URI"} <= set(exported)
+    assert "PATH" not in {e["name"] for e in launcher["env"]}  # the image's PATH is not overridden
+    no_uri = _containers(_build(uri=None), "Launcher")
+    assert "MLFLOW_TRACKING_URI" not in _exported(no_uri["command"])
+
+
+def test_caches_under_home_go_to_tmp_because_the_root_filesystem_is_read_only() -> None:
+    env = {e["name"]: e["value"] for e in _containers(_build(), "Worker")["env"]}
+    for name in ("MPLCONFIGDIR", "XDG_CACHE_HOME", "XDG_CONFIG_HOME", "TRITON_HOME"):
+        assert env[name].startswith("/tmp"), name
+    assert env["PYTHONUNBUFFERED"] == "1"
+
+
+def test_mpirun_runs_unprivileged_and_sshes_to_port_2222_without_host_key_prompts() -> None:
+    command = _containers(_build(), "Launcher")["command"]
+    assert "--allow-run-as-root" not in command
+    index = command.index("plm_rsh_args")
+    assert command[index - 1] == "--mca"
+    assert command[index + 1] == (
+        "-p 2222 -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null "
+        "-o ConnectionAttempts=10 -o LogLevel=ERROR"
+    )
+    # Every mpirun option precedes the program.
+    assert index < command.index("-np") < command.index("fieldkube-train")
 
 
 def test_ddp_launcher_runs_one_torchrun_per_worker_rendezvousing_at_worker_0() -> None:
@@ -82,6 +121,32 @@ def test_ddp_launcher_runs_one_torchrun_per_worker_rendezvousing_at_worker_0() -
     assert command[command.index("-np") + 1] == "2"
     assert "torchrun" in command and "--nproc-per-node=4" in command and "--nnodes=2" in command
     assert "--rdzv-endpoint=flowers-worker-0.flowers.team-a.svc:29400" in command
+    assert command.index("-x") < command.index("torchrun")  # the remote torchrun is found via PATH
+
+
+@pytest.mark.parametrize(
+    ("gpus", "requested", "expected"),
+    [
+        (4, "auto", "ddp"),
+        (1, "auto", "ddp"),
+        (0, "auto", "horovod"),
+        (4, "horovod", "horovod"),
+        (0, "ddp", "ddp"),
+    ],
+)
+def test_auto_backend_is_ddp_on_gpus_and_horovod_on_cpu(gpus: int, requested: str, expected: str) -> None:
+    overrides = {"gpusPerWorker": gpus, "training": {"runtime": {"backend": requested}}}
+    mpijob = _build(overrides)
+    assert backend_of(parse_spec({"dataset": {"path": "d"}, **overrides})) == expected
+    command = _containers(mpijob, "Launcher")["command"]
+    assert ("torchrun" in command) == (expected == "ddp")
+    # The resolved name is what the trainer gets, so the command alone says which backend runs.
+    assert _set_flags(command)["runtime"]["backend"] == expected
+
+
+def test_auto_is_the_default_backend_and_a_gpu_job_gets_ddp() -> None:
+    command = _containers(_build(), "Launcher")["command"]
+    assert "torchrun" in command and _set_flags(command)["runtime"]["backend"] == "ddp"
 
 
 def test_trainer_config_maps_spec_sections_and_is_valid_for_the_trainer() -> None:
@@ -176,3 +241,121 @@ def test_run_policy_suspend_scheduling_and_queue_are_mapped() -> None:
 def test_clean_pod_policy_is_always_explicit() -> None:
     assert _build()["spec"]["runPolicy"]["cleanPodPolicy"] == "Running"
     assert _build()["spec"]["launcherCreationPolicy"] == "WaitForWorkersReady"
+
+
+def test_workers_run_their_own_non_root_sshd_with_fresh_host_keys() -> None:
+    worker = _containers(_build(), "Worker")
+    shell, flag, script = worker["command"]
+    assert (shell, flag) == ("/bin/sh", "-c")
+    key = "/run/fieldkube-sshd/ssh_host_ed25519_key"
+    steps = script.split("; ")
+    assert steps[:3] == [
+        "set -eu",
+        f"rm -f {key} {key}.pub",  # a restarted container keeps the emptyDir and its old key
+        f"ssh-keygen -q -t ed25519 -N '' -C '' -f {key}",
+    ]
+    sshd = steps[3].split()
+    assert sshd[:9] == ["exec", "/usr/sbin/sshd", "-D", "-e", "-f", "/dev/null", "-p", "2222", "-h"]
+    assert sshd[9] == key
+    options = dict(sshd[i + 1].split("=", 1) for i, a in enumerate(sshd) if a == "-o")
+    assert options == {
+        "PidFile": "/run/fieldkube-sshd/sshd.pid",
+        "UsePAM": "no",
+        "PasswordAuthentication": "no",
+        "KbdInteractiveAuthentication": "no",
+        "PermitRootLogin": "no",
+        "AuthorizedKeysFile": "/home/fieldkube/.ssh/authorized_keys",
+        "StrictModes": "no",
+        "AllowTcpForwarding": "no",
+        "AllowAgentForwarding": "no",
+        "X11Forwarding": "no",
+    }
+    # Where sshd writes (keys, pid) is a mounted emptyDir, and the keys it trusts are where the
+    # mpi-operator mounts them.
+    assert _mounts(worker)["/run/fieldkube-sshd"] == "sshd"
+    mpijob = _build()
+    assert mpijob["spec"]["sshAuthMountPath"] == "/home/fieldkube/.ssh"
+    assert options["AuthorizedKeysFile"].startswith(mpijob["spec"]["sshAuthMountPath"] + "/")
+
+
+def test_worker_ssh_port_matches_the_launchers_ssh_client() -> None:
+    mpijob = _build()
+    launcher = _containers(mpijob, "Launcher")["command"]
+    rsh_args = launcher[launcher.index("plm_rsh_args") + 1].split()
+    worker_script = _containers(mpijob, "Worker")["command"][2]
+    assert (
+        rsh_args[:2] == ["-p", str(trainer_pod.SSH_PORT)] and f"-p {trainer_pod.SSH_PORT} " in worker_script
+    )
+
+
+@pytest.mark.parametrize("role", ["Launcher", "Worker"])
+def test_pods_run_as_uid_1000_without_privileges_on_a_read_only_root(role: str) -> None:
+    pod = _pod(_build(), role)
+    assert pod["securityContext"] == {
+        "runAsNonRoot": True,
+        "runAsUser": 1000,
+        "runAsGroup": 1000,
+        "fsGroup": 1000,
+        "fsGroupChangePolicy": "OnRootMismatch",
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+    assert pod["containers"][0]["securityContext"] == {
+        "allowPrivilegeEscalation": False,
+        "capabilities": {"drop": ["ALL"]},
+        "readOnlyRootFilesystem": True,
+    }
+    assert pod["automountServiceAccountToken"] is False
+    # Every mount is a declared volume, and /tmp is writable on both roles.
+    declared = {v["name"] for v in pod["volumes"]}
+    assert set(_mounts(pod["containers"][0]).values()) <= declared
+    assert _mounts(pod["containers"][0])["/tmp"] == "tmp"
+
+
+def test_every_writable_worker_path_is_an_empty_dir_or_a_volume() -> None:
+    pod = _pod(_build({"checkpoint": {"pvc": "ckpt", "path": "runs"}}), "Worker")
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    mounts = _mounts(pod["containers"][0])
+    for path in ("/tmp", "/run/fieldkube-sshd", "/dev/shm", names.OUTPUT_DIR):
+        assert "emptyDir" in volumes[mounts[path]], path
+    assert "persistentVolumeClaim" in volumes[mounts[names.CHECKPOINT_MOUNT]]
+    assert volumes[mounts[names.DATASET_MOUNT]]["persistentVolumeClaim"]["readOnly"] is True
+
+
+@pytest.mark.parametrize(
+    ("memory", "shm"),
+    [("16Gi", "8Gi"), ("2Gi", "1Gi"), ("1Gi", "512Mi"), ("3G", "1500M"), ("1.5Gi", "768Mi")],
+)
+def test_dev_shm_is_memory_backed_and_half_the_memory_by_default(memory: str, shm: str) -> None:
+    pod = _pod(_build({"resources": {"memory": memory}}), "Worker")
+    volume = next(v for v in pod["volumes"] if v["name"] == _mounts(pod["containers"][0])["/dev/shm"])
+    assert volume["emptyDir"] == {"medium": "Memory", "sizeLimit": shm}
+
+
+def test_shared_memory_given_in_the_spec_is_used_as_is() -> None:
+    pod = _pod(_build({"resources": {"memory": "16Gi", "sharedMemory": "2Gi"}}), "Worker")
+    shm = next(v for v in pod["volumes"] if v["name"] == "shm")
+    assert shm["emptyDir"]["sizeLimit"] == "2Gi"
+    launcher = _pod(_build(), "Launcher")
+    assert "/dev/shm" not in _mounts(launcher["containers"][0])  # no ranks run on the launcher
+
+
+def test_workers_restart_on_failure_and_the_launcher_never() -> None:
+    replicas = _build()["spec"]["mpiReplicaSpecs"]
+    assert replicas["Worker"]["restartPolicy"] == "OnFailure"
+    assert replicas["Launcher"]["restartPolicy"] == "Never"
+    # The mpi-operator sets the pod's policy from the replica's; a pod-level one would only warn.
+    assert "restartPolicy" not in _pod(_build(), "Worker") and "restartPolicy" not in _pod(
+        _build(), "Launcher"
+    )
+
+
+@pytest.mark.parametrize("gpus", [0, 1, 4])
+def test_the_trainers_auto_agrees_with_the_launcher_the_operator_picks(gpus: int) -> None:
+    """The trainer's `auto` follows its launcher; the operator picks the launcher from `auto`."""
+    from fieldkube.trainer.backends import resolve_backend_name
+    from fieldkube.trainer.launch_env import LaunchEnv
+
+    command = _containers(_build({"gpusPerWorker": gpus}), "Launcher")["command"]
+    launcher = "torchrun" if "torchrun" in command else "openmpi"
+    chosen = backend_of(parse_spec({"dataset": {"path": "d"}, "gpusPerWorker": gpus}))
+    assert resolve_backend_name("auto", LaunchEnv(launcher, 0, 0, 2)) == chosen

@@ -12,6 +12,7 @@ from pydantic import ValidationError
 
 from fieldkube.operator import crd, spec
 from fieldkube.operator.openapi import apply_defaults, remove_paths, structural_schema
+from fieldkube.operator.quantity import format_bytes, parse_quantity
 from fieldkube.operator.training_schema import OPERATOR_OWNED, training_schema
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -106,6 +107,8 @@ def test_spec_defaults_and_derived_numbers() -> None:
         ({"runPolicy": {"cleanPodPolicy": "Sometimes"}}, "runPolicy.cleanPodPolicy"),
         ({"colour": "blue"}, "colour"),
         ({"resources": {"memory": "lots"}}, "resources.memory"),
+        ({"resources": {"memory": "1..5Gi"}}, "resources.memory"),
+        ({"resources": {"sharedMemory": "4Qi"}}, "resources.sharedMemory"),
     ],
 )
 def test_invalid_spec_errors_name_the_field(patch: dict[str, object], field: str) -> None:
@@ -145,3 +148,60 @@ def test_checked_in_example_manifests_parse_into_the_typed_spec() -> None:
         for doc in yaml.safe_load_all(path.read_text()):
             assert doc["kind"] == "TrainingJob", path
             spec.parse_spec(doc["spec"])
+
+
+def test_crd_has_an_optional_shared_memory_that_says_it_counts_against_memory() -> None:
+    root = crd.trainingjob_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    resources = root["properties"]["spec"]["properties"]["resources"]
+    shm = resources["properties"]["sharedMemory"]
+    assert shm["type"] == "string" and shm["pattern"] == spec.QUANTITY_PATTERN
+    assert "default" not in shm and "sharedMemory" not in resources.get("required", [])
+    assert "half of memory" in shm["description"] and "memory limit" in shm["description"]
+    docs = yaml.safe_load_all((ROOT / "manifests/crd/trainingjobs.yaml").read_text())
+    checked_in = next(d for d in docs if d["metadata"]["name"] == "trainingjobs.fieldkube.io")
+    spec_schema = checked_in["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+    assert spec_schema["properties"]["resources"]["properties"]["sharedMemory"] == shm
+
+
+def test_shared_memory_defaults_to_half_the_memory_limit() -> None:
+    def shm(resources: dict[str, str]) -> str:
+        return spec.parse_spec({"dataset": {"path": "d"}, "resources": resources}).resources.shared_memory
+
+    assert shm({}) == "8Gi"  # memory's default is 16Gi
+    assert shm({"memory": "2Gi"}) == "1Gi" and shm({"memory": "1Gi"}) == "512Mi"
+    assert shm({"memory": "2e9"}) == "1G" and shm({"memory": "1001"}) == "500"
+    assert shm({"memory": "2Gi", "sharedMemory": "256Mi"}) == "256Mi"
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [
+        ("16Gi", 16 * 2**30),
+        ("1.5Gi", 3 * 2**29),
+        ("500M", 500_000_000),
+        ("2e9", 2_000_000_000),
+        ("128974848", 128974848),
+        ("1E", 10**18),
+        ("250m", 0.25),
+        ("12Ki", 12 * 1024),
+    ],
+)
+def test_quantities_parse_like_kubernetes(text: str, value: float) -> None:
+    assert parse_quantity(text) == pytest.approx(value)
+
+
+@pytest.mark.parametrize("text", ["", "Gi", "1..5Gi", "4Qi", "1e", "--1"])
+def test_non_quantities_are_refused(text: str) -> None:
+    with pytest.raises(ValueError, match="quantit"):
+        parse_quantity(text)
+
+
+def test_byte_counts_format_as_the_shortest_exact_quantity() -> None:
+    assert [format_bytes(n) for n in (8 * 2**30, 3 * 2**29, 1_500_000_000, 1000, 1001, 0)] == [
+        "8Gi",
+        "1536Mi",
+        "1500M",
+        "1k",
+        "1001",
+        "0",
+    ]

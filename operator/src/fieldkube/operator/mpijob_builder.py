@@ -3,6 +3,8 @@
 The launcher runs `mpirun` (Horovod: one rank per slot; DDP: one torchrun per worker) with the trainer's
 whole configuration passed as `--set section=<json>` flags, so the command line alone reproduces the run.
 The launcher requests no GPU; each worker requests `gpusPerWorker` GPUs and gets as many MPI slots.
+Both roles run as the image's non-root user on a read-only root; workers run their own sshd
+(`trainer_pod.py` holds that contract).
 """
 
 from __future__ import annotations
@@ -10,16 +12,16 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from fieldkube.operator import names
+from fieldkube.operator import names, trainer_pod
 from fieldkube.operator.spec import TrainingJobSpec, effective_training
 
-JOB_ENV_NAMES = ("FIELDKUBE_JOB_NAMESPACE", "FIELDKUBE_JOB_NAME", "FIELDKUBE_JOB_UID", "MLFLOW_TRACKING_URI")
 LAUNCHER_RESOURCES = {"requests": {"cpu": "250m", "memory": "512Mi"}}
 
 
 def trainer_config(name: str, spec: TrainingJobSpec, tracking_uri: str | None) -> dict[str, Any]:
     """The full fieldkube-train configuration: spec.training plus the sections the spec owns."""
     config = effective_training(spec)
+    config["runtime"] = {**config.get("runtime", {}), "backend": backend_of(spec)}
     data = dict(config.get("data", {}))
     data["path"] = (
         f"{names.DATASET_MOUNT}/{spec.dataset.path.lstrip('/')}" if spec.dataset.pvc else spec.dataset.path
@@ -61,9 +63,33 @@ def trainer_args(config: dict[str, Any]) -> list[str]:
     return args
 
 
-def backend_of(config: dict[str, Any]) -> str:
-    backend = str(config.get("runtime", {}).get("backend", "auto"))
-    return "horovod" if backend == "auto" else backend
+def backend_of(spec: TrainingJobSpec) -> str:
+    """The trainer's backend, `auto` resolved: DDP on GPU workers, Horovod on CPU-only ones.
+
+    The trainer image's Horovod is built where there is no CUDA toolkit, so it has no NCCL and would move
+    every GPU allreduce through host memory; DDP uses NCCL. On CPU, Horovod (MPI/Gloo) is the launch path
+    the project tests most. The resolved name is written into the trainer's `--set runtime=...`, and the
+    launcher follows it (torchrun for ddp, mpirun ranks for horovod), which is also what the trainer's own
+    `auto` would pick under that launcher (`fieldkube.trainer.backends.resolve_backend_name`).
+    """
+    requested = str(effective_training(spec).get("runtime", {}).get("backend", "auto"))
+    if requested != "auto":
+        return requested
+    return "ddp" if spec.gpusPerWorker > 0 else "horovod"
+
+
+def _mpirun(env_names: list[str]) -> list[str]:
+    """mpirun and its flags: ssh to the workers' sshd port, and the environment the ranks must inherit.
+
+    No `--allow-run-as-root`: the launcher runs as the image's uid 1000. A command-line MCA value wins
+    over the mpi-operator's OMPI_MCA_plm_rsh_args env, and mpirun hands it on to the orteds it starts, so
+    an orted that starts further orteds (tree spawn, past 64 workers) uses the same port and options.
+    """
+    mpirun = ["mpirun", "--bind-to", "none", "--tag-output"]
+    mpirun += ["--mca", "plm_rsh_args", trainer_pod.ssh_client_args()]
+    for env_name in [*trainer_pod.IMAGE_ENV_FORWARDED, *env_names]:
+        mpirun += ["-x", env_name]
+    return mpirun
 
 
 def launcher_command(
@@ -71,11 +97,9 @@ def launcher_command(
 ) -> list[str]:
     """The launcher's argv: mpirun over the hostfile the mpi-operator writes, running the trainer."""
     config = trainer_config(name, spec, tracking_uri)
-    mpirun = ["mpirun", "--allow-run-as-root", "--bind-to", "none", "--tag-output"]
-    for env_name in JOB_ENV_NAMES:
-        mpirun += ["-x", env_name]
+    mpirun = _mpirun([e["name"] for e in _env(name, namespace, uid, tracking_uri)])
     train = trainer_args(config)
-    if backend_of(config) == "ddp":
+    if config["runtime"]["backend"] == "ddp":
         endpoint = f"{names.worker_host(names.mpijob_name(name), namespace, 0)}:{names.RDZV_PORT}"
         torchrun = [
             "torchrun",
@@ -91,20 +115,22 @@ def launcher_command(
 
 
 def _env(name: str, namespace: str, uid: str, tracking_uri: str | None) -> list[dict[str, Any]]:
+    """The containers' env; the launcher's mpirun forwards every one of these names to the ranks."""
     env = [
         {"name": "FIELDKUBE_JOB_NAMESPACE", "value": namespace},
         {"name": "FIELDKUBE_JOB_NAME", "value": name},
         {"name": "FIELDKUBE_JOB_UID", "value": uid},
-        {"name": "PYTHONUNBUFFERED", "value": "1"},
+        *trainer_pod.runtime_env(),
     ]
     if tracking_uri:
         env.append({"name": "MLFLOW_TRACKING_URI", "value": tracking_uri})
     return env
 
 
-def _volumes(spec: TrainingJobSpec) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    volumes: list[dict[str, Any]] = [{"name": "output", "emptyDir": {}}]
-    mounts: list[dict[str, Any]] = [{"name": "output", "mountPath": names.OUTPUT_DIR}]
+def _worker_volumes(spec: TrainingJobSpec) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    volumes, mounts = trainer_pod.scratch_volumes(worker=True, shm_size=spec.resources.shared_memory)
+    volumes.append({"name": "output", "emptyDir": {}})
+    mounts.append({"name": "output", "mountPath": names.OUTPUT_DIR})
     if spec.dataset.pvc:
         volumes.append(
             {"name": "dataset", "persistentVolumeClaim": {"claimName": spec.dataset.pvc, "readOnly": True}}
@@ -134,10 +160,20 @@ def _scheduling(spec: TrainingJobSpec, *, worker: bool) -> dict[str, Any]:
     return pod
 
 
+def _pod_spec(spec: TrainingJobSpec, *, worker: bool) -> dict[str, Any]:
+    """What both roles' pod specs share: scheduling, the non-root security context, no API token."""
+    return {
+        **_scheduling(spec, worker=worker),
+        "securityContext": trainer_pod.pod_security_context(),
+        # Trainer pods never call the Kubernetes API.
+        "automountServiceAccountToken": False,
+    }
+
+
 def _worker_template(
     name: str, namespace: str, uid: str, spec: TrainingJobSpec, tracking_uri: str | None
 ) -> dict[str, Any]:
-    volumes, mounts = _volumes(spec)
+    volumes, mounts = _worker_volumes(spec)
     limits: dict[str, Any] = {"cpu": spec.resources.cpu, "memory": spec.resources.memory}
     if spec.gpusPerWorker:
         limits["nvidia.com/gpu"] = spec.gpusPerWorker
@@ -157,15 +193,17 @@ def _worker_template(
             "annotations": annotations,
         },
         "spec": {
-            **_scheduling(spec, worker=True),
+            **_pod_spec(spec, worker=True),
             "containers": [
                 {
                     "name": names.TRAINER_CONTAINER,
                     "image": spec.image,
                     "imagePullPolicy": spec.imagePullPolicy,
+                    "command": trainer_pod.worker_command(),
                     "env": _env(name, namespace, uid, tracking_uri),
                     "ports": ports,
                     "resources": {"requests": dict(limits), "limits": limits},
+                    "securityContext": trainer_pod.container_security_context(),
                     "volumeMounts": mounts,
                 }
             ],
@@ -177,13 +215,14 @@ def _worker_template(
 def _launcher_template(
     name: str, namespace: str, uid: str, spec: TrainingJobSpec, tracking_uri: str | None
 ) -> dict[str, Any]:
+    volumes, mounts = trainer_pod.scratch_volumes(worker=False, shm_size=None)
     return {
         "metadata": {
             "labels": _pod_labels(name, spec.podMetadata.launcher.labels, spec.scheduling.queueName),
             "annotations": dict(spec.podMetadata.launcher.annotations),
         },
         "spec": {
-            **_scheduling(spec, worker=False),
+            **_pod_spec(spec, worker=False),
             "containers": [
                 {
                     "name": names.TRAINER_CONTAINER,
@@ -192,8 +231,11 @@ def _launcher_template(
                     "command": launcher_command(name, namespace, uid, spec, tracking_uri),
                     "env": _env(name, namespace, uid, tracking_uri),
                     "resources": LAUNCHER_RESOURCES,
+                    "securityContext": trainer_pod.container_security_context(),
+                    "volumeMounts": mounts,
                 }
             ],
+            "volumes": volumes,
         },
     }
 
@@ -224,17 +266,23 @@ def build_mpijob(
             "runLauncherAsWorker": False,
             "launcherCreationPolicy": "WaitForWorkersReady",
             "mpiImplementation": "OpenMPI",
-            "sshAuthMountPath": "/root/.ssh",
+            "sshAuthMountPath": trainer_pod.SSH_AUTH_MOUNT_PATH,
             "runPolicy": run_policy,
             "mpiReplicaSpecs": {
                 "Launcher": {
                     "replicas": 1,
+                    # The launcher is a batch Job: runPolicy.backoffLimit decides its retries, each a new
+                    # pod, and a failed one stays readable for the diagnosis.
                     "restartPolicy": "Never",
                     "template": _launcher_template(name, namespace, uid, spec, uri),
                 },
                 "Worker": {
                     "replicas": spec.workers,
-                    "restartPolicy": "Never",
+                    # The mpi-operator recreates only missing worker pods, never failed ones: a worker
+                    # that stopped under Never would stay down, and every retried launcher would ssh to
+                    # it in vain. OnFailure restarts its sshd in place (the diagnosis reads the exit from
+                    # the container's lastState).
+                    "restartPolicy": "OnFailure",
                     "template": _worker_template(name, namespace, uid, spec, uri),
                 },
             },

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from fieldkube.operator.quantity import format_bytes, parse_quantity
 from fieldkube.operator.training_schema import training_defaults
 
 GROUP = "fieldkube.io"
@@ -95,6 +96,28 @@ class ResourcesSpec(_Spec):
     memory: str = Field(
         default="16Gi", pattern=QUANTITY_PATTERN, description="Memory request and limit of each worker."
     )
+    sharedMemory: str | None = Field(
+        default=None,
+        pattern=QUANTITY_PATTERN,
+        description="Size limit of each worker's memory-backed /dev/shm (DataLoader workers and MPI's "
+        "shared-memory transport use it); default: half of memory. Memory-backed shm counts against the "
+        "worker's memory limit: what is stored there is memory the training processes cannot use.",
+    )
+
+    @field_validator("memory", "sharedMemory")
+    @classmethod
+    def _byte_quantity(cls, value: str | None) -> str | None:
+        """Sizes are derived from these, so they must parse as quantities, not only match the pattern."""
+        if value is not None:
+            parse_quantity(value)
+        return value
+
+    @property
+    def shared_memory(self) -> str:
+        """The /dev/shm size limit: as given, else half of `memory` (written as an exact quantity)."""
+        if self.sharedMemory is not None:
+            return self.sharedMemory
+        return format_bytes(int(parse_quantity(self.memory)) // 2)
 
 
 class MlflowSpec(_Spec):
@@ -240,7 +263,9 @@ class TrainingJobSpec(_Spec):
         description="nvidia.com/gpu per worker; also the MPI slots (processes) per worker (at least 1).",
         json_schema_extra=_immutable("gpusPerWorker"),
     )
-    resources: ResourcesSpec = Field(default_factory=ResourcesSpec, description="Per-worker CPU and memory.")
+    resources: ResourcesSpec = Field(
+        default_factory=ResourcesSpec, description="Per-worker CPU, memory and shared memory."
+    )
     image: str = Field(
         default="fieldkube/trainer:0.1.0", min_length=1, description="Trainer container image."
     )

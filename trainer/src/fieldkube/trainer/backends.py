@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Iterator
@@ -14,6 +15,8 @@ from torch import nn
 from fieldkube.trainer.config import Backend
 from fieldkube.trainer.errors import ConfigError
 from fieldkube.trainer.launch_env import LaunchEnv
+
+log = logging.getLogger("fieldkube.backends")
 
 
 class SingleBackend:
@@ -69,7 +72,7 @@ class HorovodBackend(SingleBackend):
 
     name = "horovod"
 
-    def __init__(self, env: LaunchEnv) -> None:
+    def __init__(self, env: LaunchEnv, device: torch.device) -> None:
         super().__init__(env)
         try:
             import horovod.torch as hvd
@@ -82,6 +85,9 @@ class HorovodBackend(SingleBackend):
         self.rank = hvd.rank()
         self.local_rank = hvd.local_rank()
         self.size = hvd.size()
+        warning = horovod_without_nccl_warning(device, bool(hvd.nccl_built()))
+        if warning and self.rank == 0:
+            log.warning(warning)
 
     def wrap(
         self, model: nn.Module, optimizer: torch.optim.Optimizer
@@ -212,16 +218,36 @@ def pin_device(wanted: str, local_rank: int, setting: str) -> torch.device:
 
 
 def resolve_backend_name(requested: Backend, env: LaunchEnv) -> str:
-    """`auto` follows the launcher: horovodrun/mpirun -> horovod, torchrun -> ddp, nothing -> single."""
+    """`auto` follows the launcher: horovodrun/mpirun -> horovod, torchrun -> ddp, nothing -> single.
+
+    The process cannot choose its launcher, so the choice between DDP and Horovod is the launcher's: the
+    operator launches GPU jobs with torchrun (DDP over NCCL) and CPU jobs with mpirun ranks (Horovod over
+    MPI/Gloo) when a TrainingJob says `auto` (`fieldkube.operator.mpijob_builder.backend_of`), and this
+    function then agrees with it.
+    """
     if requested != "auto":
         return requested
     return {"horovod": "horovod", "openmpi": "horovod", "torchrun": "ddp"}.get(env.launcher, "single")
 
 
+def horovod_without_nccl_warning(device: torch.device, nccl_built: bool) -> str | None:
+    """The warning rank 0 logs when Horovod runs on a GPU without NCCL (None when all is well).
+
+    Such a Horovod (the trainer image's: it is built where there is no CUDA toolkit) reduces gradients in
+    host memory over MPI/Gloo, not between the GPUs; DDP's NCCL does.
+    """
+    if device.type != "cuda" or nccl_built:
+        return None
+    return (
+        "Horovod was built without NCCL: allreduce runs on the CPU, not between the GPUs; "
+        "set runtime.backend: ddp (NCCL) for GPU training"
+    )
+
+
 def create_backend(requested: Backend, env: LaunchEnv, device: torch.device) -> AnyBackend:
     name = resolve_backend_name(requested, env)
     if name == "horovod":
-        return HorovodBackend(env)
+        return HorovodBackend(env, device)
     if name == "ddp":
         if env.launcher == "single":
             raise ConfigError(
