@@ -359,3 +359,12 @@ def test_the_trainers_auto_agrees_with_the_launcher_the_operator_picks(gpus: int
     launcher = "torchrun" if "torchrun" in command else "openmpi"
     chosen = backend_of(parse_spec({"dataset": {"path": "d"}, "gpusPerWorker": gpus}))
     assert resolve_backend_name("auto", LaunchEnv(launcher, 0, 0, 2)) == chosen
+
+
+def test_a_cpu_jobs_launcher_follows_its_workers_node_selector_and_a_gpu_jobs_does_not() -> None:
+    selector = {"fieldkube.io/node": "real"}
+    for gpus, launcher_selected in ((0, True), (1, False)):
+        mpijob = _build({"gpusPerWorker": gpus, "scheduling": {"nodeSelector": selector}})
+        specs = {role: r["template"]["spec"] for role, r in mpijob["spec"]["mpiReplicaSpecs"].items()}
+        assert specs["Worker"]["nodeSelector"] == selector
+        assert (specs["Launcher"].get("nodeSelector") == selector) is launcher_selected, gpus

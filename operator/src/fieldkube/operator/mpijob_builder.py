@@ -150,12 +150,18 @@ def _pod_labels(name: str, extra: dict[str, str], queue: str | None) -> dict[str
 
 
 def _scheduling(spec: TrainingJobSpec, *, worker: bool) -> dict[str, Any]:
+    """Priority, tolerations and node selection of one role's pods.
+
+    The node selector always applies to workers. A CPU job's launcher follows its workers into the same
+    node pool (it needs nothing else); a GPU job's launcher does not, because it requests no GPU and
+    must not need the GPU nodes' taints tolerated to be scheduled.
+    """
     pod: dict[str, Any] = {}
     if spec.scheduling.priorityClassName:
         pod["priorityClassName"] = spec.scheduling.priorityClassName
     if spec.scheduling.tolerations:
         pod["tolerations"] = [t.model_dump(exclude_none=True) for t in spec.scheduling.tolerations]
-    if worker and spec.scheduling.nodeSelector:
+    if (worker or not spec.gpusPerWorker) and spec.scheduling.nodeSelector:
         pod["nodeSelector"] = dict(spec.scheduling.nodeSelector)
     return pod
 

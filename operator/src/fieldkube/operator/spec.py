@@ -186,7 +186,7 @@ class SchedulingSpec(_Spec):
     priorityClassName: str | None = Field(default=None, description="PriorityClass of the job's pods.")
     nodeSelector: dict[str, str] = Field(
         default_factory=dict,
-        description="Node labels the workers must match.",
+        description="Node labels the workers must match (and the launcher too when gpusPerWorker is 0).",
         json_schema_extra={"maxProperties": 64},
     )
     tolerations: list[Toleration] = Field(
