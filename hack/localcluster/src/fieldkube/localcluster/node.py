@@ -8,7 +8,8 @@ changes on the host is recorded in ``node/node.json`` so that ``stop`` undoes it
 - network: a bridge (``fkbr0``, gateway ``10.213.0.1/24``) that the CNI bridge plugin plugs pods into,
   no masquerade (pods reach this host and each other, nothing beyond); kubelet, CoreDNS and the
   kubelet's API listen on the gateway address, health and metrics endpoints on loopback;
-- iptables rules written by kube-proxy and the kubelet (chains ``KUBE-*``, ``CNI-*``), removed on stop;
+- iptables rules written by kube-proxy and the kubelet (chains ``KUBE-*``), removed on stop (the CNI
+  config has no firewall or masquerade plugin, so it writes none; ``CNI-*`` chains of other tools stay);
 - sysctls the bridge, kubelet and kube-proxy set (``net.ipv4.ip_forward``, ``vm.overcommit_memory``,
   ``kernel.panic``, ...), restored to the values read before start;
 - pods' cgroups (``kubepods`` under each cgroup v1 controller), mounts under the node's directories and
@@ -80,7 +81,7 @@ SYSCTLS = (
     "net.netfilter.nf_conntrack_tcp_timeout_established",
     "net.netfilter.nf_conntrack_tcp_timeout_close_wait",
 )
-OWN_CHAIN = re.compile(r"\b(KUBE|CNI)-[A-Z0-9-]+")
+OWN_CHAIN = re.compile(r"\bKUBE-[A-Z0-9-]+")
 
 
 def sysctl_path(name: str) -> Path:
@@ -122,7 +123,7 @@ def iptables_rules(binary: str = "iptables") -> str:
 
 
 def remove_own_iptables_rules(binary: str = "iptables") -> int:
-    """Drop every chain named KUBE-* or CNI-* and every rule that mentions one; returns lines dropped.
+    """Drop every chain named KUBE-* and every rule that mentions one; returns the lines dropped.
 
     The tables are saved, filtered and restored whole, so rules of anyone else stay as they are.
     """
@@ -730,7 +731,7 @@ disabled_plugins = ["io.containerd.internal.v1.opt", "io.containerd.snapshotter.
         for binary in ("iptables", "ip6tables"):
             with contextlib.suppress(subprocess.CalledProcessError, OSError):
                 if n := remove_own_iptables_rules(binary):
-                    done.append(f"removed {n} {binary} lines (KUBE-*/CNI-*)")
+                    done.append(f"removed {n} {binary} lines (KUBE-*)")
         if shutil.which("nft"):
             for family in ("ip", "ip6"):
                 subprocess.run(
