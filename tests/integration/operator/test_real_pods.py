@@ -64,12 +64,14 @@ class RankScraper(threading.Thread):
         super().__init__(daemon=True)
         self.cluster, self.namespace, self.name, self.port = cluster, namespace, name, port
         self.scraped: dict[str, str] = {}
+        self.nodes: dict[str, str] = {}  # worker pod -> node, as seen while it ran
         self.stop = threading.Event()
 
     def run(self) -> None:
         while not self.stop.is_set():
             try:
                 for pod in pods(self.cluster, self.namespace, self.name, "worker"):
+                    self.nodes[pod["metadata"]["name"]] = pod["spec"].get("nodeName", "")
                     ip = pod.get("status", {}).get("podIP")
                     if not ip:
                         continue
@@ -133,10 +135,18 @@ def test_cpu_example_trains_in_real_pods_and_registers_the_model(
 
     # Both ranks ran (mpirun --tag-output prefixes each line with [job,rank]) on the real node.
     assert re.search(r"\[1,0\]<", log) and re.search(r"\[1,1\]<", log), log[-3000:]
-    workers = pods(local_cluster, cluster_namespace, name, "worker")
-    assert {p["spec"]["nodeName"] for p in workers + launcher} == {"fieldkube-node"}
+    # The workers (deleted when the job ended: cleanPodPolicy Running) and the launcher ran on the real node.
+    workers = [f"{name}-worker-{i}" for i in range(doc["spec"]["workers"])]
+    assert sorted(scraper.nodes) == workers
+    assert {*scraper.nodes.values(), launcher[-1]["spec"]["nodeName"]} == {"fieldkube-node"}
     # Every rank's /metrics was scraped while it ran (one rank per worker pod here).
-    assert sorted(scraper.scraped) == sorted(p["metadata"]["name"] for p in workers), scraper.scraped.keys()
+    assert sorted(scraper.scraped) == workers, scraper.scraped.keys()
+    ranks = {
+        rank
+        for text in scraper.scraped.values()
+        for rank in re.findall(r'fieldkube_train_steps_total\{[^}]*rank="(\d+)"', text)
+    }
+    assert ranks == {"0", "1"}, list(scraper.scraped.values())[0][:2000]
 
     # Progress came from the MLflow run, and the model was registered there.
     assert status["progress"]["step"] == expected_steps(field_dataset_root, doc["spec"]), status["progress"]

@@ -12,6 +12,7 @@ training run the same way:
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import sys
@@ -100,13 +101,14 @@ def host_path_claim(
     path.mkdir(parents=True, exist_ok=True)
     if writable_by is not None:
         os.chown(path, writable_by, writable_by)
-    volume = f"{namespace}-{claim}"
+    # PersistentVolumes are cluster-wide: named by the claim and a hash of its namespace (names <= 63).
+    volume = f"{claim[:50]}-{hashlib.sha256(namespace.encode()).hexdigest()[:8]}"
     cluster.apply(
         [
             {
                 "apiVersion": "v1",
                 "kind": "PersistentVolume",
-                "metadata": {"name": volume, "labels": {"fieldkube.io/claim": volume}},
+                "metadata": {"name": volume, "labels": {"fieldkube.io/claim-namespace": namespace}},
                 "spec": {
                     "capacity": {"storage": size},
                     "accessModes": ["ReadWriteMany", "ReadOnlyMany"],
