@@ -36,11 +36,13 @@ def test_examples_succeed_the_cpu_job_in_real_pods_and_down_leaves_nothing(tmp_p
         assert up.returncode == 0, up.stdout[-4000:] + up.stderr[-4000:]
         assert "flower-counter-cpu trains for real" in up.stdout
         assert "pods are simulated by kwok" in up.stdout
-        final = up.stdout[up.stdout.rindex("trainingjob.fieldkube.io/") - 200 :]
+        # The final `kubectl get tj,mpijobs,pods -o wide` table (the watch before it prints bare names).
+        rows = up.stdout.splitlines()
         for name in ("flower-counter", "building-segmenter", "flower-counter-cpu"):
-            line = next(row for row in final.splitlines() if f"trainingjob.fieldkube.io/{name} " in row)
-            assert "Succeeded" in line, final
-        assert "fieldkube-node" in final  # the CPU job's pods ran on the real node
+            line = [row for row in rows if f"trainingjob.fieldkube.io/{name} " in row][-1]
+            assert "Succeeded" in line, up.stdout[-4000:]
+        launcher = [row for row in rows if row.startswith("pod/flower-counter-cpu-launcher")][-1]
+        assert "fieldkube-node" in launcher, launcher  # the CPU job's pods ran on the real node
     finally:
         down = run("down", "--state", str(state), timeout=300)
     assert down.returncode == 0, down.stderr
