@@ -19,14 +19,18 @@ def _python(code: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
 
 
 def test_fieldkube_is_a_namespace_package_shared_by_four_distributions() -> None:
+    """The four product distributions, plus the development-only local cluster (hack/localcluster)."""
     for dist in DISTRIBUTIONS:
         assert (ROOT / dist / "src" / "fieldkube" / dist).is_dir(), dist
         assert not (ROOT / dist / "src" / "fieldkube" / "__init__.py").exists(), (
             f"{dist} breaks the namespace"
         )
+    assert not (ROOT / "hack" / "localcluster" / "src" / "fieldkube" / "__init__.py").exists()
     proc = _python("import fieldkube, json; print(json.dumps(sorted(fieldkube.__path__)))")
     assert proc.returncode == 0, proc.stderr
-    assert len(json.loads(proc.stdout)) == 4, proc.stdout
+    paths = {Path(p).resolve() for p in json.loads(proc.stdout)}
+    expected = {(ROOT / d / "src" / "fieldkube").resolve() for d in DISTRIBUTIONS}
+    assert paths == expected | {(ROOT / "hack" / "localcluster" / "src" / "fieldkube").resolve()}, paths
 
 
 def test_importing_the_operator_does_not_import_torch() -> None:
