@@ -10,7 +10,7 @@
 #
 # Saved: $FIELDKUBE_IMAGES_DIR (default ~/.cache/fieldkube/images)/<name>-<inputs hash>.tar, OCI archives
 # (zstd layers) named inside by their full reference, and index.json there, a JSON list of
-#   {"name", "reference", "archive", "digest", "archive_bytes", "image_size", "inputs"}
+#   {"name", "reference", "archive", "digest", "archive_bytes", "image_size", "inputs", "image_id"}
 # (reference: what containerd calls the image; digest: its manifest's digest, as `ctr images ls` shows it).
 #
 # How: the base is Debian bookworm from mmdebstrap (images/base/packages.txt), committed as
@@ -211,7 +211,8 @@ reference_of() {
 }
 
 # The index, a JSON list read and written by python3 (a fresh Debian has no jq):
-#   index has NAME ARCHIVE | put NAME REFERENCE ARCHIVE DIGEST IMAGE_SIZE INPUTS | drop-missing | tsv | count
+#   index has NAME ARCHIVE | archive-of NAME IMAGE_ID | put NAME REFERENCE ARCHIVE DIGEST IMAGE_SIZE INPUTS IMAGE_ID
+#   | drop-missing | tsv | count
 index() {
   python3 - "$INDEX" "$@" <<'PY'
 import json, os, sys
@@ -221,6 +222,11 @@ entries = json.load(open(path)) if os.path.exists(path) else []
 if cmd == "has":  # NAME ARCHIVE: listed for NAME, and the file is there
     name, archive = args
     sys.exit(0 if os.path.exists(archive) and any(e["name"] == name and e["archive"] == archive for e in entries) else 1)
+if cmd == "archive-of":  # NAME IMAGE_ID: the archive saved from that very image, if it is still there
+    name, image_id = args
+    print(*[e["archive"] for e in entries if e["name"] == name and e.get("image_id") == image_id
+            and os.path.exists(e["archive"])][:1])
+    sys.exit(0)
 if cmd == "tsv":
     for e in entries:
         print(e["reference"], e["digest"], e["archive"], sep="\t")
@@ -228,9 +234,10 @@ if cmd == "tsv":
 if cmd == "count":
     sys.exit(print(len(entries)))
 if cmd == "put":
-    name, reference, archive, digest, image_size, inputs = args
+    name, reference, archive, digest, image_size, inputs, image_id = args
     entry = {"name": name, "reference": reference, "archive": archive, "digest": digest,
-             "archive_bytes": os.path.getsize(archive), "image_size": image_size, "inputs": inputs}
+             "archive_bytes": os.path.getsize(archive), "image_size": image_size, "inputs": inputs,
+             "image_id": image_id}
     entries = [e for e in entries if e["name"] != name] + [entry]
 elif cmd == "drop-missing":
     for e in entries:
@@ -297,17 +304,30 @@ build_image() {
   run_logged "$name: buildah bud -f $dockerfile" "$WORK/logs/$name.log" \
     buildah bud --pull=never --layers --force-rm --network=host -f "$ROOT/$dockerfile" -t "$ref" "${args[@]}" "$context"
   log "$name: built in $(( $(date +%s) - t0 ))s; saving to $archive"
+  save_image "$name" "$ref" "$archive" "$key"
+}
 
+# The image as an OCI archive named inside by its reference (ctr import names it so), and its index entry.
+save_image() {
+  local name=$1 ref=$2 archive=$3 key=$4 t0 image_id previous digest image_size
   t0=$(date +%s)
-  rm -f "$archive.tmp" "$WORK/digest"
-  buildah push --quiet --compression-format zstd --digestfile "$WORK/digest" "$ref" "oci-archive:$archive.tmp:$ref" \
-    >"$WORK/logs/$name-push.log" 2>&1 || { cat "$WORK/logs/$name-push.log" >&2; die "$name: buildah push to $archive failed"; }
+  image_id=$(buildah images --no-trunc --format '{{.ID}}' "$ref")
+  previous=$(index archive-of "$name" "$image_id")
+  if [ -n "$previous" ]; then
+    # Inputs changed but not the image (every layer from the cache): the saved archive still holds it.
+    digest=$(python3 -c 'import json, sys; print(*[e["digest"] for e in json.load(open(sys.argv[1])) if e["archive"] == sys.argv[2]])' "$INDEX" "$previous")
+    [ "$previous" = "$archive" ] || mv "$previous" "$archive"
+    log "$name: image unchanged ($digest), archive kept"
+  else
+    rm -f "$archive.tmp" "$WORK/digest"
+    buildah push --quiet --compression-format zstd --digestfile "$WORK/digest" "$ref" "oci-archive:$archive.tmp:$ref" \
+      >"$WORK/logs/$name-push.log" 2>&1 || { cat "$WORK/logs/$name-push.log" >&2; die "$name: buildah push to $archive failed"; }
+    mv "$archive.tmp" "$archive"
+    digest=$(cat "$WORK/digest")
+  fi
   find "$IMAGES_DIR" -maxdepth 1 -name "$name-*.tar" ! -name "$(basename "$archive")" -delete
-  mv "$archive.tmp" "$archive"
-  local digest image_size
-  digest=$(cat "$WORK/digest")
   image_size=$(buildah images --format '{{.Size}}' "$ref")  # uncompressed, as buildah shows it ("5.3 GB")
-  index put "$name" "$ref" "$archive" "$digest" "$image_size" "$key"
+  index put "$name" "$ref" "$archive" "$digest" "$image_size" "$key" "$image_id"
   log "$name: saved $ref $digest ($image_size, archive $(du -h "$archive" | cut -f1)) in $(( $(date +%s) - t0 ))s"
 }
 

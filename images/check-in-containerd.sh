@@ -146,9 +146,10 @@ expect "trainer: torchrun, horovodrun, mpirun, ssh, sshd, ssh-keygen present; no
    for t in gcc g++ cmake; do command -v $t >/dev/null && { echo "compiler $t present"; exit 1; }; done; echo tools ok'
 expect "trainer: no ssh host keys in the image; /home/fieldkube/.ssh owned by 1000" '^keys 0 home 1000 700$' "$TRAINER" sh -c \
   'echo "keys $(ls /etc/ssh/ssh_host_* 2>/dev/null | wc -l) home $(stat -c %u /home/fieldkube/.ssh) $(stat -c %a /home/fieldkube/.ssh)"'
-expect "trainer: mpirun -np 2 allreduce through Horovod as uid 1000" '^\[1,0\]<stdout>:sum 3\.0 size 2$' "$TRAINER" \
-  mpirun -np 2 --tag-output python -c \
-  'import torch, horovod.torch as hvd; hvd.init(); s = hvd.allreduce(torch.tensor([hvd.rank() + 1.0]), op=hvd.Sum); print("sum", s.item(), "size", hvd.size()) if hvd.rank() == 0 else None'
+# One write per line: the image sets PYTHONUNBUFFERED, and print() of several values writes each one.
+expect "trainer: mpirun -np 2 allreduce through Horovod as uid 1000" '^rank 0: sum 3\.0 size 2$' "$TRAINER" \
+  mpirun -np 2 python -c \
+  'import sys, torch, horovod.torch as hvd; hvd.init(); s = hvd.allreduce(torch.tensor([hvd.rank() + 1.0]), op=hvd.Sum); hvd.rank() == 0 and sys.stdout.write(f"rank 0: sum {s.item()} size {hvd.size()}\n")'
 # The workers' sshd, as the operator runs it: non-root, port 2222, host keys made at start.
 expect "trainer: sshd as uid 1000 on :2222 (keys from ssh-keygen -A -f), ssh login with a client key" \
   '^login fieldkube uid 1000 venv ok$' "$TRAINER" sh -c '
