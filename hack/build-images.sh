@@ -38,7 +38,7 @@ DEBIAN_SUITE=bookworm
 DEBIAN_MIRROR=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
 DEBIAN_SECURITY_MIRROR=${DEBIAN_SECURITY_MIRROR:-http://deb.debian.org/debian-security}
 IMAGE_PYTHON_TAG=cp311               # bookworm's python3 (and python:3.11-slim-bookworm's) is 3.11
-MIN_FREE_GB=20                       # a cold trainer + serving build holds ~15 GB at its peak
+MIN_FREE_GB=10                       # per image built: its new layers and archive (trainer: 3 GB); cold, all: ~13 GB
 ALL_IMAGES=(pause operator serving trainer)
 START=$(date +%s)
 
