@@ -65,34 +65,10 @@ def claims_of(example: dict[str, Any]) -> list[tuple[str, bool]]:
 
 def prepare_cpu_dataset(data: Path) -> None:
     """The CPU example's dataset (prepared/field-small in the field-images claim), prepared once."""
-    out = data / "field-images" / "prepared" / "field-small"
-    if (out / "manifest.json").exists():
-        say(f"dataset for flower-counter-cpu: cached at {out}")
-        return
-    say("preparing a small synthetic field dataset for flower-counter-cpu (fieldkube-prepare)")
-    subprocess.run(
-        [
-            str(BIN / "fieldkube-prepare"),
-            "--synthetic",
-            "field",
-            "--num-images",
-            "16",
-            "--image-size",
-            "224x448",
-            "--split",
-            "70/30",
-            "--workers",
-            "1",
-            "--seed",
-            "1",
-            "--no-balance",
-            "--out",
-            str(out),
-        ],
-        check=True,
-    )
-    for path in [data, *data.rglob("*")]:
-        path.chmod(0o755 if path.is_dir() else 0o644)
+    from fieldkube.localcluster.services import prepare_cpu_example_dataset
+
+    say("preparing (or reusing) a small synthetic field dataset for flower-counter-cpu (fieldkube-prepare)")
+    prepare_cpu_example_dataset(data / "field-images")
 
 
 def free_port() -> int:

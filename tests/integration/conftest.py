@@ -27,8 +27,6 @@ from __future__ import annotations
 import itertools
 import os
 import shutil
-import subprocess
-import sys
 import time
 from collections.abc import Generator, Iterator
 from pathlib import Path
@@ -133,28 +131,11 @@ def node_mlflow(local_cluster: Any, real_node: Any, tmp_path_factory: pytest.Tem
 @pytest.fixture(scope="session")
 def field_dataset_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A directory holding a small prepared field dataset at prepared/field-small (the CPU example's path)."""
+    from fieldkube.localcluster.services import prepare_cpu_example_dataset
+
     root = tmp_path_factory.mktemp("field-images")
-    out = root / "prepared" / "field-small"
-    cmd = [
-        str(Path(sys.executable).parent / "fieldkube-prepare"),
-        "--synthetic",
-        "field",
-        "--num-images",
-        "16",
-        "--image-size",
-        "224x448",
-        "--split",
-        "70/30",
-        "--workers",
-        "1",
-        "--seed",
-        "1",
-        "--no-balance",
-        "--out",
-        str(out),
-    ]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
-    assert result.returncode == 0, result.stdout + result.stderr
-    for path in [root, *root.rglob("*")]:
-        path.chmod(0o755 if path.is_dir() else 0o644)
+    try:
+        prepare_cpu_example_dataset(root)
+    except cluster_harness.ClusterError as exc:
+        pytest.fail(str(exc), pytrace=False)
     return root

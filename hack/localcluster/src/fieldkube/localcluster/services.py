@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import subprocess
 import sys
 import urllib.error
 import urllib.request
@@ -142,3 +143,39 @@ def real_node_scheduling() -> dict[str, Any]:
             {"key": NODE_LABEL, "operator": "Equal", "value": NODE_LABEL_VALUE, "effect": "NoSchedule"}
         ],
     }
+
+
+def prepare_cpu_example_dataset(root: Path) -> Path:
+    """The dataset manifests/examples/counter-cpu.yaml reads: ``root/prepared/field-small``, made once.
+
+    16 synthetic field images of 224x448 (24 training tiles), every file world-readable, since the
+    trainer's uid reads it through a host-path volume.
+    """
+    out = root / "prepared" / "field-small"
+    if not (out / "manifest.json").exists():
+        argv = [
+            _tool("fieldkube-prepare"),
+            "--synthetic",
+            "field",
+            "--num-images",
+            "16",
+            "--image-size",
+            "224x448",
+            "--split",
+            "70/30",
+            "--workers",
+            "1",
+            "--seed",
+            "1",
+            "--no-balance",
+            "--out",
+            str(out),
+        ]
+        result = subprocess.run(argv, capture_output=True, text=True, timeout=600, check=False)
+        if result.returncode != 0:
+            raise ClusterError(
+                f"fieldkube-prepare failed ({result.returncode}):\n{result.stdout}{result.stderr}"
+            )
+    for path in [root, *root.rglob("*")]:
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    return out
