@@ -31,7 +31,7 @@ fmt:
 	$(PY) -m ruff check --fix $(PKGS) tests bench hack
 	$(PY) -m ruff format $(PKGS) tests bench hack
 
-dashboards:  ## regenerate manifests/monitoring/ (Grafana dashboards, Prometheus rules) from hack/dashboards.py
+dashboards:  ## regenerate charts/fieldkube/files/ (Grafana dashboards, Prometheus rules) from hack/dashboards.py
 	$(PY) hack/dashboards.py
 
 clean:

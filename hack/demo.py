@@ -248,7 +248,7 @@ def write_prometheus_config(state: Path, serve_port: int, metrics_ports: dict[st
     training_targets = [f"127.0.0.1:{port + rank}" for port in metrics_ports.values() for rank in (0, 1)]
     config = {
         "global": {"scrape_interval": "2s", "evaluation_interval": "10s"},
-        "rule_files": [str(ROOT / "manifests" / "monitoring" / "prometheus-rules.yaml")],
+        "rule_files": [str(ROOT / "charts" / "fieldkube" / "files" / "prometheus-rules.yaml")],
         "scrape_configs": [
             {"job_name": "fieldkube-serve", "static_configs": [{"targets": [f"127.0.0.1:{serve_port}"]}]},
             {"job_name": "fieldkube-train", "static_configs": [{"targets": training_targets}]},
@@ -466,7 +466,7 @@ def up(args: argparse.Namespace) -> int:
         f"(ground truth {results['building_fraction_ground_truth']:.3f}, IoU {results['building_iou']:.2f})"
     )
     print(f"  MLflow UI       : {mlflow_uri}")
-    print(f"  Prometheus      : {prometheus_url}   (dashboards: manifests/monitoring/grafana/)")
+    print(f"  Prometheus      : {prometheus_url}   (dashboards: charts/fieldkube/files/dashboards/)")
     print(f"  web page        : {serve_url}/   (upload an image, see the overlay)")
     print(f"  API docs        : {serve_url}/docs")
     print(f"  outputs         : {out}/field-overlay.png, aerial-overlay.png, summary.json")

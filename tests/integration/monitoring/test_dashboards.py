@@ -65,7 +65,7 @@ def test_generated_files_are_up_to_date() -> None:
 
 def test_alert_rules_pass_promtool() -> None:
     result = subprocess.run(
-        ["promtool", "check", "rules", str(ROOT / "manifests" / "monitoring" / "prometheus-rules.yaml")],
+        ["promtool", "check", "rules", str(ROOT / "charts" / "fieldkube" / "files" / "prometheus-rules.yaml")],
         capture_output=True,
         text=True,
         check=False,
