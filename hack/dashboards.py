@@ -2,9 +2,11 @@
 
 Dashboards are data, but hand-edited Grafana JSON drifts (panel ids, grid positions, datasource refs):
 keeping the queries here, one line each, makes them reviewable and lets the tests evaluate every one of
-them against a real Prometheus. `python hack/dashboards.py` rewrites charts/fieldkube/files/ (dashboards/*.json,
-prometheus-rules.yaml), which the chart ships as ConfigMaps and a PrometheusRule;
-`--check` fails when the committed files differ from what this script generates.
+them against a real Prometheus. The JSON itself is built with grafana-foundation-sdk's typed builders, so
+its shape follows Grafana's own schema rather than a hand-kept copy of it.
+`python hack/dashboards.py` rewrites charts/fieldkube/files/ (dashboards/<uid>.json, prometheus-rules.yaml),
+which the chart ships as ConfigMaps and a PrometheusRule; `--check` fails when the committed files differ
+from what this script generates. `hack/render_dashboards.py` draws the same panels to PNG.
 """
 
 from __future__ import annotations
@@ -16,8 +18,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+from grafana_foundation_sdk.builders import prometheus, stat, table, timeseries
+from grafana_foundation_sdk.builders.common import VizLegendOptions
+from grafana_foundation_sdk.builders.dashboard import Dashboard as DashboardBuilder
+from grafana_foundation_sdk.builders.dashboard import DatasourceVariable, QueryVariable
+from grafana_foundation_sdk.cog import builder as cogbuilder
+from grafana_foundation_sdk.cog.encoder import JSONEncoder
+from grafana_foundation_sdk.models.common import LegendDisplayMode, LegendPlacement
+from grafana_foundation_sdk.models.dashboard import DataSourceRef, VariableRefresh
+from grafana_foundation_sdk.models.dashboard import Panel as GrafanaPanel
+from grafana_foundation_sdk.models.prometheus import PromQueryFormat
 
 OUT = Path(__file__).resolve().parents[1] / "charts" / "fieldkube" / "files"
+PANEL_WIDTH = 12  # of Grafana's 24 columns: two panels per row
+PANEL_HEIGHT = 8
 
 
 @dataclass(frozen=True)
@@ -32,7 +46,7 @@ class Panel:
     unit: str
     queries: tuple[Query, ...]
     description: str = ""
-    kind: str = "timeseries"
+    kind: str = "timeseries"  # or "stat" (the latest value, big) or "table" (one row per series, instant)
 
 
 @dataclass(frozen=True)
@@ -129,6 +143,7 @@ TRAINING = Dashboard(
                     "{{trainingjob}}",
                 ),
             ),
+            kind="stat",
         ),
         Panel(
             "Samples/s (counter rate)",
@@ -267,6 +282,7 @@ OPERATOR = Dashboard(
                     "{{namespace}}",
                 ),
             ),
+            kind="stat",
         ),
         Panel(
             "Failures by reason (last 24 h)",
@@ -327,60 +343,78 @@ ALERTS = (
 )
 
 
-def grafana_json(board: Dashboard) -> dict[str, object]:
-    """Grafana's dashboard model (schemaVersion 39) with a datasource variable, two panels per row."""
-    panels: list[dict[str, object]] = []
-    for index, panel in enumerate(board.panels):
-        panels.append(
-            {
-                "id": index + 1,
-                "type": panel.kind,
-                "title": panel.title,
-                "description": panel.description,
-                "datasource": {"type": "prometheus", "uid": "${datasource}"},
-                "gridPos": {"h": 8, "w": 12, "x": 12 * (index % 2), "y": 8 * (index // 2)},
-                "fieldConfig": {"defaults": {"unit": panel.unit}, "overrides": []},
-                "options": {},
-                "targets": [
-                    {
-                        "refId": chr(ord("A") + n),
-                        "expr": query.expr,
-                        "legendFormat": query.legend,
-                        **({"format": "table", "instant": True} if panel.kind == "table" else {}),
-                    }
-                    for n, query in enumerate(panel.queries)
-                ],
-            }
-        )
-    variables: list[dict[str, object]] = [
-        {"name": "datasource", "type": "datasource", "query": "prometheus", "label": "Data source"}
-    ]
+DATASOURCE = DataSourceRef(type_val="prometheus", uid="${datasource}")
+LEGEND = (
+    VizLegendOptions()
+    .display_mode(LegendDisplayMode.LIST)
+    .placement(LegendPlacement.BOTTOM)
+    .show_legend(True)
+)
+PANEL_BUILDERS: dict[str, type[timeseries.Panel] | type[stat.Panel] | type[table.Panel]] = {
+    "timeseries": timeseries.Panel,
+    "stat": stat.Panel,
+    "table": table.Panel,
+}
+
+
+def target(query: Query, ref_id: str, kind: str) -> prometheus.Dataquery:
+    """One PromQL target: range queries for graphs, instant queries for stats and tables."""
+    built = prometheus.Dataquery().ref_id(ref_id).expr(query.expr).legend_format(query.legend)
+    if kind == "table":
+        return built.instant().format(PromQueryFormat.TABLE)
+    return built.instant() if kind == "stat" else built.range()
+
+
+def panel_builder(panel: Panel, panel_id: int) -> cogbuilder.Builder[GrafanaPanel]:
+    """A half-width panel; the dashboard builder places it on the grid (two per row)."""
+    built = (
+        PANEL_BUILDERS[panel.kind]()
+        .id(panel_id)
+        .title(panel.title)
+        .datasource(DATASOURCE)
+        .unit(panel.unit)
+        .height(PANEL_HEIGHT)
+        .span(PANEL_WIDTH)
+        .targets([target(query, chr(ord("A") + n), panel.kind) for n, query in enumerate(panel.queries)])
+    )
+    if panel.description:
+        built = built.description(panel.description)
+    if isinstance(built, timeseries.Panel):
+        built = built.legend(LEGEND)
+    return built
+
+
+def dashboard_builder(board: Dashboard) -> DashboardBuilder:
+    """The dashboard with a datasource variable, its query variables and its panels in order."""
+    built = (
+        DashboardBuilder(board.title)
+        .uid(board.uid)
+        .description(board.description)
+        .tags(["fieldkube"])
+        .editable()
+        .refresh("30s")
+        .time("now-6h", "now")
+        .with_variable(DatasourceVariable("datasource").label("Data source").type("prometheus"))
+    )
     for name, query in board.variables:
-        variables.append(
-            {
-                "name": name,
-                "type": "query",
-                "datasource": {"type": "prometheus", "uid": "${datasource}"},
-                "query": {"query": query, "refId": "variable"},
-                "includeAll": True,
-                "multi": True,
-                "allValue": ".*",
-                "current": {"text": "All", "value": "$__all"},
-                "refresh": 2,
-            }
+        built = built.with_variable(
+            QueryVariable(name)
+            .datasource(DATASOURCE)
+            .query(query)
+            .multi(True)
+            .include_all(True)
+            .all_value(".*")
+            .refresh(VariableRefresh.ON_TIME_RANGE_CHANGED)
         )
-    return {
-        "uid": board.uid,
-        "title": board.title,
-        "description": board.description,
-        "tags": ["fieldkube"],
-        "schemaVersion": 39,
-        "editable": True,
-        "refresh": "30s",
-        "time": {"from": "now-6h", "to": "now"},
-        "templating": {"list": variables},
-        "panels": panels,
-    }
+    for index, panel in enumerate(board.panels):
+        built = built.with_panel(panel_builder(panel, index + 1))
+    return built
+
+
+def grafana_json(board: Dashboard) -> dict[str, object]:
+    """Grafana's dashboard model as the SDK encodes it (plain JSON types, keys as Grafana names them)."""
+    encoded: dict[str, object] = json.loads(json.dumps(dashboard_builder(board).build(), cls=JSONEncoder))
+    return encoded
 
 
 def rules_yaml() -> dict[str, object]:
