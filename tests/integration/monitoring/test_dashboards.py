@@ -2,7 +2,9 @@
 
 A real Prometheus (Debian's, on loopback) scrapes the real metric registries of a training rank, the
 inference service and the operator; every dashboard query is then evaluated through Prometheus' HTTP API.
-A renamed metric or label in any component leaves a panel empty, and fails here.
+A renamed metric or label in any component leaves a panel empty, and fails here. The queries are read
+from the dashboard JSON that ships with the chart, and hack/render_dashboards.py draws every dashboard from
+the same Prometheus to PNG.
 """
 
 from __future__ import annotations
@@ -33,13 +35,29 @@ ROOT = Path(__file__).resolve().parents[3]
 SCRAPE_S = 1
 
 
-def load_dashboards() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("dashboards", ROOT / "hack" / "dashboards.py")
+DASHBOARDS = ROOT / "charts" / "fieldkube" / "files" / "dashboards"
+
+
+def load_hack(name: str) -> ModuleType:
+    """A script of hack/ as a module (hack/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "hack" / f"{name}.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
-    sys.modules["dashboards"] = module  # dataclasses resolve their annotations through sys.modules
+    sys.modules[name] = module  # dataclasses resolve their annotations through sys.modules
     spec.loader.exec_module(module)
     return module
+
+
+def load_dashboards() -> ModuleType:
+    return load_hack("dashboards")
+
+
+def shipped_boards() -> list[Any]:
+    """The dashboards as the chart ships them (the generated JSON), parsed by the renderer."""
+    render = load_hack("render_dashboards")
+    boards = [render.read_board(path) for path in sorted(DASHBOARDS.glob("*.json"))]
+    assert len(boards) == len(load_dashboards().DASHBOARDS)
+    return boards
 
 
 def free_port() -> int:
@@ -65,7 +83,12 @@ def test_generated_files_are_up_to_date() -> None:
 
 def test_alert_rules_pass_promtool() -> None:
     result = subprocess.run(
-        ["promtool", "check", "rules", str(ROOT / "charts" / "fieldkube" / "files" / "prometheus-rules.yaml")],
+        [
+            "promtool",
+            "check",
+            "rules",
+            str(ROOT / "charts" / "fieldkube" / "files" / "prometheus-rules.yaml"),
+        ],
         capture_output=True,
         text=True,
         check=False,
@@ -161,12 +184,12 @@ def prometheus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 def test_every_dashboard_query_returns_data(prometheus: str) -> None:
-    dashboards = load_dashboards()
     empty, errors, unlabelled = [], [], []
-    for board in dashboards.DASHBOARDS:
+    for board in shipped_boards():
         for panel in board.panels:
-            for query in panel.queries:
-                expr = query.expr.replace("$trainingjob", ".*")
+            assert panel.targets, f"{board.uid} / {panel.title} has no query"
+            for target in panel.targets:
+                expr = target.expr.replace("$trainingjob", ".*")
                 answer = get_json(f"{prometheus}/api/v1/query?" + urllib.parse.urlencode({"query": expr}))
                 if answer["status"] != "success":
                     errors.append(f"{board.uid} / {panel.title}: {answer}")
@@ -175,13 +198,26 @@ def test_every_dashboard_query_returns_data(prometheus: str) -> None:
                     empty.append(f"{board.uid} / {panel.title}: {expr}")
                 # Every label the legend shows must be on every series, or the panel's lines are unnamed.
                 for series in answer["data"]["result"]:
-                    shown = re.findall(r"{{(\w+)}}", query.legend)
+                    shown = re.findall(r"{{(\w+)}}", target.legend)
                     missing = [k for k in shown if not series["metric"].get(k)]
                     if missing:
                         unlabelled.append(f"{board.uid} / {panel.title}: {missing} not in {series['metric']}")
     assert not errors, errors
     assert not unlabelled, "\n".join(unlabelled)
     assert not empty, "panels with no data:\n" + "\n".join(empty)
+
+
+def test_renderer_draws_every_dashboard_with_data(prometheus: str, tmp_path: Path) -> None:
+    render = load_hack("render_dashboards")
+    drawn = render.render_all(DASHBOARDS, prometheus, render.window_for(2), {}, tmp_path)
+    assert sorted(png.name for png in drawn) == sorted(f"{b.uid}.png" for b in shipped_boards())
+    empty = []
+    for png, counts in drawn.items():
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
+        assert png.stat().st_size > 20_000, f"{png} is too small to hold its panels"
+        if png.stem != "fieldkube-gpu":  # DCGM gauges need a GPU and NVML: none here
+            empty += [f"{png.stem} / {title}" for title, n in counts.items() if n == 0]
+    assert not empty, "panels drawn without a series:\n" + "\n".join(empty)
 
 
 def test_rules_evaluate(prometheus: str) -> None:
