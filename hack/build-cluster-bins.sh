@@ -4,8 +4,10 @@
 #   ${FIELDKUBE_CACHE:-~/.cache/fieldkube}/bin/<component>-<version>/<component>
 # Components: kube-apiserver, kube-controller-manager, kube-scheduler, kubectl, and the real node's
 # kubelet and kube-proxy (wrapper module hack/cluster/kube), etcd (hack/cluster/etcd), CoreDNS
-# (hack/cluster/coredns), kwok (sigs.k8s.io/kwok) and mpi-operator (hack/cluster/mpi-operator) plus
-# its CRD and ClusterRole copied from its module.
+# (hack/cluster/coredns), kwok (sigs.k8s.io/kwok), mpi-operator (hack/cluster/mpi-operator) plus
+# its CRD and ClusterRole copied from its module, and helm (hack/cluster/helm). The prometheus-operator
+# CRDs the chart's tests install are copied from that release's Go module into
+#   ${FIELDKUBE_CACHE:-~/.cache/fieldkube}/crds/prometheus-operator-<version>/
 # A component is rebuilt only when missing or when its wrapper's sources changed, so a second run is
 # instant. The Go module and build caches are Go's own (GOMODCACHE, GOCACHE), never the repository.
 #
@@ -43,6 +45,7 @@ check_pin hack/cluster/kube/go.mod k8s.io/kubernetes "$KUBERNETES_VERSION"
 check_pin hack/cluster/etcd/go.mod go.etcd.io/etcd/server/v3 "$ETCD_VERSION"
 check_pin hack/cluster/mpi-operator/go.mod github.com/kubeflow/mpi-operator "$MPI_OPERATOR_VERSION"
 check_pin hack/cluster/coredns/go.mod github.com/coredns/coredns "$COREDNS_VERSION"
+check_pin hack/cluster/helm/go.mod helm.sh/helm/v3 "$HELM_VERSION"
 
 mkdir -p "$BIN"
 exec 9>"$BIN/.build.lock"
@@ -65,6 +68,13 @@ KUBE_HASH=$(source_hash hack/cluster/kube)
 ETCD_HASH=$(source_hash hack/cluster/etcd)
 MPI_HASH=$(source_hash hack/cluster/mpi-operator)
 COREDNS_HASH=$(source_hash hack/cluster/coredns)
+HELM_HASH=$(source_hash hack/cluster/helm)
+# helm reports its release, and `helm template`/`helm lint` assume the control plane's Kubernetes minor.
+HELM_LDFLAGS="-s -w -X helm.sh/helm/v3/internal/version.version=$HELM_VERSION"
+HELM_LDFLAGS+=" -X helm.sh/helm/v3/internal/version.gitTreeState=clean"
+for pkg in helm.sh/helm/v3/pkg/chartutil helm.sh/helm/v3/pkg/lint/rules; do
+  HELM_LDFLAGS+=" -X $pkg.k8sVersionMajor=1 -X $pkg.k8sVersionMinor=$KUBE_MINOR"
+done
 
 cached() {  # <name> <version> <hash>: is the cached binary current?
   local dest=$BIN/$1-$2
@@ -117,6 +127,11 @@ go_build() {  # <module dir> <ldflags> <name>...: builds ./cmd/<name> (or . for 
 build_kube() { go_build hack/cluster/kube "$KUBE_LDFLAGS" "${KUBE_COMPONENTS[@]}"; }
 build_etcd() { go_build hack/cluster/etcd "-s -w" etcd; }
 build_coredns() { go_build hack/cluster/coredns "-s -w" coredns; }
+# The helm wrapper module declares helm's main package as a tool; build it from there.
+build_helm() {
+  (cd "$ROOT/hack/cluster/helm" && go build -trimpath -ldflags "$HELM_LDFLAGS" -o "$OUT/helm/helm" \
+    helm.sh/helm/v3/cmd/helm)
+}
 build_kwok() { GOBIN=$OUT/kwok go install -trimpath -ldflags "-s -w" "sigs.k8s.io/kwok/cmd/kwok@$KWOK_VERSION"; }
 build_mpi_operator() {
   go_build hack/cluster/mpi-operator "-s -w" mpi-operator || return 1
@@ -133,7 +148,32 @@ others_job() {
   build etcd "$ETCD_VERSION" "$ETCD_HASH" etcd build_etcd
   build coredns "$COREDNS_VERSION" "$COREDNS_HASH" coredns build_coredns
   build mpi-operator "$MPI_OPERATOR_VERSION" "$MPI_HASH" mpi-operator build_mpi_operator
+  build helm "$HELM_VERSION" "$HELM_HASH" helm build_helm
   build kwok "$KWOK_VERSION" "$KWOK_VERSION" kwok build_kwok
+}
+
+# The prometheus-operator CRDs (ServiceMonitor, PodMonitor, PrometheusRule, ...) from the pinned release's
+# Go module, checksummed by the Go module machinery like every other module; no binary is built.
+PROM_CRDS=$CACHE/crds/prometheus-operator-$PROMETHEUS_OPERATOR_VERSION
+fetch_prometheus_operator_crds() {
+  if [ -f "$PROM_CRDS/.complete" ]; then
+    log "prometheus-operator CRDs $PROMETHEUS_OPERATOR_VERSION: cached ($PROM_CRDS)"
+    return
+  fi
+  local dir tmp
+  dir=$(cd "$LOGS" && GOFLAGS=-mod=mod go mod download -json \
+    "github.com/prometheus-operator/prometheus-operator@$PROMETHEUS_OPERATOR_VERSION" \
+    | sed -n 's/^[[:space:]]*"Dir": "\(.*\)",$/\1/p') \
+    || die "downloading the prometheus-operator module $PROMETHEUS_OPERATOR_VERSION failed"
+  [ -d "$dir/example/prometheus-operator-crd" ] \
+    || die "$dir/example/prometheus-operator-crd is missing from the prometheus-operator module"
+  mkdir -p "$CACHE/crds"
+  tmp=$(mktemp -d "$CACHE/crds/.prometheus-operator.XXXXXX")
+  install -m 0644 "$dir"/example/prometheus-operator-crd/*.yaml "$tmp/"
+  touch "$tmp/.complete"
+  rm -rf "$PROM_CRDS"
+  mv "$tmp" "$PROM_CRDS"
+  log "prometheus-operator CRDs $PROMETHEUS_OPERATOR_VERSION: copied to $PROM_CRDS"
 }
 
 # Download the modules of everything that needs building, concurrently (kwok's through a dry run).
@@ -149,6 +189,7 @@ for c in "${KUBE_COMPONENTS[@]}"; do cached "$c" "$KUBERNETES_VERSION" "$KUBE_HA
 cached etcd "$ETCD_VERSION" "$ETCD_HASH" || prefetch+=(etcd)
 cached coredns "$COREDNS_VERSION" "$COREDNS_HASH" || prefetch+=(coredns)
 cached mpi-operator "$MPI_OPERATOR_VERSION" "$MPI_HASH" || prefetch+=(mpi-operator)
+cached helm "$HELM_VERSION" "$HELM_HASH" || prefetch+=(helm)
 cached kwok "$KWOK_VERSION" "$KWOK_VERSION" || prefetch+=(kwok)
 if [ ${#prefetch[@]} -gt 0 ]; then
   log "downloading the modules of ${prefetch[*]}"
@@ -161,6 +202,8 @@ if [ ${#prefetch[@]} -gt 0 ]; then
   done
   log "modules downloaded"
 fi
+
+fetch_prometheus_operator_crds
 
 if [ "${FIELDKUBE_BUILD_SERIAL:-0}" = 1 ]; then
   kube_job
