@@ -14,9 +14,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[2]
 SCHEMA_PATH = ROOT / "operator/src/fieldkube/operator/training_config.schema.json"
 CRD_PATH = ROOT / "manifests/crd/trainingjobs.yaml"
-CHART_CRD_PATH = ROOT / "charts/fieldkube-operator/crds/trainingjobs.yaml"
-CLUSTERROLE_PATH = ROOT / "manifests/rbac/clusterrole.yaml"
-CHART_RULES_PATH = ROOT / "charts/fieldkube-operator/files/clusterrole-rules.yaml"
+# The chart installs the CRD from its crds/; `make manifests` copies that file to manifests/crd/.
+CHART_CRD_PATH = ROOT / "charts/fieldkube/crds/trainingjobs.yaml"
 
 
 def generated_training_schema() -> dict[str, Any]:
@@ -33,14 +32,6 @@ def render_training_schema() -> str:
     return json.dumps(generated_training_schema(), indent=2, sort_keys=True) + "\n"
 
 
-def render_chart_rules() -> str:
-    """The ClusterRole's rules as the Helm chart includes them (one source: manifests/rbac/)."""
-    import yaml
-
-    rules = yaml.safe_load(CLUSTERROLE_PATH.read_text(encoding="utf-8"))["rules"]
-    return yaml.safe_dump(rules, sort_keys=False)
-
-
 def main() -> int:
     SCHEMA_PATH.write_text(render_training_schema(), encoding="utf-8")
     from fieldkube.operator.training_schema import training_schema
@@ -51,11 +42,10 @@ def main() -> int:
     for path, text in (
         (CRD_PATH, render_crds()),
         (CHART_CRD_PATH, render_crds()),
-        (CHART_RULES_PATH, render_chart_rules()),
     ):
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text, encoding="utf-8")
-    print(f"wrote {SCHEMA_PATH.relative_to(ROOT)}, the CRD YAML and the chart's copies")
+    print(f"wrote {SCHEMA_PATH.relative_to(ROOT)}, the CRD YAML and the chart's copy")
     return 0
 
 

@@ -430,9 +430,16 @@ def test_two_replicas_with_peering_keep_one_active_and_hand_over(
 ) -> None:
     """Two operators on one peering object: the higher priority works, the other takes over when it stops."""
     operator.stop()
-    local_cluster.apply(ROOT / "manifests/operator/peering.yaml")
-    first = operator_factory(tmp_path / "first.log", {"FIELDKUBE_PEERING_PRIORITY": "200"})
-    second = operator_factory(tmp_path / "second.log", {"FIELDKUBE_PEERING_PRIORITY": "100"})
+    peering = ROOT / "manifests/operator/peering.yaml"
+    local_cluster.apply(peering)
+    # The release-scoped name the chart also gives the Deployment (FIELDKUBE_PEERING_NAME).
+    name = yaml.safe_load(peering.read_text())["metadata"]["name"]
+    first = operator_factory(
+        tmp_path / "first.log", {"FIELDKUBE_PEERING_PRIORITY": "200", "FIELDKUBE_PEERING_NAME": name}
+    )
+    second = operator_factory(
+        tmp_path / "second.log", {"FIELDKUBE_PEERING_PRIORITY": "100", "FIELDKUBE_PEERING_NAME": name}
+    )
     launcher = {"launcher": {"annotations": {f"{SIM}run-seconds": "2"}}}
     try:
         first.start("-n", cluster_namespace)
@@ -478,7 +485,7 @@ def test_two_replicas_with_peering_keep_one_active_and_hand_over(
     finally:
         first.stop()
         second.stop()
-        local_cluster.kubectl("delete", "-f", str(ROOT / "manifests/operator/peering.yaml"), check=False)
+        local_cluster.kubectl("delete", "-f", str(peering), check=False)
         operator.start("--standalone")
 
 

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from fieldkube.operator import names, trainer_pod
-from fieldkube.operator.mpijob_builder import backend_of, build_mpijob, trainer_config
+from fieldkube.operator.mpijob_builder import MlflowCredentials, backend_of, build_mpijob, trainer_config
 from fieldkube.operator.spec import parse_spec
 
 
@@ -368,3 +368,21 @@ def test_a_cpu_jobs_launcher_follows_its_workers_node_selector_and_a_gpu_jobs_do
         specs = {role: r["template"]["spec"] for role, r in mpijob["spec"]["mpiReplicaSpecs"].items()}
         assert specs["Worker"]["nodeSelector"] == selector
         assert (specs["Launcher"].get("nodeSelector") == selector) is launcher_selected, gpus
+
+
+def test_mlflow_credentials_reach_both_roles_by_envfrom_and_every_rank_through_mpirun() -> None:
+    spec = parse_spec({"dataset": {"pvc": "imgs", "path": "p"}, "workers": 2, "gpusPerWorker": 0})
+    credentials = MlflowCredentials("mlflow-client", ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"))
+    mpijob = build_mpijob("flowers", "team-a", "uid-1", spec, "http://mlflow:5000", credentials)
+    for role in ("Launcher", "Worker"):
+        assert _containers(mpijob, role)["envFrom"] == [{"secretRef": {"name": "mlflow-client"}}]
+    command = _containers(mpijob, "Launcher")["command"]
+    forwarded = [command[i + 1] for i, arg in enumerate(command) if arg == "-x"]
+    assert forwarded[-2:] == ["MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"]
+
+
+def test_without_credentials_no_pod_reads_a_secret() -> None:
+    mpijob = _build()
+    for role in ("Launcher", "Worker"):
+        assert "envFrom" not in _containers(mpijob, role)
+    assert "MLFLOW_TRACKING_PASSWORD" not in _containers(mpijob, "Launcher")["command"]

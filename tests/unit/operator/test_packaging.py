@@ -1,18 +1,18 @@
-"""The image's CMD, the plain manifests and the Helm chart start the operator with flags its CLI accepts."""
+"""The image's CMD and the plain manifests start the operator with flags its CLI accepts (the chart's own
+renderings are checked in tests/integration/chart/)."""
 
 from __future__ import annotations
 
 import json
-import re
 import tomllib
 from pathlib import Path
 
+import pytest
 import yaml
 
-from fieldkube.operator.cli import _parser
+from fieldkube.operator.cli import _parser, credentials_env_names, main
 
 ROOT = Path(__file__).resolve().parents[3]
-CHART = ROOT / "charts/fieldkube-operator"
 
 
 def test_the_console_script_is_the_cli_main() -> None:
@@ -43,20 +43,15 @@ def test_the_manifest_deployment_args_parse_and_its_probes_use_the_health_port()
     assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
 
 
-def test_the_chart_args_parse_with_the_default_values() -> None:
-    values = yaml.safe_load((CHART / "values.yaml").read_text())
-    template = (CHART / "templates/deployment.yaml").read_text()
-    block = template.split("args:", 1)[1].split("env:", 1)[0]
-    argv = []
-    for line in block.splitlines():
-        item = line.strip()
-        if not item.startswith("- "):
-            continue  # template control lines ({{- range }} / {{- end }})
-        rendered = re.sub(
-            r"\{\{\s*\.Values\.(\w+)\s*\}\}", lambda m: str(values[m.group(1)]), item.removeprefix("- ")
-        )
-        argv.append(rendered.replace("{{ . }}", "team-a"))
-    assert argv[0] == "fieldkube-operator"
-    args = _parser().parse_args(argv[1:])
-    assert (args.metrics_port, args.health_port) == (values["metricsPort"], values["healthPort"])
-    assert args.namespace == ["team-a"]  # one --namespace per watched namespace (the range line)
+def test_the_credentials_variables_must_be_environment_variable_names() -> None:
+    assert credentials_env_names(" MLFLOW_TRACKING_USERNAME, AWS_ACCESS_KEY_ID,") == (
+        "MLFLOW_TRACKING_USERNAME",
+        "AWS_ACCESS_KEY_ID",
+    )
+    assert credentials_env_names("MLFLOW_TRACKING_USERNAME,not-a-name") is None
+
+
+def test_a_bad_credentials_variable_name_is_one_line_naming_the_flag() -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["run", "--mlflow-credentials-secret", "creds", "--mlflow-credentials-env", "A,b-c"])
+    assert "--mlflow-credentials-env" in str(exited.value) and "'A,b-c'" in str(exited.value)

@@ -1,6 +1,7 @@
 """fieldkube-operator: run the operator, or print the CRDs it is generated from.
 
 fieldkube-operator run [--namespace NS]... [--mlflow-tracking-uri URI] [--metrics-port 8080]
+                       [--mlflow-credentials-secret NAME [--mlflow-credentials-env VAR,...]]
                        [--health-port 8081] [--bind-address 0.0.0.0] [--standalone]
 fieldkube-operator crd > manifests/crd/trainingjobs.yaml
 """
@@ -9,7 +10,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
+
+# The MLflow client's own credential variables (basic auth); object-store keys are added by the user.
+DEFAULT_CREDENTIALS_ENV = "MLFLOW_TRACKING_USERNAME,MLFLOW_TRACKING_PASSWORD"
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -18,6 +24,18 @@ def _parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="reconcile TrainingJobs (cluster-wide unless --namespace is given)")
     run.add_argument("--namespace", "-n", action="append", default=[], help="watch only this namespace")
     run.add_argument("--mlflow-tracking-uri", default=os.environ.get("FIELDKUBE_MLFLOW_TRACKING_URI"))
+    run.add_argument(
+        "--mlflow-credentials-secret",
+        default=os.environ.get("FIELDKUBE_MLFLOW_CREDENTIALS_SECRET"),
+        help="Secret (in each TrainingJob's namespace) given to trainer pods through envFrom: the MLflow "
+        "client's credentials",
+    )
+    run.add_argument(
+        "--mlflow-credentials-env",
+        default=os.environ.get("FIELDKUBE_MLFLOW_CREDENTIALS_ENV", DEFAULT_CREDENTIALS_ENV),
+        help="comma-separated variables of that Secret that mpirun forwards to every rank "
+        f"(default {DEFAULT_CREDENTIALS_ENV})",
+    )
     run.add_argument(
         "--metrics-port", type=int, default=int(os.environ.get("FIELDKUBE_METRICS_PORT", "8080"))
     )
@@ -33,6 +51,14 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def credentials_env_names(raw: str) -> tuple[str, ...] | None:
+    """`A,B` → ("A", "B"); None when a name is not a valid environment variable name."""
+    names = tuple(part.strip() for part in raw.split(",") if part.strip())
+    if not all(_ENV_NAME.fullmatch(name) for name in names):
+        return None
+    return names
+
+
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     if args.command == "crd":
@@ -42,6 +68,15 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.mlflow_tracking_uri:
         os.environ["FIELDKUBE_MLFLOW_TRACKING_URI"] = args.mlflow_tracking_uri
+    if args.mlflow_credentials_secret:
+        names = credentials_env_names(args.mlflow_credentials_env)
+        if names is None:
+            sys.exit(
+                "fieldkube-operator: error: --mlflow-credentials-env must be comma-separated environment "
+                f"variable names (got {args.mlflow_credentials_env!r})"
+            )
+        os.environ["FIELDKUBE_MLFLOW_CREDENTIALS_SECRET"] = args.mlflow_credentials_secret
+        os.environ["FIELDKUBE_MLFLOW_CREDENTIALS_ENV"] = ",".join(names)
     os.environ["FIELDKUBE_METRICS_PORT"] = str(args.metrics_port)
     os.environ["FIELDKUBE_BIND_ADDRESS"] = args.bind_address
     import kopf

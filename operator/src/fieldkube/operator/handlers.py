@@ -18,6 +18,7 @@ from pydantic import ValidationError
 
 from fieldkube.operator import metrics, names, spec
 from fieldkube.operator.kube import Cluster, load_config
+from fieldkube.operator.mpijob_builder import MlflowCredentials
 from fieldkube.operator.reconcile import OperatorConfig, OwnershipConflictError, Reconciler, timed
 from fieldkube.operator.status import is_terminal
 
@@ -53,7 +54,14 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.peering.priority = int(os.environ.get("FIELDKUBE_PEERING_PRIORITY", random.randint(1, 2**30)))
     settings.peering.name = os.environ.get("FIELDKUBE_PEERING_NAME", "fieldkube-operator")
     settings.peering.clusterwide = True
-    config = OperatorConfig(mlflow_tracking_uri=os.environ.get("FIELDKUBE_MLFLOW_TRACKING_URI") or None)
+    secret = os.environ.get("FIELDKUBE_MLFLOW_CREDENTIALS_SECRET") or None
+    env_names = os.environ.get("FIELDKUBE_MLFLOW_CREDENTIALS_ENV", "")
+    config = OperatorConfig(
+        mlflow_tracking_uri=os.environ.get("FIELDKUBE_MLFLOW_TRACKING_URI") or None,
+        mlflow_credentials=MlflowCredentials(secret, tuple(n for n in env_names.split(",") if n))
+        if secret
+        else None,
+    )
     _reconciler = Reconciler(Cluster(load_config()), config)
     port = int(os.environ.get("FIELDKUBE_METRICS_PORT", "8080"))
     if port:

@@ -10,12 +10,27 @@ Both roles run as the image's non-root user on a read-only root; workers run the
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from typing import Any
 
 from fieldkube.operator import names, trainer_pod
 from fieldkube.operator.spec import TrainingJobSpec, effective_training
 
 LAUNCHER_RESOURCES = {"requests": {"cpu": "250m", "memory": "512Mi"}}
+
+
+@dataclass(frozen=True)
+class MlflowCredentials:
+    """A Secret (in the TrainingJob's namespace) whose keys are the MLflow client's credentials.
+
+    Both roles get it whole through `envFrom`. Ranks on workers are started over ssh, whose environment is
+    sshd's, not the container's: the launcher's mpirun forwards the variables named in `env_names` (e.g.
+    MLFLOW_TRACKING_USERNAME, MLFLOW_TRACKING_PASSWORD, AWS_ACCESS_KEY_ID) to them. Names are declared, not
+    read from the Secret, because the operator may not read Secrets.
+    """
+
+    secret: str
+    env_names: tuple[str, ...] = ()
 
 
 def trainer_config(name: str, spec: TrainingJobSpec, tracking_uri: str | None) -> dict[str, Any]:
@@ -93,11 +108,18 @@ def _mpirun(env_names: list[str]) -> list[str]:
 
 
 def launcher_command(
-    name: str, namespace: str, uid: str, spec: TrainingJobSpec, tracking_uri: str | None
+    name: str,
+    namespace: str,
+    uid: str,
+    spec: TrainingJobSpec,
+    tracking_uri: str | None,
+    credentials: MlflowCredentials | None = None,
 ) -> list[str]:
     """The launcher's argv: mpirun over the hostfile the mpi-operator writes, running the trainer."""
     config = trainer_config(name, spec, tracking_uri)
-    mpirun = _mpirun([e["name"] for e in _env(name, namespace, uid, tracking_uri)])
+    forwarded = [e["name"] for e in _env(name, namespace, uid, tracking_uri)]
+    forwarded += list(credentials.env_names) if credentials else []
+    mpirun = _mpirun(forwarded)
     train = trainer_args(config)
     if config["runtime"]["backend"] == "ddp":
         endpoint = f"{names.worker_host(names.mpijob_name(name), namespace, 0)}:{names.RDZV_PORT}"
@@ -125,6 +147,13 @@ def _env(name: str, namespace: str, uid: str, tracking_uri: str | None) -> list[
     if tracking_uri:
         env.append({"name": "MLFLOW_TRACKING_URI", "value": tracking_uri})
     return env
+
+
+def _env_from(credentials: MlflowCredentials | None) -> dict[str, Any]:
+    """The container's `envFrom` (as a dict to merge into it), empty without credentials."""
+    if credentials is None:
+        return {}
+    return {"envFrom": [{"secretRef": {"name": credentials.secret}}]}
 
 
 def _worker_volumes(spec: TrainingJobSpec) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -177,7 +206,12 @@ def _pod_spec(spec: TrainingJobSpec, *, worker: bool) -> dict[str, Any]:
 
 
 def _worker_template(
-    name: str, namespace: str, uid: str, spec: TrainingJobSpec, tracking_uri: str | None
+    name: str,
+    namespace: str,
+    uid: str,
+    spec: TrainingJobSpec,
+    tracking_uri: str | None,
+    credentials: MlflowCredentials | None,
 ) -> dict[str, Any]:
     volumes, mounts = _worker_volumes(spec)
     limits: dict[str, Any] = {"cpu": spec.resources.cpu, "memory": spec.resources.memory}
@@ -207,6 +241,7 @@ def _worker_template(
                     "imagePullPolicy": spec.imagePullPolicy,
                     "command": trainer_pod.worker_command(),
                     "env": _env(name, namespace, uid, tracking_uri),
+                    **_env_from(credentials),
                     "ports": ports,
                     "resources": {"requests": dict(limits), "limits": limits},
                     "securityContext": trainer_pod.container_security_context(),
@@ -219,7 +254,12 @@ def _worker_template(
 
 
 def _launcher_template(
-    name: str, namespace: str, uid: str, spec: TrainingJobSpec, tracking_uri: str | None
+    name: str,
+    namespace: str,
+    uid: str,
+    spec: TrainingJobSpec,
+    tracking_uri: str | None,
+    credentials: MlflowCredentials | None,
 ) -> dict[str, Any]:
     volumes, mounts = trainer_pod.scratch_volumes(worker=False, shm_size=None)
     return {
@@ -234,8 +274,9 @@ def _launcher_template(
                     "name": names.TRAINER_CONTAINER,
                     "image": spec.image,
                     "imagePullPolicy": spec.imagePullPolicy,
-                    "command": launcher_command(name, namespace, uid, spec, tracking_uri),
+                    "command": launcher_command(name, namespace, uid, spec, tracking_uri, credentials),
                     "env": _env(name, namespace, uid, tracking_uri),
+                    **_env_from(credentials),
                     "resources": LAUNCHER_RESOURCES,
                     "securityContext": trainer_pod.container_security_context(),
                     "volumeMounts": mounts,
@@ -247,7 +288,12 @@ def _launcher_template(
 
 
 def build_mpijob(
-    name: str, namespace: str, uid: str, spec: TrainingJobSpec, tracking_uri: str | None = None
+    name: str,
+    namespace: str,
+    uid: str,
+    spec: TrainingJobSpec,
+    tracking_uri: str | None = None,
+    credentials: MlflowCredentials | None = None,
 ) -> dict[str, Any]:
     """The MPIJob for a TrainingJob; deterministic (the owner reference is added by kopf.adopt)."""
     uri = spec.mlflow.trackingUri or tracking_uri
@@ -280,7 +326,7 @@ def build_mpijob(
                     # The launcher is a batch Job: runPolicy.backoffLimit decides its retries, each a new
                     # pod, and a failed one stays readable for the diagnosis.
                     "restartPolicy": "Never",
-                    "template": _launcher_template(name, namespace, uid, spec, uri),
+                    "template": _launcher_template(name, namespace, uid, spec, uri, credentials),
                 },
                 "Worker": {
                     "replicas": spec.workers,
@@ -289,7 +335,7 @@ def build_mpijob(
                     # it in vain. OnFailure restarts its sshd in place (the diagnosis reads the exit from
                     # the container's lastState).
                     "restartPolicy": "OnFailure",
-                    "template": _worker_template(name, namespace, uid, spec, uri),
+                    "template": _worker_template(name, namespace, uid, spec, uri, credentials),
                 },
             },
         },

@@ -17,7 +17,7 @@ from kubernetes.client.exceptions import ApiException
 
 from fieldkube.operator import metrics, mlflow_client, names
 from fieldkube.operator.kube import Cluster, Obj, merge_patch
-from fieldkube.operator.mpijob_builder import build_mpijob
+from fieldkube.operator.mpijob_builder import MlflowCredentials, build_mpijob
 from fieldkube.operator.spec import TrainingJobSpec, effective_training, parse_spec
 from fieldkube.operator.status import (
     PENDING_TIMEOUT_REASON,
@@ -46,6 +46,8 @@ class OperatorConfig:
     """Operator-wide settings (CLI flags / environment)."""
 
     mlflow_tracking_uri: str | None = None
+    mlflow_credentials: MlflowCredentials | None = None
+    """Given to every trainer pod (envFrom), when the tracking server wants credentials."""
 
 
 @dataclass
@@ -90,7 +92,12 @@ class Reconciler:
     def build(self, body: Obj, tj_spec: TrainingJobSpec) -> Obj:
         meta = body["metadata"]
         return build_mpijob(
-            meta["name"], meta["namespace"], meta["uid"], tj_spec, self.config.mlflow_tracking_uri
+            meta["name"],
+            meta["namespace"],
+            meta["uid"],
+            tj_spec,
+            self.config.mlflow_tracking_uri,
+            self.config.mlflow_credentials,
         )
 
     def set_suspended(self, namespace: str, name: str, suspended: bool) -> None:

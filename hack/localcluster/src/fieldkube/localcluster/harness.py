@@ -61,7 +61,7 @@ from fieldkube.localcluster.procs import (
     wait_until,
 )
 
-__all__ = ["ClusterError", "LocalCluster", "Versions", "default_cache_dir", "default_state_dir"]
+__all__ = ["Binaries", "ClusterError", "LocalCluster", "Versions", "default_cache_dir", "default_state_dir"]
 
 HERE = Path(__file__).resolve().parent
 # The package is installed editable from hack/localcluster/ (it drives the Go builds of hack/cluster/).
@@ -105,6 +105,8 @@ class Versions:
     kwok: str
     mpi_operator: str
     coredns: str
+    helm: str
+    prometheus_operator: str
 
     @classmethod
     def load(cls, path: Path = VERSIONS_FILE) -> Versions:
@@ -121,6 +123,8 @@ class Versions:
                 kwok=values["KWOK_VERSION"],
                 mpi_operator=values["MPI_OPERATOR_VERSION"],
                 coredns=values["COREDNS_VERSION"],
+                helm=values["HELM_VERSION"],
+                prometheus_operator=values["PROMETHEUS_OPERATOR_VERSION"],
             )
         except KeyError as missing:
             raise ClusterError(f"{path} does not set {missing}") from None
@@ -139,6 +143,7 @@ class Binaries:
             "kwok": self.versions.kwok,
             "mpi-operator": self.versions.mpi_operator,
             "coredns": self.versions.coredns,
+            "helm": self.versions.helm,
         }.get(component, self.versions.kubernetes)
         return self.bin_dir / f"{component}-{version}" / component
 
@@ -149,6 +154,16 @@ class Binaries:
     @property
     def mpi_operator_cluster_role(self) -> Path:
         return self.path("mpi-operator").parent / "cluster-role.yaml"
+
+    @property
+    def helm(self) -> Path:
+        """The pinned helm (not needed to run a cluster: `make manifests` and the chart's tests use it)."""
+        return self.path("helm")
+
+    @property
+    def prometheus_operator_crds(self) -> Path:
+        """The directory of the pinned prometheus-operator's CRD files (ServiceMonitor, PodMonitor, ...)."""
+        return self.bin_dir.parent / "crds" / f"prometheus-operator-{self.versions.prometheus_operator}"
 
     def check(self) -> None:
         wanted = [self.path(c) for c in (*CONTROL_PLANE, "kubectl")]
