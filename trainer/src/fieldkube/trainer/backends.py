@@ -103,7 +103,9 @@ class HorovodBackend(SingleBackend):
             self.hvd.broadcast_optimizer_state(optimizer, root_rank=0)
 
     def broadcast_object(self, obj: Any) -> Any:
-        return self.hvd.broadcast_object(obj, root_rank=0)
+        # Horovod matches collectives by name and defaults this one's to the object's type, which
+        # differs between the root (e.g. a checkpoint dict) and the others (None): name it explicitly.
+        return self.hvd.broadcast_object(obj, root_rank=0, name="fieldkube.broadcast_object")
 
     def allreduce_sum(self, values: list[float]) -> list[float]:
         tensor = torch.tensor(values, dtype=torch.float64)

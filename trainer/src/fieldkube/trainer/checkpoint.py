@@ -69,7 +69,9 @@ def load_latest(directory: str | Path) -> dict[str, Any] | None:
             f"{latest}: checkpoint cannot be read ({type(exc).__name__}: {exc}); remove it to "
             "resume from the previous one"
         ) from None
-    log.info("resuming from %s (step %d)", latest, state.get("global_step", -1))
+    loop = state.get("loop")
+    step = loop.get("global_step") if isinstance(loop, dict) else None
+    log.info("resuming from %s (step %s)", latest, step if step is not None else "unknown")
     return state
 
 

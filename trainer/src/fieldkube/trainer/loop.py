@@ -236,9 +236,11 @@ def _train(config: TrainingConfig, backend: AnyBackend, device: torch.device) ->
     total_steps = t.epochs * spe if t.max_steps is None else min(t.max_steps, t.epochs * spe)
     scale = global_batch / t.batch_size if t.lr_scaling == "linear" else 1.0
     warmup_steps = round(t.warmup_epochs * spe)
-    optimizer = make_optimizer(config, model)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, scale, warmup_steps))
     loss_name, loss_fn = ("user", _user_loss(model)) if task == "custom" else resolve_loss(t.loss, task)
+    # Wrap first: Horovod's DistributedOptimizer is a new optimizer object that takes the param groups but
+    # not the state, so a checkpoint's optimizer state (Adam's moments) must be loaded into the wrapper.
+    model, optimizer = backend.wrap(model, make_optimizer(config, model))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, scale, warmup_steps))
     scaler = torch.amp.GradScaler("cuda") if use_amp else None
 
     state = LoopState()
@@ -247,7 +249,7 @@ def _train(config: TrainingConfig, backend: AnyBackend, device: torch.device) ->
         saved = ckpt.load_latest(config.checkpoint.dir) if chief else None
         saved = backend.broadcast_object(saved) if backend.size > 1 else saved
         if saved is not None:
-            model.load_state_dict(saved["model"])
+            _unwrap(model).load_state_dict(saved["model"])
             optimizer.load_state_dict(saved["optimizer"])
             scheduler.load_state_dict(saved["scheduler"])
             if scaler is not None and "scaler" in saved:
@@ -255,7 +257,6 @@ def _train(config: TrainingConfig, backend: AnyBackend, device: torch.device) ->
             ckpt.restore_rng(saved["rng"])
             state = LoopState(**saved["loop"])
             resumed = True
-    model, optimizer = backend.wrap(model, optimizer)
     backend.broadcast_initial_state(_unwrap(model), optimizer)
 
     tracker = Tracker(config, enabled=chief)
