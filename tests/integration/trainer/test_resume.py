@@ -37,7 +37,8 @@ LAUNCH = {"single": list[str](), "horovod-2-ranks": _mpirun()}
 def _cmd(launch: str, data: Path, out: Path, port: int, fast_args: list[str]) -> list[str]:
     backend = ["--set", "runtime.backend=horovod"] if LAUNCH[launch] else []
     return [
-        *LAUNCH[launch], str(BIN / "fieldkube-train"), *backend, "--data", str(data), "--set", "train.epochs=4",
+        *LAUNCH[launch], str(BIN / "fieldkube-train"), *backend,
+        "--data", str(data), "--set", "train.epochs=4",
         "--set", f"output_dir={out}", "--set", f"checkpoint.dir={out / 'ckpt'}",
         "--set", "checkpoint.every_steps=2", "--set", "checkpoint.keep=3",
         *fast_args, "--set", f"metrics.port={port}", "--set", "metrics.address=127.0.0.1",
