@@ -4,11 +4,14 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 PKGS := vision/src trainer/src serving/src operator/src hack/localcluster/src
+# Scripts of hack/ that are not in a package but are type-checked like one.
+TYPED_SCRIPTS := hack/dashboards.py hack/render_dashboards.py hack/dashboards_example.py
 
 -include mk/*.mk
 
 .PHONY: dev test unit integration lint fmt typecheck cluster cluster-down demo demo-down demo-cluster \
-        bench-train bench-serve bench-accuracy bench-operator dashboards clean
+        bench-train bench-serve bench-accuracy bench-operator dashboards dashboards-png \
+        dashboards-example clean
 
 dev:  ## set up Debian packages, .venv, Horovod and the local control plane binaries
 	@hack/dev.sh
@@ -26,6 +29,7 @@ lint:  ## ruff (lint + format check) and mypy on all four packages
 	$(PY) -m ruff check $(PKGS) tests bench hack
 	$(PY) -m ruff format --check $(PKGS) tests bench hack
 	$(PY) -m mypy $(PKGS)
+	$(PY) -m mypy $(TYPED_SCRIPTS)
 
 fmt:
 	$(PY) -m ruff check --fix $(PKGS) tests bench hack
@@ -33,6 +37,13 @@ fmt:
 
 dashboards:  ## regenerate charts/fieldkube/files/ (Grafana dashboards, Prometheus rules) from hack/dashboards.py
 	$(PY) hack/dashboards.py
+
+PROMETHEUS ?= http://127.0.0.1:9090
+dashboards-png:  ## draw each dashboard from $(PROMETHEUS) (last $(MINUTES) min) to dashboards-png/<uid>.png
+	$(PY) hack/render_dashboards.py --prometheus $(PROMETHEUS) --out dashboards-png --minutes $(or $(MINUTES),30)
+
+dashboards-example:  ## real training, serving and operator metrics under load, drawn to docs/dashboards/*.png
+	$(PY) hack/dashboards_example.py --out docs/dashboards
 
 clean:
 	rm -rf .mypy_cache .ruff_cache .pytest_cache

@@ -358,11 +358,12 @@ PANEL_BUILDERS: dict[str, type[timeseries.Panel] | type[stat.Panel] | type[table
 
 
 def target(query: Query, ref_id: str, kind: str) -> prometheus.Dataquery:
-    """One PromQL target: range queries for graphs, instant queries for stats and tables."""
+    """One PromQL target: an instant query for a table (one row per series), else a range query (a stat
+    shows its last value, so a finished job's last epoch stays visible)."""
     built = prometheus.Dataquery().ref_id(ref_id).expr(query.expr).legend_format(query.legend)
     if kind == "table":
         return built.instant().format(PromQueryFormat.TABLE)
-    return built.instant() if kind == "stat" else built.range()
+    return built.range()
 
 
 def panel_builder(panel: Panel, panel_id: int) -> cogbuilder.Builder[GrafanaPanel]:

@@ -2,10 +2,10 @@
 
 A dashboard change (or a renamed metric) is easiest to review by looking at it, and a Grafana server is a
 lot to start for that. This script reads the dashboard JSON that ships with the chart, runs every panel's
-PromQL against `--prometheus` (range queries for graphs, instant queries for stats and tables, `$variables`
-set to All unless `--var name=value`), and lays the panels out on Grafana's 24-column grid with
-matplotlib: time series with legends from `legendFormat`, stats as big numbers, tables as rows, values in
-the panel's unit. `make dashboards-png PROMETHEUS=http://…` writes dashboards-png/<uid>.png.
+PromQL against `--prometheus` (range queries, instant ones for tables; `$variables` set to All unless
+`--var name=value`), and lays the panels out on Grafana's 24-column grid with matplotlib: time series
+with legends from `legendFormat`, stats as big numbers, tables as rows, values in the panel's unit.
+`make dashboards-png PROMETHEUS=http://…` writes dashboards-png/<uid>.png.
 """
 
 from __future__ import annotations
@@ -183,7 +183,7 @@ def draw_timeseries(ax: Axes, panel: PanelSpec, series: list[Series]) -> None:
         )
     ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: format_value(v, panel.unit)))
     ax.yaxis.set_major_locator(MaxNLocator(5))
-    ax.xaxis.set_major_locator(AutoDateLocator(maxticks=6))
+    ax.xaxis.set_major_locator(AutoDateLocator(minticks=3, maxticks=9))
     ax.xaxis.set_major_formatter(DateFormatter("%H:%M:%S"))
     ax.tick_params(labelsize=7)
     ax.grid(alpha=0.3)
@@ -191,6 +191,7 @@ def draw_timeseries(ax: Axes, panel: PanelSpec, series: list[Series]) -> None:
 
 
 def draw_stat(ax: Axes, panel: PanelSpec, series: list[Series]) -> None:
+    """The last value of each series, big (Grafana's stat with its default "last not null")."""
     ax.set_axis_off()
     for n, item in enumerate(series):
         x = (n + 0.5) / len(series)
