@@ -103,7 +103,7 @@ def expected_steps(dataset_root: Path, spec: dict[str, Any]) -> int:
     return int(train["epochs"]) * steps_per_epoch(train_size, int(train["batch_size"]) * int(spec["workers"]))
 
 
-def test_cpu_example_trains_in_real_pods_and_registers_the_model(
+def test_cpu_example_trains_in_real_pods_survives_a_killed_worker_and_registers_the_model(
     local_cluster: Any,
     real_node: Any,
     node_mlflow: str,
@@ -112,8 +112,12 @@ def test_cpu_example_trains_in_real_pods_and_registers_the_model(
     job_watcher: Any,
     tmp_path: Path,
 ) -> None:
-    volumes(local_cluster, cluster_namespace, field_dataset_root, tmp_path)
+    """The shipped example, with one more epoch, and a worker pod deleted once the first checkpoint is on
+    the volume: the launcher fails, the Job retries it, the mpi-operator recreates the worker, and the
+    second launcher's ranks resume from that checkpoint and finish with the exact step count."""
+    checkpoints = volumes(local_cluster, cluster_namespace, field_dataset_root, tmp_path)
     doc = example(node_mlflow)
+    doc["spec"]["training"]["train"]["epochs"] += 1
     name = doc["metadata"]["name"]
     local_cluster.kubectl("apply", "-n", cluster_namespace, "-f", "-", input=yaml.safe_dump(doc))
     from fieldkube.operator import names
@@ -121,24 +125,46 @@ def test_cpu_example_trains_in_real_pods_and_registers_the_model(
     scraper = RankScraper(local_cluster, cluster_namespace, name, names.METRICS_PORT)
     scraper.start()
     try:
+        job_dir = checkpoints / doc["spec"]["checkpoint"]["path"]
+        local_cluster.wait_for(
+            "the first checkpoint on the volume",
+            lambda: any(job_dir.glob("ckpt-*.pt")),
+            timeout=600,
+            interval=1.0,
+        )
+        local_cluster.kubectl(
+            "delete", "pod", f"{name}-worker-1", "-n", cluster_namespace, "--grace-period=0", "--force"
+        )
         status = job_watcher.wait(
             cluster_namespace, name, lambda s: s.get("phase") in ("Succeeded", "Failed"), 900
         )
     finally:
         scraper.stop.set()
         scraper.join(timeout=10)
-    launcher = pods(local_cluster, cluster_namespace, name, "launcher")
-    log = local_cluster.kubectl(
-        "logs", launcher[-1]["metadata"]["name"], "-n", cluster_namespace, check=False
-    ).stdout
-    assert status["phase"] == "Succeeded", f"{json.dumps(status, indent=1)}\nlauncher log:\n{log[-4000:]}"
+    launchers = sorted(
+        pods(local_cluster, cluster_namespace, name, "launcher"),
+        key=lambda p: str(p["metadata"]["creationTimestamp"]),
+    )
+    logs = [
+        local_cluster.kubectl("logs", p["metadata"]["name"], "-n", cluster_namespace, check=False).stdout
+        for p in launchers
+    ]
+    log = logs[-1]
+    assert status["phase"] == "Succeeded", f"{json.dumps(status, indent=1)}\n" + "\n=====\n".join(
+        text[-2500:] for text in logs
+    )
+    # The run policy retried the launcher, and the retry resumed from the checkpoint, not from step 0.
+    assert len(launchers) == 2, [p["metadata"]["name"] for p in launchers]
+    resumed = re.findall(r"resuming from \S+ \(step (\d+)\)", log)
+    assert resumed and int(resumed[0]) > 0, log[-3000:]
+    assert "resumed at step" in log, log[-3000:]
 
     # Both ranks ran (mpirun --tag-output prefixes each line with [job,rank]) on the real node.
     assert re.search(r"\[1,0\]<", log) and re.search(r"\[1,1\]<", log), log[-3000:]
     # The workers (deleted when the job ended: cleanPodPolicy Running) and the launcher ran on the real node.
     workers = [f"{name}-worker-{i}" for i in range(doc["spec"]["workers"])]
     assert sorted(scraper.nodes) == workers
-    assert {*scraper.nodes.values(), launcher[-1]["spec"]["nodeName"]} == {"fieldkube-node"}
+    assert {*scraper.nodes.values(), *(p["spec"]["nodeName"] for p in launchers)} == {"fieldkube-node"}
     # Every rank's /metrics was scraped while it ran (one rank per worker pod here).
     assert sorted(scraper.scraped) == workers, scraper.scraped.keys()
     ranks = {
