@@ -65,3 +65,19 @@ def test_cli_exits_with_a_message_for_a_path_that_is_not_a_bundle(
         parse_settings(["--segmenter", str(tmp_path / "missing")], environ={})
     assert exit_info.value.code == 2
     assert f"segmenter: {tmp_path / 'missing'} is not a model bundle directory" in capsys.readouterr().err
+
+
+def test_every_reload_outcome_is_exported_at_zero_before_the_first_load() -> None:
+    """increase() cannot see a counter's first increment if the series only appears with it."""
+    from prometheus_client import generate_latest
+
+    from fieldkube.serving.metrics import ServeMetrics
+    from fieldkube.serving.registry import RELOAD_OUTCOMES, ModelRegistry
+
+    metrics = ServeMetrics(gpu=False)
+    registry = ModelRegistry(build_settings({"counter": "models:/fieldkube-counter@champion"}, {}), metrics)
+    registry.close()
+    text = generate_latest(metrics.registry).decode()
+    for outcome in RELOAD_OUTCOMES:
+        assert f'fieldkube_serve_model_reloads_total{{outcome="{outcome}",task="counter"}} 0.0' in text
+    assert 'task="segmenter"' not in text

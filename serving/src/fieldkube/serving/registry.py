@@ -45,6 +45,10 @@ class ResolvedVersion:
     artifact_uri: str | None
 
 
+RELOAD_OUTCOMES = ("loaded", "rejected", "resolve_failed")
+"""The ``outcome`` label values of ``fieldkube_serve_model_reloads_total``."""
+
+
 class ModelRegistry:
     """The current model of each configured task."""
 
@@ -57,6 +61,11 @@ class ModelRegistry:
             self.sources["counter"] = parse_model_source(settings.counter)
         if settings.segmenter:
             self.sources["segmenter"] = parse_model_source(settings.segmenter)
+        # Every outcome's series exists from the start, at 0: Prometheus' increase() over a counter that
+        # appears with its first increment reads 0, so a first reload or rejection would never show.
+        for task in self.sources:
+            for outcome in RELOAD_OUTCOMES:
+                metrics.model_reloads.labels(task, outcome)
         self._models: dict[Task, ServedModel] = {}
         self._rejected: dict[Task, str] = {}
         self.last_error: dict[Task, str] = {}

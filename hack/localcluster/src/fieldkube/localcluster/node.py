@@ -802,7 +802,7 @@ def import_images(socket: Path, images_dir: Path) -> list[str]:
             "k8s.io",
             "images",
             "import",
-            "--no-unpack" if False else "--all-platforms",
+            "--all-platforms",
             str(image["archive"]),
             timeout=1800,
         )
