@@ -83,6 +83,7 @@ def test_make_cluster_runs_the_operator_as_its_service_account_and_cluster_down_
             "kubelet",
             "kube-proxy",
             "coredns",
+            "api-forward",
             "fieldkube-operator",
         }
 

@@ -2,7 +2,9 @@
 
 Real containers from the project's images run here (no kwok): pods get addresses on the bridge, reach
 each other directly, through a ClusterIP Service (kube-proxy's iptables rules) and by DNS name
-(CoreDNS, cluster domain only), `kubectl logs` reaches the kubelet, and a memory limit is enforced.
+(CoreDNS, cluster domain only), reach the API server with their ServiceAccount token through the
+`kubernetes` Service (as an operator installed in the cluster does), `kubectl logs` reaches the kubelet,
+and a memory limit is enforced.
 Stopping the cluster must leave the host as it found it: iptables, sysctls, links, mounts, cgroups.
 """
 
@@ -99,6 +101,7 @@ def test_real_pods_network_dns_limits_and_a_clean_host_after_stop(tmp_path: Path
         sockets = cluster.listening_sockets()
         assert (real_node.NODE_IP, 10250) in sockets["kubelet"]
         assert (real_node.NODE_IP, 53) in sockets["coredns"]
+        assert (real_node.NODE_IP, int(cluster.server.rsplit(":", 1)[1])) in sockets["api-forward"]
         allowed = {"127.0.0.1", "::1", real_node.NODE_IP}
         exposed = {name: [a for a in addrs if a[0] not in allowed] for name, addrs in sockets.items()}
         assert not any(exposed.values()), exposed
@@ -160,6 +163,29 @@ def test_real_pods_network_dns_limits_and_a_clean_host_after_stop(tmp_path: Path
         assert f"http://{service_ip}/ 200" in logs
         assert f"http://web.{ns}.svc.cluster.local/ 200" in logs
         assert "outside not resolved" in logs
+
+        # A pod reaches the API server the in-cluster way: the `kubernetes` Service's environment, the
+        # ServiceAccount's token and CA, TLS verified against the Service IP.
+        whoami = (
+            "import json, os, ssl, urllib.request as u\n"
+            "d = '/var/run/secrets/kubernetes.io/serviceaccount/'\n"
+            "url = 'https://%s:%s/apis/authentication.k8s.io/v1/selfsubjectreviews' % ("
+            "os.environ['KUBERNETES_SERVICE_HOST'], os.environ['KUBERNETES_SERVICE_PORT'])\n"
+            "body = json.dumps({'apiVersion': 'authentication.k8s.io/v1', 'kind': 'SelfSubjectReview'})\n"
+            "token = open(d + 'token').read()\n"
+            "headers = {'Authorization': 'Bearer ' + token, 'Content-Type': 'application/json'}\n"
+            "request = u.Request(url, data=body.encode(), headers=headers, method='POST')\n"
+            "context = ssl.create_default_context(cafile=d + 'ca.crt')\n"
+            "review = json.load(u.urlopen(request, context=context, timeout=10))\n"
+            "print('whoami', review['status']['userInfo']['username'])\n"
+        )
+        in_cluster = pod("in-cluster", ["python3", "-c", whoami])
+        in_cluster["spec"]["automountServiceAccountToken"] = True
+        cluster.apply([{**in_cluster, "metadata": {**in_cluster["metadata"], "namespace": ns}}])
+        done = wait_phase(cluster, ns, "in-cluster", {"Succeeded", "Failed"})
+        logs = cluster.kubectl("logs", "in-cluster", "-n", ns).stdout
+        assert done["status"]["phase"] == "Succeeded", logs
+        assert f"whoami system:serviceaccount:{ns}:default" in logs, logs
 
         # A memory limit is enforced by the kernel: the container is OOMKilled (exit 137).
         hog = pod(

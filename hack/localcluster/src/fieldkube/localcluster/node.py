@@ -7,7 +7,9 @@ changes on the host is recorded in ``node/node.json`` so that ``stop`` undoes it
 
 - network: a bridge (``fkbr0``, gateway ``10.213.0.1/24``) that the CNI bridge plugin plugs pods into,
   no masquerade (pods reach this host and each other, nothing beyond); kubelet, CoreDNS and the
-  kubelet's API listen on the gateway address, health and metrics endpoints on loopback;
+  kubelet's API listen on the gateway address, health and metrics endpoints on loopback; pods reach the
+  loopback-only API server through the ``kubernetes`` Service, whose endpoint is a forwarder on the
+  gateway address (``forward.py``; the API server's certificate names that address);
 - iptables rules written by kube-proxy and the kubelet (chains ``KUBE-*``), removed on stop (the CNI
   config has no firewall or masquerade plugin, so it writes none; ``CNI-*`` chains of other tools stay);
 - sysctls the bridge, kubelet and kube-proxy set (``net.ipv4.ip_forward``, ``vm.overcommit_memory``,
@@ -34,8 +36,11 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
+import sys
 import time
+import urllib.parse
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -59,7 +64,7 @@ CLUSTER_DOMAIN = "cluster.local"
 NODE_LABEL = "fieldkube.io/node"
 NODE_LABEL_VALUE = "real"
 NODE_TAINT = {"key": NODE_LABEL, "value": NODE_LABEL_VALUE, "effect": "NoSchedule"}
-NODE_PROCESSES = ("containerd", "kubelet", "kube-proxy", "coredns")
+NODE_PROCESSES = ("containerd", "kubelet", "kube-proxy", "coredns", "api-forward")
 CNI_BIN_DIR = Path("/usr/lib/cni")
 HOST_TOOLS = ("containerd", "containerd-shim-runc-v2", "runc", "ctr", "iptables", "ip", "conntrack")
 CGROUP_ROOT = Path("/sys/fs/cgroup")
@@ -352,6 +357,7 @@ class RealNode:
         self._start_kubelet(record)
         self._start_kube_proxy(record)
         self._start_coredns(record)
+        self._publish_api_server()
         self._wait_ready()
         self.cluster._mark("real-node", t0, f"real node {NODE_NAME}")
 
@@ -605,6 +611,48 @@ disabled_plugins = ["io.containerd.internal.v1.opt", "io.containerd.snapshotter.
         path = write_file(self.dir / "coredns" / "Corefile", corefile, 0o644)
         self.cluster._spawn("coredns", [str(self.cluster.binaries.path("coredns")), "-conf", str(path)])
 
+    def _publish_api_server(self) -> None:
+        """Let pods reach the API server: a forwarder on the bridge address, and the `kubernetes` Service's
+        endpoint pointing at it (the API server publishes none itself: it listens on loopback only)."""
+        port = urllib.parse.urlsplit(self.cluster.server).port
+        assert port is not None
+        self.cluster._spawn(
+            "api-forward",
+            [
+                sys.executable,
+                "-m",
+                "fieldkube.localcluster.forward",
+                f"{NODE_IP}:{port}",
+                f"127.0.0.1:{port}",
+            ],
+        )
+        self.cluster.apply(
+            {
+                "apiVersion": "discovery.k8s.io/v1",
+                "kind": "EndpointSlice",
+                "metadata": {
+                    "name": "kubernetes",
+                    "namespace": "default",
+                    "labels": {
+                        "kubernetes.io/service-name": "kubernetes",
+                        "endpointslice.kubernetes.io/managed-by": "local-cluster.fieldkube.io",
+                    },
+                },
+                "addressType": "IPv4",
+                "endpoints": [{"addresses": [NODE_IP], "conditions": {"ready": True}}],
+                "ports": [{"name": "https", "port": port, "protocol": "TCP"}],
+            }
+        )
+
+        def listening() -> bool:
+            with contextlib.suppress(OSError), socket.create_connection((NODE_IP, port), timeout=1):
+                return True
+            return False
+
+        wait_until(
+            "API server forwarder", listening, 30, on_fail=lambda: tail(self.cluster.log_path("api-forward"))
+        )
+
     def _wait_ready(self) -> None:
         def node_ready() -> bool:
             for name in NODE_PROCESSES:
@@ -650,7 +698,7 @@ disabled_plugins = ["io.containerd.internal.v1.opt", "io.containerd.snapshotter.
         procs = self.cluster._processes
         if all(procs.get(n) is not None and procs[n].alive() for n in ("kube-apiserver", "kubelet")):
             done += self._drain(timeout)
-        for name in ("coredns", "kube-proxy", "kubelet"):
+        for name in ("api-forward", "coredns", "kube-proxy", "kubelet"):
             if name in procs:
                 terminate(name)
         if procs.get("containerd") is not None and procs["containerd"].alive():

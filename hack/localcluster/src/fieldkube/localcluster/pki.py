@@ -135,7 +135,8 @@ def write_cluster_pki(
             "kubernetes.default.svc",
             "kubernetes.default.svc.cluster.local",
         ],
-        server_ips=["127.0.0.1", str(next(ipaddress.ip_network(service_cluster_ip_range).hosts()))],
+        # node_ip: pods reach the API server through a forwarder on the real node's bridge address.
+        server_ips=["127.0.0.1", node_ip, str(next(ipaddress.ip_network(service_cluster_ip_range).hosts()))],
     )
     write_file(pki("apiserver.crt"), serving.cert_pem, 0o644)
     write_file(pki("apiserver.key"), serving.key_pem)

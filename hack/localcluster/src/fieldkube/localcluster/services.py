@@ -84,7 +84,7 @@ def start_mlflow(cluster: LocalCluster, root: Path, name: str = "mlflow") -> str
     return uri
 
 
-def host_path_claim(
+def host_path_volume(
     cluster: LocalCluster,
     namespace: str,
     claim: str,
@@ -92,10 +92,11 @@ def host_path_claim(
     *,
     size: str = "10Gi",
     writable_by: int | None = None,
-) -> dict[str, Any]:
-    """A PersistentVolume on the real node's ``path`` bound to claim ``namespace/claim``.
+) -> str:
+    """A PersistentVolume on the real node's ``path``, reserved for claim ``namespace/claim``; its name.
 
-    With ``writable_by`` the directory is owned by that uid (the trainer's), since host paths get no
+    The claim may be made later by anyone (a Helm chart's PVC binds to it: there is no dynamic
+    provisioner here). With ``writable_by`` the directory is owned by that uid, since host paths get no
     ``fsGroup`` ownership change. The volume has no node affinity: pods on the fake GPU nodes may
     claim it too (they are simulated and mount nothing); jobs meant for real pods select the real node.
     """
@@ -105,32 +106,46 @@ def host_path_claim(
     # PersistentVolumes are cluster-wide: named by the claim and a hash of its namespace (names <= 63).
     volume = f"{claim[:50]}-{hashlib.sha256(namespace.encode()).hexdigest()[:8]}"
     cluster.apply(
-        [
-            {
-                "apiVersion": "v1",
-                "kind": "PersistentVolume",
-                "metadata": {"name": volume, "labels": {"fieldkube.io/claim-namespace": namespace}},
-                "spec": {
-                    "capacity": {"storage": size},
-                    "accessModes": ["ReadWriteMany", "ReadOnlyMany"],
-                    "persistentVolumeReclaimPolicy": "Retain",
-                    "storageClassName": "",
-                    "claimRef": {"namespace": namespace, "name": claim},
-                    "hostPath": {"path": str(path), "type": "Directory"},
-                },
+        {
+            "apiVersion": "v1",
+            "kind": "PersistentVolume",
+            "metadata": {"name": volume, "labels": {"fieldkube.io/claim-namespace": namespace}},
+            "spec": {
+                "capacity": {"storage": size},
+                "accessModes": ["ReadWriteOnce", "ReadWriteMany", "ReadOnlyMany"],
+                "persistentVolumeReclaimPolicy": "Retain",
+                "storageClassName": "",
+                "claimRef": {"namespace": namespace, "name": claim},
+                "hostPath": {"path": str(path), "type": "Directory"},
             },
-            {
-                "apiVersion": "v1",
-                "kind": "PersistentVolumeClaim",
-                "metadata": {"name": claim, "namespace": namespace},
-                "spec": {
-                    "accessModes": ["ReadWriteMany"],
-                    "storageClassName": "",
-                    "volumeName": volume,
-                    "resources": {"requests": {"storage": size}},
-                },
+        }
+    )
+    return volume
+
+
+def host_path_claim(
+    cluster: LocalCluster,
+    namespace: str,
+    claim: str,
+    path: Path,
+    *,
+    size: str = "10Gi",
+    writable_by: int | None = None,
+) -> dict[str, Any]:
+    """:func:`host_path_volume` and its claim ``namespace/claim`` (ReadWriteMany), bound at once."""
+    volume = host_path_volume(cluster, namespace, claim, path, size=size, writable_by=writable_by)
+    cluster.apply(
+        {
+            "apiVersion": "v1",
+            "kind": "PersistentVolumeClaim",
+            "metadata": {"name": claim, "namespace": namespace},
+            "spec": {
+                "accessModes": ["ReadWriteMany"],
+                "storageClassName": "",
+                "volumeName": volume,
+                "resources": {"requests": {"storage": size}},
             },
-        ]
+        }
     )
     return {"volume": volume, "claim": claim, "path": str(path)}
 
