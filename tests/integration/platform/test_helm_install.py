@@ -78,11 +78,6 @@ def rollout(cluster: Any, namespace: str, deployment: str, timeout: int = 600) -
         pytest.fail(f"{deployment} not available:\n{described[-6000:]}\n{logs[-3000:]}")
 
 
-def get(cluster: Any, *args: str, namespace: str) -> dict[str, Any]:
-    got: dict[str, Any] = cluster.get_json(*args, namespace=namespace)
-    return got
-
-
 def counted(url: str, image: np.ndarray) -> float:
     buffer = io.BytesIO()
     Image.fromarray(image).save(buffer, format="PNG")
@@ -107,7 +102,7 @@ def test_helm_install_trains_registers_promotes_and_serves_then_uninstalls(
 
     for name in (f"{RELEASE}-operator", f"{RELEASE}-mlflow"):
         rollout(local_cluster, ns, name)
-    serving = get(local_cluster, "deployment", f"{RELEASE}-serve", namespace=ns)
+    serving = local_cluster.get_json("deployment", f"{RELEASE}-serve", namespace=ns)
     assert serving["status"].get("readyReplicas", 0) == 0, "the service is Ready before any model exists"
 
     # A TrainingJob through the installed operator: no tracking URI (the operator's default is the
@@ -121,7 +116,7 @@ def test_helm_install_trains_registers_promotes_and_serves_then_uninstalls(
     local_cluster.kubectl("apply", "-n", ns, "-f", "-", input=yaml.safe_dump(doc))
 
     def finished() -> dict[str, Any] | None:
-        status: dict[str, Any] = get(local_cluster, "trainingjob", name, namespace=ns).get("status", {})
+        status: dict[str, Any] = local_cluster.get_json("trainingjob", name, namespace=ns).get("status", {})
         return status if status.get("phase") in ("Succeeded", "Failed") else None
 
     status = local_cluster.wait_for("the TrainingJob to finish", finished, timeout=900, interval=2.0)
@@ -130,7 +125,7 @@ def test_helm_install_trains_registers_promotes_and_serves_then_uninstalls(
     assert status["mlflow"]["runId"], status
 
     rollout(local_cluster, ns, f"{RELEASE}-serve")
-    service = get(local_cluster, "service", f"{RELEASE}-serve", namespace=ns)
+    service = local_cluster.get_json("service", f"{RELEASE}-serve", namespace=ns)
     url = f"http://{service['spec']['clusterIP']}:{service['spec']['ports'][0]['port']}"  # via kube-proxy
     model = httpx.get(f"{url}/v2/models/counter", timeout=30).json()
     assert model["versions"] == [str(status["registeredModel"]["version"])], model
@@ -147,7 +142,7 @@ def test_helm_install_trains_registers_promotes_and_serves_then_uninstalls(
         kinds = "all,configmaps,serviceaccounts,roles,rolebindings,pvc"
         return [
             f"{o['kind']}/{o['metadata']['name']}"
-            for o in get(local_cluster, kinds, namespace=ns)["items"]
+            for o in local_cluster.get_json(kinds, namespace=ns)["items"]
             if o["metadata"].get("labels", {}).get("app.kubernetes.io/instance") == RELEASE
         ]
 
