@@ -271,12 +271,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("dashboards-png"), help="folder for the PNGs")
     parser.add_argument("--minutes", type=float, default=30.0, help="time range up to now (default 30)")
     parser.add_argument("--var", action="append", default=[], metavar="NAME=REGEX", help="$NAME's value")
+    parser.add_argument(
+        "--report",
+        type=Path,
+        help="also write {dashboard uid: {panel title: series drawn}} to this JSON file",
+    )
     args = parser.parse_args(argv)
     variables = dict(item.split("=", 1) for item in args.var)
     drawn = render_all(args.dashboards, args.prometheus, window_for(args.minutes), variables, args.out)
     for png, counts in drawn.items():
         empty = [title for title, n in counts.items() if n == 0]
         print(f"wrote {png}" + (f" (no data: {', '.join(empty)})" if empty else ""))
+    if args.report:
+        args.report.write_text(json.dumps({png.stem: counts for png, counts in drawn.items()}, indent=1))
     return 0
 
 

@@ -35,6 +35,7 @@ from typing import Any
 import pytest
 
 from fieldkube.localcluster import harness as cluster_harness
+from fieldkube.localcluster import monitors
 
 _CLUSTER_KEY = pytest.StashKey[Any]()
 
@@ -103,6 +104,13 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
     cluster = config.stash.get(_CLUSTER_KEY, None)
     if cluster is not None and exitstatus != 0:
         terminalreporter.write_line(f"local cluster logs: {cluster.logs_dir}")
+
+
+@pytest.fixture(scope="session")
+def prometheus_operator_crds(local_cluster: Any) -> None:
+    """ServiceMonitor, PodMonitor and PrometheusRule served by the session cluster (the CRDs only: no
+    Prometheus operator runs here)."""
+    monitors.install_crds(local_cluster)
 
 
 @pytest.fixture(scope="session")

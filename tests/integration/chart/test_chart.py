@@ -367,3 +367,17 @@ def _answers(port: int) -> bool:
             return bool(response.status == 200)
     except (urllib.error.URLError, OSError):
         return False
+
+
+def test_the_operators_own_namespace_label_survives_the_scrape() -> None:
+    """The operator labels GPU-hours with each TrainingJob's namespace: both ways of scraping it honour
+    the metric's labels, or Prometheus would rename it exported_namespace and put the operator's there."""
+    docs = render((ALL_VALUES,))
+    monitors = {m["metadata"]["name"]: m for m in by_kind(docs, "ServiceMonitor")}
+    assert [e.get("honorLabels") for e in monitors["fieldkube-all-operator"]["spec"]["endpoints"]] == [True]
+    assert [e.get("honorLabels") for e in monitors["fieldkube-all-serving"]["spec"]["endpoints"]] == [None]
+    (cm,) = [d for d in by_kind(docs, "ConfigMap") if d["metadata"]["name"].endswith("scrape-configs")]
+    config = yaml.safe_load(cm["data"]["fieldkube-scrape-configs.yaml"])
+    jobs = {j["job_name"]: j for j in config["scrape_configs"]}
+    assert jobs["fieldkube-all-operator"].get("honor_labels") is True
+    assert "honor_labels" not in jobs["fieldkube-all-serving"]

@@ -1,7 +1,7 @@
 """Every object the chart renders is accepted by the real API server (server-side dry run).
 
-The prometheus-operator's CRDs (ServiceMonitor, PodMonitor, PrometheusRule) come from its pinned Go module,
-copied into the cache by hack/build-cluster-bins.sh; the TrainingJob and kopf peering CRDs are applied by
+The prometheus-operator's CRDs (ServiceMonitor, PodMonitor, PrometheusRule) come from its pinned Go module
+(the `prometheus_operator_crds` fixture); the TrainingJob and kopf peering CRDs are applied by
 the local cluster from manifests/crd/ at start.
 """
 
@@ -16,26 +16,6 @@ import yaml
 from fieldkube.localcluster import chart
 
 ALL_VALUES = chart.CHART_DIR / "ci" / "all-values.yaml"
-
-
-@pytest.fixture(scope="module")
-def prometheus_operator_crds(local_cluster: Any) -> None:
-    directory = chart.binaries().prometheus_operator_crds
-    files = sorted(directory.glob("monitoring.coreos.com_*.yaml"))
-    if not files:
-        pytest.fail(
-            f"no prometheus-operator CRDs in {directory}: run hack/build-cluster-bins.sh", pytrace=False
-        )
-    for path in files:
-        local_cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(path))
-    local_cluster.kubectl(
-        "wait",
-        "--for=condition=Established",
-        "--timeout=60s",
-        "crd/servicemonitors.monitoring.coreos.com",
-        "crd/podmonitors.monitoring.coreos.com",
-        "crd/prometheusrules.monitoring.coreos.com",
-    )
 
 
 def dry_run(local_cluster: Any, stream: str) -> list[str]:

@@ -83,7 +83,8 @@ def bound_pvc(cluster: Any, namespace: str, name: str) -> None:
     )
 
 
-# Examples for the real node (CPU jobs that select it) train for real in test_real_pods.py.
+# Examples for the real node (CPU jobs that select it) train for real in test_demo_cluster.py and, through
+# the installed chart, in tests/integration/platform/test_helm_install.py.
 SIMULATED_EXAMPLES = sorted(
     p.name
     for p in EXAMPLES.glob("*.yaml")

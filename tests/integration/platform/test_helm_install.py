@@ -6,13 +6,25 @@ on a volume, the inference service waits (not Ready) until the registry has a mo
 applied to that install trains in real pods, registers its model in the chart's MLflow and moves the
 `champion` alias; the service loads it and counts a synthetic field image through its Service. `helm
 uninstall` then removes everything but the CRD and the MLflow volume's claim.
+
+Monitoring as the chart installs it: a real Prometheus scrapes the targets that the chart's ServiceMonitors
+and PodMonitor select (resolved by fieldkube.localcluster.monitors: Debian's Prometheus has no Kubernetes
+discovery and no Prometheus operator runs here) and evaluates the chart's PrometheusRule. Every component
+of the install must have answered its scrapes (operator, service, each training rank), every rule must
+evaluate, and every dashboard panel and alert must have data over the run, or be listed below with the
+reason it cannot here.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import re
 import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +34,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from fieldkube.localcluster import chart
+from fieldkube.localcluster import chart, monitors
 from fieldkube.localcluster.services import (
     TRAINER_UID,
     host_path_claim,
@@ -34,7 +46,18 @@ from fieldkube.vision.synthetic import make_field_image
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[3]
 EXAMPLE = ROOT / "manifests/examples/counter-cpu.yaml"
+JOB_LABEL, ROLE_LABEL = "training.kubeflow.org/job-name", "training.kubeflow.org/job-role"
 RELEASE = "fieldkube"  # names: fieldkube-operator, fieldkube-mlflow, fieldkube-serve
+SCRAPE_S = 2
+# What cannot have data in this install, and why. A panel or alert missing from here must have data; one
+# listed here that has data fails too, so the list stays true.
+NO_GPU = "DCGM exporter series: no GPU and no DCGM exporter here"
+EMPTY_PANELS = {
+    "fieldkube-gpu": dict.fromkeys(
+        ("GPU utilisation", "Mean GPU utilisation by pod", "Framebuffer used", "Power"), NO_GPU
+    ),
+}
+EMPTY_ALERTS = {"FieldkubeGpuIdleDuringTraining": NO_GPU}
 
 
 def helm(cluster: Any, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
@@ -56,6 +79,7 @@ def install_values() -> dict[str, Any]:
     return {
         "operator": {**placement, "replicaCount": 1, "resources": small},
         "mlflow": {**placement, "resources": small, "persistence": {"size": "1Gi"}},
+        "monitoring": {"prometheusOperator": {"enabled": True, "interval": f"{SCRAPE_S}s"}},
         "serving": {
             **placement,
             "models": {"counter": "models:/fieldkube-counter@champion", "segmenter": ""},
@@ -89,6 +113,7 @@ def counted(url: str, image: np.ndarray) -> float:
 def test_helm_install_trains_registers_promotes_and_serves_then_uninstalls(
     local_cluster: Any,
     real_node: Any,
+    prometheus_operator_crds: None,
     field_dataset_root: Path,
     cluster_namespace: str,
     tmp_path: Path,
@@ -105,28 +130,31 @@ def test_helm_install_trains_registers_promotes_and_serves_then_uninstalls(
     serving = local_cluster.get_json("deployment", f"{RELEASE}-serve", namespace=ns)
     assert serving["status"].get("readyReplicas", 0) == 0, "the service is Ready before any model exists"
 
-    # A TrainingJob through the installed operator: no tracking URI (the operator's default is the
-    # chart's MLflow Service), promoted to the alias the service follows.
-    host_path_claim(local_cluster, ns, "field-images", field_dataset_root)
-    host_path_claim(local_cluster, ns, "field-checkpoints", tmp_path / "checkpoints", writable_by=TRAINER_UID)
-    doc: dict[str, Any] = yaml.safe_load(EXAMPLE.read_text())
-    doc["spec"]["mlflow"] = {"experiment": "chart-install", "alias": "champion"}
-    doc["spec"]["training"]["train"].update({"epochs": 24, "lr": 1.5e-3})
-    name = doc["metadata"]["name"]
-    local_cluster.kubectl("apply", "-n", ns, "-f", "-", input=yaml.safe_dump(doc))
+    # Prometheus, configured from the chart's monitoring objects, from now until the end of the run.
+    discovery = monitors.FileDiscovery(local_cluster, ns, tmp_path / "file-sd", interval=SCRAPE_S)
+    with discovery:
+        prometheus = monitors.start_prometheus(
+            local_cluster,
+            tmp_path / "prometheus",
+            discovery.directory,
+            monitors.prometheus_rules(local_cluster, ns),
+            interval=SCRAPE_S,
+        )
+        try:
+            started = time.time()
+            name = train_and_serve(local_cluster, ns, field_dataset_root, tmp_path)
+            check_monitoring(prometheus, discovery, ns, name, started, tmp_path)
+        finally:
+            local_cluster.stop_process("prometheus")
+    uninstall(local_cluster, ns)
 
-    def finished() -> dict[str, Any] | None:
-        status: dict[str, Any] = local_cluster.get_json("trainingjob", name, namespace=ns).get("status", {})
-        return status if status.get("phase") in ("Succeeded", "Failed") else None
 
-    status = local_cluster.wait_for("the TrainingJob to finish", finished, timeout=900, interval=2.0)
-    assert status["phase"] == "Succeeded", json.dumps(status, indent=1)
-    assert status["registeredModel"]["name"] == "fieldkube-counter", status
-    assert status["mlflow"]["runId"], status
+def train_and_serve(local_cluster: Any, ns: str, field_dataset_root: Path, tmp_path: Path) -> str:
+    """The TrainingJob survives a killed worker, trains, promotes; the service counts well. Its name."""
+    status, name = train_through_a_killed_worker(local_cluster, ns, field_dataset_root, tmp_path)
 
     rollout(local_cluster, ns, f"{RELEASE}-serve")
-    service = local_cluster.get_json("service", f"{RELEASE}-serve", namespace=ns)
-    url = f"http://{service['spec']['clusterIP']}:{service['spec']['ports'][0]['port']}"  # via kube-proxy
+    url = service_url(local_cluster, ns, f"{RELEASE}-serve")  # via kube-proxy
     model = httpx.get(f"{url}/v2/models/counter", timeout=30).json()
     assert model["versions"] == [str(status["registeredModel"]["version"])], model
 
@@ -134,7 +162,166 @@ def test_helm_install_trains_registers_promotes_and_serves_then_uninstalls(
     sample = make_field_image(np.random.default_rng(7), 448, 448, truth, hazards=())
     count = counted(url, sample.image)
     assert abs(count - truth) <= 0.15 * truth, f"counted {count:.1f} flowers, truth {truth}"
+    for _ in range(3):  # requests over several scrapes, so that rate() has two points or more
+        time.sleep(SCRAPE_S)
+        counted(url, sample.image)
+    return name
 
+
+def train_through_a_killed_worker(
+    local_cluster: Any, ns: str, field_dataset_root: Path, tmp_path: Path
+) -> tuple[dict[str, Any], str]:
+    """The shipped CPU example through the installed operator, one worker pod deleted once the first
+    checkpoint is on the volume: the launcher fails, the Job retries it, the mpi-operator recreates the
+    worker, and the second launcher's ranks resume from that checkpoint and end with the exact step count.
+    No tracking URI: the operator's default is the chart's MLflow Service; promoted to the alias the
+    service follows. Returns the final status and the job's name."""
+    host_path_claim(local_cluster, ns, "field-images", field_dataset_root)
+    checkpoints = tmp_path / "checkpoints"
+    host_path_claim(local_cluster, ns, "field-checkpoints", checkpoints, writable_by=TRAINER_UID)
+    doc: dict[str, Any] = yaml.safe_load(EXAMPLE.read_text())
+    doc["spec"]["mlflow"] = {"experiment": "chart-install", "alias": "champion"}
+    doc["spec"]["training"]["train"].update({"epochs": 24, "lr": 1.5e-3})
+    name = str(doc["metadata"]["name"])
+    local_cluster.kubectl("apply", "-n", ns, "-f", "-", input=yaml.safe_dump(doc))
+
+    job_dir = checkpoints / doc["spec"]["checkpoint"]["path"]
+    local_cluster.wait_for("the first checkpoint", lambda: any(job_dir.glob("ckpt-*.pt")), 600, 1.0)
+    local_cluster.kubectl("delete", "pod", f"{name}-worker-1", "-n", ns, "--grace-period=0", "--force")
+
+    def finished() -> dict[str, Any] | None:
+        status: dict[str, Any] = local_cluster.get_json("trainingjob", name, namespace=ns).get("status", {})
+        return status if status.get("phase") in ("Succeeded", "Failed") else None
+
+    status = local_cluster.wait_for("the TrainingJob to finish", finished, timeout=1200, interval=2.0)
+    launchers = sorted(
+        local_cluster.get_json("pods", "-l", f"{JOB_LABEL}={name},{ROLE_LABEL}=launcher", namespace=ns)[
+            "items"
+        ],
+        key=lambda p: str(p["metadata"]["creationTimestamp"]),
+    )
+    logs = [
+        local_cluster.kubectl("logs", p["metadata"]["name"], "-n", ns, check=False).stdout for p in launchers
+    ]
+    assert status["phase"] == "Succeeded", json.dumps(status, indent=1) + "\n=====\n".join(
+        t[-2500:] for t in logs
+    )
+    # The run policy retried the launcher, and the retry resumed from the checkpoint, not from step 0.
+    assert len(launchers) == 2, [p["metadata"]["name"] for p in launchers]
+    log = logs[-1]
+    resumed = re.findall(r"resuming from \S+ \(step (\d+)\)", log)
+    assert resumed and int(resumed[0]) > 0 and "resumed at step" in log, log[-3000:]
+    # Both ranks ran (mpirun --tag-output prefixes each line with [job,rank]), on the real node.
+    assert re.search(r"\[1,0\]<", log) and re.search(r"\[1,1\]<", log), log[-3000:]
+    assert {p["spec"]["nodeName"] for p in launchers} == {"fieldkube-node"}
+
+    # Progress came from the MLflow run (the exact step count), and the model was registered there.
+    assert status["progress"]["step"] == expected_steps(field_dataset_root, doc["spec"]), status["progress"]
+    mlflow = service_url(local_cluster, ns, f"{RELEASE}-mlflow")
+    run = mlflow_json(mlflow, "runs/get", run_id=status["mlflow"]["runId"])["run"]
+    assert run["info"]["status"] == "FINISHED", run["info"]
+    registered = status["registeredModel"]
+    assert registered["name"] == "fieldkube-counter", status
+    version = mlflow_json(
+        mlflow, "model-versions/get", name=registered["name"], version=registered["version"]
+    )
+    assert version["model_version"]["run_id"] == run["info"]["run_id"]
+    assert "champion" in version["model_version"].get("aliases", []), version
+    return status, name
+
+
+def expected_steps(dataset_root: Path, spec: dict[str, Any]) -> int:
+    """Optimizer steps of the whole run: epochs × steps per epoch over every rank's share of the tiles."""
+    from fieldkube.trainer.loader import steps_per_epoch
+
+    manifest = json.loads((dataset_root / spec["dataset"]["path"] / "manifest.json").read_text())
+    train_size = int(manifest["splits"]["train"]["rows"])  # prepared with --no-balance: every tile
+    train = spec["training"]["train"]
+    return int(train["epochs"]) * steps_per_epoch(train_size, int(train["batch_size"]) * int(spec["workers"]))
+
+
+def service_url(local_cluster: Any, ns: str, name: str) -> str:
+    """The Service's ClusterIP address, which the host reaches through kube-proxy."""
+    service = local_cluster.get_json("service", name, namespace=ns)
+    return f"http://{service['spec']['clusterIP']}:{service['spec']['ports'][0]['port']}"
+
+
+def mlflow_json(uri: str, path: str, **params: str) -> dict[str, Any]:
+    with urllib.request.urlopen(
+        f"{uri}/api/2.0/mlflow/{path}?{urllib.parse.urlencode(params)}", timeout=10
+    ) as r:
+        data: dict[str, Any] = json.loads(r.read())
+        return data
+
+
+def query(prometheus: str, expr: str, at: float) -> list[dict[str, Any]]:
+    url = f"{prometheus}/api/v1/query?" + urllib.parse.urlencode({"query": expr, "time": f"{at:.3f}"})
+    with urllib.request.urlopen(url, timeout=30) as response:
+        answer = json.loads(response.read())
+    assert answer["status"] == "success", (expr, answer)
+    result: list[dict[str, Any]] = answer["data"]["result"]
+    return result
+
+
+def check_monitoring(
+    prometheus: str, discovery: monitors.FileDiscovery, ns: str, job_name: str, started: float, tmp_path: Path
+) -> None:
+    """Every component was scraped, every rule evaluates, every panel and alert has data (or a reason)."""
+    time.sleep(3 * SCRAPE_S)  # the last requests' samples scraped
+    ended = time.time()
+    window = f"{int(ended - started) + 1}s"
+    answered = {
+        (s["metric"]["job"], s["metric"].get("pod", ""))
+        for s in query(prometheus, f"max_over_time(up[{window}]) == 1", ended)
+    }
+    jobs = {job for job, _ in answered}
+    assert {f"{RELEASE}-operator-metrics", f"{RELEASE}-serve"} <= jobs, (answered, discovery.seen)
+    ranks = sorted(pod for job, pod in answered if job == f"{ns}/{RELEASE}-trainer")
+    assert ranks == [f"{job_name}-worker-0", f"{job_name}-worker-1"], (answered, discovery.seen)
+    assert discovery.last_error is None, discovery.last_error
+    # Each rank's own series (one rank per worker pod): scraped while it trained, not only `up`.
+    steps = query(prometheus, f"max_over_time(fieldkube_train_steps_total[{window}])", ended)
+    assert {s["metric"].get("rank") for s in steps} == {"0", "1"}, steps
+
+    with urllib.request.urlopen(f"{prometheus}/api/v1/rules", timeout=30) as response:
+        groups = json.loads(response.read())["data"]["groups"]
+    rules = {r["name"]: r for g in groups for r in g["rules"]}
+    assert set(rules) == set(alert_names()), rules.keys()
+    assert all(r["health"] == "ok" for r in rules.values()), [
+        r for r in rules.values() if r["health"] != "ok"
+    ]
+
+    # An alert has data when its expression, without its threshold, has a series at some point of the run.
+    empty_alerts = {}
+    for alert, rule in rules.items():
+        measured = rule["query"].rsplit(" > ", 1)[0].rsplit(" < ", 1)[0]
+        if not query(prometheus, f"max_over_time(({measured})[{window}:{SCRAPE_S}s])", ended):
+            empty_alerts[alert] = measured
+    assert set(empty_alerts) == set(EMPTY_ALERTS), empty_alerts
+
+    report = tmp_path / "panels.json"
+    drawn = subprocess.run(
+        [sys.executable, str(ROOT / "hack/render_dashboards.py"), "--prometheus", prometheus,
+         "--out", str(tmp_path / "dashboards"), "--minutes", f"{(ended - started) / 60:.2f}",
+         "--report", str(report)],
+        capture_output=True, text=True, check=False, timeout=300,
+    )  # fmt: skip
+    assert drawn.returncode == 0, drawn.stderr
+    empty_panels = {
+        board: sorted(title for title, n in counts.items() if n == 0)
+        for board, counts in json.loads(report.read_text()).items()
+    }
+    expected = {board: sorted(EMPTY_PANELS.get(board, {})) for board in empty_panels}
+    assert empty_panels == expected, drawn.stdout
+
+
+def alert_names() -> list[str]:
+    rules = yaml.safe_load((chart.CHART_DIR / "files/prometheus-rules.yaml").read_text())
+    return [rule["alert"] for group in rules["groups"] for rule in group["rules"]]
+
+
+def uninstall(local_cluster: Any, ns: str) -> None:
+    """`helm uninstall` leaves the MLflow claim (resource-policy keep) and the CRD, and nothing else."""
     helm(local_cluster, "uninstall", RELEASE, "--namespace", ns, "--wait", "--timeout", "300s")
     kept = [f"PersistentVolumeClaim/{RELEASE}-mlflow"]
 

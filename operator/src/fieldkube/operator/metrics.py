@@ -49,6 +49,12 @@ GPU_SECONDS = Counter(
 FAILURES = Counter(
     "fieldkube_trainingjob_failures_total", "Failed TrainingJobs by reason.", ["reason"], registry=REGISTRY
 )
+# The reasons jobs fail with most often (status.py's diagnosis), exported at 0 from the start: a series
+# that appears only at its first failure hides that failure from increase(), so from the alert on failures
+# and the dashboard's failures panel. A rarer reason still starts its series at its first failure.
+COMMON_FAILURE_REASONS = ("Error", "OOMKilled", "Evicted", "NotStarted", "Unschedulable", "ImagePullBackOff")
+for _reason in COMMON_FAILURE_REASONS:
+    FAILURES.labels(reason=_reason)
 
 _phases: dict[str, str] = {}
 _lock = threading.Lock()

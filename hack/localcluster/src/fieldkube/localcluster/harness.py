@@ -447,6 +447,13 @@ class LocalCluster:
         merged = {"KUBECONFIG": str(kubeconfig or self.kubeconfig), **(env or {})}
         return self._spawn(name, [resolved, *argv[1:]], merged, cwd=Path.cwd()).pid
 
+    def stop_process(self, name: str, timeout: float = 15.0) -> None:
+        """Stop one process started with :meth:`spawn` before the cluster stops (a test's own server)."""
+        proc = self._processes.pop(name, None)
+        if proc is not None:
+            self._terminate(proc, timeout)
+            self._save_processes()
+
     def _terminate(self, proc: Process, timeout: float) -> None:
         if not proc.alive():
             return
