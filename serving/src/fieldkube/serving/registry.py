@@ -23,7 +23,7 @@ from fieldkube.serving.metrics import ServeMetrics
 from fieldkube.serving.model_source import ModelSource, parse_model_source
 from fieldkube.serving.served_model import ServedModel, Task, load_served_model, pick_device
 from fieldkube.serving.settings import ServeSettings
-from fieldkube.vision.bundle import SPEC_FILE
+from fieldkube.vision.bundle import find_bundle_dir
 
 log = logging.getLogger(__name__)
 
@@ -199,13 +199,3 @@ class ModelRegistry:
                 return
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=interval if interval > 0 else 5.0)
-
-
-def find_bundle_dir(root: Path) -> Path:
-    """The directory holding model.json: `root` itself or one level below (artifact layouts differ)."""
-    if (root / SPEC_FILE).is_file():
-        return root
-    found = sorted(path.parent for path in root.glob(f"*/{SPEC_FILE}"))
-    if len(found) == 1:
-        return found[0]
-    raise FileNotFoundError(f"{root}: no {SPEC_FILE} found in the downloaded model artifacts")

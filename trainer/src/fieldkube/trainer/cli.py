@@ -1,6 +1,7 @@
 """fieldkube-train: one entry point for every model and backend, configured by YAML and/or flags.
 
     fieldkube-train --config job.yaml --set train.epochs=5 --set tracking.alias=champion
+    fieldkube-train --config job.yaml --init-from models:/fieldkube-counter@champion
     horovodrun -np 2 -H localhost:2 --gloo fieldkube-train --config job.yaml
     torchrun --nproc-per-node 2 -m fieldkube.trainer.cli --config job.yaml --set runtime.backend=ddp
 
@@ -38,6 +39,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", help="shortcut for model.name (built-in name or pkg.module:Class)")
     parser.add_argument("--dataset", help="shortcut for data.dataset (user dataset pkg.module:Class)")
     parser.add_argument("--data", help="shortcut for data.path")
+    parser.add_argument(
+        "--init-from",
+        help="shortcut for model.init_from: start from models:/NAME@alias, models:/NAME/version, runs:/… "
+        "or a bundle directory",
+    )
     parser.add_argument("--print-schema", action="store_true", help="print the config JSON schema and exit")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     return parser
@@ -61,7 +67,13 @@ def train_main(argv: list[str] | None = None) -> None:
         return
     _configure_logging()
     overrides = list(args.overrides)
-    for flag, key in (("model", "model.name"), ("dataset", "data.dataset"), ("data", "data.path")):
+    shortcuts = (
+        ("model", "model.name"),
+        ("dataset", "data.dataset"),
+        ("data", "data.path"),
+        ("init_from", "model.init_from"),
+    )
+    for flag, key in shortcuts:
         value = getattr(args, flag)
         if value is not None:
             overrides.append(f"{key}={value}")

@@ -19,6 +19,7 @@ from fieldkube.trainer.errors import ConfigError
 # module does not import torch.
 BUILTIN_MODELS = ("counter-mcnn", "counter-fcrn", "segmenter-unet")
 USER_CLASS_PATTERN = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/@]+)|/(?P<version>\d+))/?$")
 
 Backend = Literal["auto", "single", "horovod", "ddp"]
 Device = Literal["auto", "cpu", "cuda"]
@@ -40,6 +41,30 @@ class ModelConfig(_Section):
     user_code_dir: str | None = Field(
         None, description="Directory added to the import path for user model/dataset code (a mounted volume)."
     )
+    init_from: str | None = Field(
+        None,
+        description="Start from a trained model: models:/NAME@alias, models:/NAME/version, "
+        "runs:/RUN_ID/model or a bundle directory; its architecture must match model.name/params "
+        "(or is taken when unset).",
+    )
+    freeze: list[str] = Field(
+        default_factory=list,
+        description="Layer groups (the model's top-level modules, e.g. encoder, middle) kept fixed during "
+        "the first model.freeze_epochs epochs.",
+    )
+    freeze_epochs: int = Field(1, ge=1, le=100_000, description="Epochs during which model.freeze applies.")
+
+    @field_validator("init_from")
+    @classmethod
+    def _init_source_form(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        text = value.strip()
+        if not text:
+            raise ValueError("is empty: expected models:/NAME@alias, models:/NAME/version, runs:/… or a path")
+        if text.startswith("models:/") and not MODELS_URI.match(text):
+            raise ValueError(f"{text!r} is malformed: expected models:/NAME@alias or models:/NAME/version")
+        return text
 
     @field_validator("name")
     @classmethod

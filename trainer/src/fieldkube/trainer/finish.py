@@ -7,6 +7,7 @@ eval/overlays/*.png, summary.json. All are logged to the MLflow run (report and 
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -32,11 +33,13 @@ def headline_metrics(report: dict[str, Any]) -> dict[str, float]:
         out = {f"test_{k}_cnn": v for k, v in report["cnn"]["overall"].items()}
         if "classical" in report:
             out.update({f"test_{k}_classical": v for k, v in report["classical"]["overall"].items()})
+        if "source" in report:
+            out.update({f"test_{k}_source": v for k, v in report["source"].items()})
         return {k: float(v) for k, v in out.items() if isinstance(v, int | float) and math.isfinite(v)}
     if report.get("task") == "segmenter":
-        return {
-            f"test_{k}": float(v) for k, v in report.items() if isinstance(v, int | float) and k != "tiles"
-        }
+        out = {f"test_{k}": v for k, v in report.items() if k != "tiles"}
+        out.update({f"test_{k}_source": v for k, v in report.get("source", {}).items() if k != "tiles"})
+        return {k: float(v) for k, v in out.items() if isinstance(v, int | float) and math.isfinite(v)}
     return {}
 
 
@@ -49,8 +52,11 @@ def finish_run(
     state: Any,
     tracker: Tracker,
     device: torch.device,
+    source_weights: dict[str, torch.Tensor] | None,
     trained: dict[str, Any],
 ) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """Evaluate, save and register; a fine-tuned model's source (`source_weights`) is scored on the same
+    test tiles, so the run itself says whether the adaptation beat the model it started from."""
     out = Path(config.output_dir)
     eval_dir = out / "eval"
     report: dict[str, Any] = {}
@@ -61,6 +67,8 @@ def finish_run(
             write_json_atomic(eval_dir / "tiles.json", rows)
         else:
             report = evaluate_segmenter(model, test_set, device)
+        if source_weights is not None:
+            report["source"] = _evaluate_source(model, source_weights, task, test_set, config, device)
         write_overlays(
             model,
             test_set,
@@ -86,6 +94,7 @@ def finish_run(
             density_scale=config.data.density_scale if task == "counter" else 1.0,
             metrics=headline,
             trained=trained,
+            lineage=state.init_lineage,
         )
     else:
         bundle_dir.mkdir(parents=True, exist_ok=True)
@@ -99,6 +108,7 @@ def finish_run(
                 "task": task,
                 "params": config.model.params,
                 "trained": trained,
+                "lineage": state.init_lineage,
             },
         )
     trained_summary = {k: v for k, v in trained.items() if k != "history"}
@@ -107,15 +117,38 @@ def finish_run(
         "metrics": headline,
         "trained": trained_summary,
         "bundle": str(bundle_dir),
+        "lineage": state.init_lineage,
     }
     registered = None
     if tracker.active:
         tracker.log_metrics(headline, step=state.global_step)
         if eval_dir.is_dir():
             tracker.log_artifacts(eval_dir, "evaluation")
-        registered = tracker.register_bundle(bundle_dir, task) if task != "custom" else None
+        registered = (
+            tracker.register_bundle(bundle_dir, task, state.init_lineage) if task != "custom" else None
+        )
         tracker.set_tags({f"fieldkube.{k}": str(v) for k, v in flatten(trained_summary).items()})
         summary["mlflow"] = {"run_id": tracker.run_id, "registered": registered}
     write_json_atomic(out / "summary.json", summary)
     log.info("model bundle written to %s", bundle_dir)
     return report, registered
+
+
+def _evaluate_source(
+    model: nn.Module,
+    weights: dict[str, torch.Tensor],
+    task: str,
+    test_set: PreparedDataset,
+    config: TrainingConfig,
+    device: torch.device,
+) -> dict[str, Any]:
+    """The headline figures of the model a fine-tuned run started from, on the run's own test tiles."""
+    source = copy.deepcopy(model)
+    source.load_state_dict(weights)
+    source.eval()
+    if task == "counter":
+        report, _ = evaluate_counter(source, test_set, device, config.data.density_scale, classical=False)
+        return {k: v for k, v in report["cnn"]["overall"].items() if isinstance(v, int | float)}
+    return {
+        k: v for k, v in evaluate_segmenter(source, test_set, device).items() if isinstance(v, int | float)
+    }

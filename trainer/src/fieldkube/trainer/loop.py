@@ -26,11 +26,18 @@ from fieldkube.trainer import checkpoint as ckpt
 from fieldkube.trainer.backends import AnyBackend, create_backend, pin_device
 from fieldkube.trainer.config import TrainingConfig
 from fieldkube.trainer.errors import ConfigError, DataError
+from fieldkube.trainer.freezing import frozen_factor, split_frozen
+from fieldkube.trainer.init_source import (
+    InitSource,
+    adopt_architecture,
+    adopt_density_scale,
+    fetch_init_source,
+)
 from fieldkube.trainer.launch_env import detect_launch_env
 from fieldkube.trainer.loader import PreparedDataset, SampleKey, epoch_batches, make_loader, steps_per_epoch
 from fieldkube.trainer.losses import LossFn, resolve_loss
 from fieldkube.trainer.metrics import TrainingMetrics
-from fieldkube.trainer.tracking import Tracker
+from fieldkube.trainer.tracking import Tracker, lineage_tags
 
 log = logging.getLogger("fieldkube.train")
 
@@ -48,6 +55,7 @@ class LoopState:
     epoch_loss_steps: int = 0
     history: list[dict[str, float]] = field(default_factory=list)
     run_id: str | None = None
+    init_lineage: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -103,6 +111,25 @@ def build_task_model(config: TrainingConfig) -> tuple[nn.Module, str]:
     return model, task_of(name)
 
 
+def _start_from_source(
+    config: TrainingConfig, backend: AnyBackend
+) -> tuple[TrainingConfig, InitSource | None]:
+    """For model.init_from: rank 0 fetches the source, every rank gets it and adopts its architecture."""
+    source = config.model.init_from
+    if source is None:
+        return config, None
+    init = fetch_init_source(config) if backend.rank == 0 else None
+    init = backend.broadcast_object(init) if backend.size > 1 else init
+    assert init is not None
+    adapted = config.model_copy(
+        update={
+            "model": adopt_architecture(config.model, init.spec, source),
+            "data": adopt_density_scale(config.data, init.spec, source),
+        }
+    )
+    return adapted, init
+
+
 def open_datasets(config: TrainingConfig) -> tuple[Any, Any, Any, str, int]:
     """(train, validation, test, task, tile); validation is the val split, else the test split."""
     data = config.data
@@ -122,8 +149,12 @@ def open_datasets(config: TrainingConfig) -> tuple[Any, Any, Any, str, int]:
 
 
 def make_optimizer(config: TrainingConfig, model: nn.Module) -> torch.optim.Optimizer:
+    """The configured optimizer; the layer groups in model.freeze go into a parameter group marked frozen."""
     t = config.train
-    params = model.parameters()
+    trainable, frozen = split_frozen(model, config.model.freeze)
+    params: list[dict[str, Any]] = [{"params": trainable, "frozen": False}] if trainable else []
+    if frozen:
+        params.append({"params": frozen, "frozen": True})
     if t.optimizer == "sgd":
         return torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
     if t.optimizer == "adamw":
@@ -212,7 +243,10 @@ def _train(config: TrainingConfig, backend: AnyBackend, device: torch.device) ->
     chief = backend.rank == 0
     torch.manual_seed(t.seed)
     np.random.seed(t.seed)
+    config, init = _start_from_source(config, backend)
     model, task = build_task_model(config)
+    if init is not None:
+        model.load_state_dict(init.weights, strict=True)
     train_set, val_set, test_set, data_task, tile = open_datasets(config)
     if task not in ("custom", data_task):
         raise ConfigError(
@@ -240,10 +274,19 @@ def _train(config: TrainingConfig, backend: AnyBackend, device: torch.device) ->
     # Wrap first: Horovod's DistributedOptimizer is a new optimizer object that takes the param groups but
     # not the state, so a checkpoint's optimizer state (Adam's moments) must be loaded into the wrapper.
     model, optimizer = backend.wrap(model, make_optimizer(config, model))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, scale, warmup_steps))
+    freeze_steps = config.model.freeze_epochs * spe
+
+    def base_factor(step: int) -> float:
+        return lr_factor(step, scale, warmup_steps)
+
+    factors = [
+        frozen_factor(base_factor, freeze_steps) if group.get("frozen") else base_factor
+        for group in optimizer.param_groups
+    ]
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factors)
     scaler = torch.amp.GradScaler("cuda") if use_amp else None
 
-    state = LoopState()
+    state = LoopState(init_lineage=dict(init.lineage) if init is not None else {})
     resumed = False
     if config.checkpoint.dir and config.checkpoint.resume:
         saved = ckpt.load_latest(config.checkpoint.dir) if chief else None
@@ -270,6 +313,8 @@ def _train(config: TrainingConfig, backend: AnyBackend, device: torch.device) ->
         "task": task,
     }
     state.run_id = tracker.start(config, state.run_id if resumed else None, extra) or state.run_id
+    if not resumed:
+        tracker.set_tags(lineage_tags(state.init_lineage))
     metrics = TrainingMetrics(
         backend.rank, config.tracking.run_name or "fieldkube", device.index if device.type == "cuda" else None
     )
@@ -500,6 +545,7 @@ def _train(config: TrainingConfig, backend: AnyBackend, device: torch.device) ->
             state,
             tracker,
             device,
+            init.weights if init is not None else None,
             {
                 "world_size": backend.size,
                 "backend": backend.name,

@@ -27,6 +27,14 @@ JOB_TAG_ENV = {
     "fieldkube.job.uid": "FIELDKUBE_JOB_UID",
 }
 REGISTERED_NAMES = {"counter": "fieldkube-counter", "segmenter": "fieldkube-segmenter"}
+# Lineage of a fine-tuned model (model.init_from): `<prefix>.source`, `.registered_model`, `.version`,
+# `.run_id`, on the run and on the registry version it creates.
+INIT_FROM_TAG_PREFIX = "fieldkube.init_from"
+
+
+def lineage_tags(lineage: dict[str, str]) -> dict[str, str]:
+    """MLflow tags that name the model a run started from; empty for a run trained from scratch."""
+    return {f"{INIT_FROM_TAG_PREFIX}.{key}": str(value) for key, value in lineage.items()}
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -123,8 +131,11 @@ class Tracker:
         if self.active:
             self._mlflow.set_tags(tags)
 
-    def register_bundle(self, bundle_dir: Path, task: str) -> dict[str, Any] | None:
-        """Log the bundle as artifact path `model`, create a registered version and point the alias at it."""
+    def register_bundle(
+        self, bundle_dir: Path, task: str, lineage: dict[str, str] | None = None
+    ) -> dict[str, Any] | None:
+        """Log the bundle as artifact path `model`, create a registered version (tagged with the lineage of a
+        fine-tuned model) and point the alias at it."""
         if not self.active:
             return None
         self._mlflow.log_artifacts(str(bundle_dir), artifact_path="model")
@@ -137,7 +148,9 @@ class Tracker:
             self._client.create_registered_model(name)
         run = self._client.get_run(self.run_id)
         source = f"{run.info.artifact_uri.rstrip('/')}/model"
-        version = self._client.create_model_version(name, source=source, run_id=self.run_id)
+        version = self._client.create_model_version(
+            name, source=source, run_id=self.run_id, tags=lineage_tags(lineage or {})
+        )
         self._client.set_registered_model_alias(name, self.config.alias, version.version)
         self._mlflow.set_tags(
             {"fieldkube.registered_model": name, "fieldkube.model_version": str(version.version)}

@@ -2,8 +2,11 @@
 
 The bundle is the unit the trainer logs to MLflow (artifact path ``model``) and the service loads.
 model.json: {"format": 1, "name": "counter-mcnn", "task": "counter", "params": {...}, "tile": 224,
-"density_scale": 1.0, "metrics": {...}, "trained": {...}}. ``density_scale`` is the factor the training
-targets were multiplied by: count = sum(model output) / density_scale.
+"density_scale": 1.0, "metrics": {...}, "trained": {...}, "lineage": {...}}. ``density_scale`` is the factor
+the training targets were multiplied by: count = sum(model output) / density_scale. ``lineage`` names the
+model a fine-tuned bundle started from (``source``, and ``registered_model``/``version``/``run_id`` when
+it came from MLflow), so a bundle says what it was adapted from even outside the registry; empty when
+trained from scratch.
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ class BundleSpec:
     density_scale: float = 1.0
     metrics: dict[str, Any] = field(default_factory=dict)
     trained: dict[str, Any] = field(default_factory=dict)
+    lineage: dict[str, Any] = field(default_factory=dict)
     format: int = BUNDLE_FORMAT
 
     def to_json(self) -> dict[str, Any]:
@@ -69,6 +73,7 @@ def save_bundle(
     density_scale: float = 1.0,
     metrics: dict[str, Any] | None = None,
     trained: dict[str, Any] | None = None,
+    lineage: dict[str, Any] | None = None,
 ) -> BundleSpec:
     """Write `model` as a bundle at `directory`, atomically replacing any previous bundle there.
 
@@ -83,6 +88,7 @@ def save_bundle(
         density_scale=float(density_scale),
         metrics=dict(metrics or {}),
         trained=dict(trained or {}),
+        lineage=dict(lineage or {}),
     )
     target = Path(directory)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -158,6 +164,7 @@ def read_spec(directory: str | os.PathLike[str]) -> BundleSpec:
         density_scale=scale,
         metrics=data.get("metrics") or {},
         trained=data.get("trained") or {},
+        lineage=data.get("lineage") or {},
         format=fmt,
     )
 
@@ -182,3 +189,14 @@ def load_bundle(directory: str | os.PathLike[str], device: str | torch.device = 
         first = str(error).splitlines()[0]
         raise BundleError(f"{weights}: weights do not match {spec.name} {spec.params}: {first}") from None
     return LoadedModel(model=model.to(device).eval(), spec=spec)
+
+
+def find_bundle_dir(root: str | os.PathLike[str]) -> Path:
+    """The directory holding model.json: `root` itself or one level below (MLflow artifact layouts differ)."""
+    base = Path(root)
+    if (base / SPEC_FILE).is_file():
+        return base
+    found = sorted(path.parent for path in base.glob(f"*/{SPEC_FILE}"))
+    if len(found) == 1:
+        return found[0]
+    raise FileNotFoundError(f"{base}: no {SPEC_FILE} found in the downloaded model artifacts")
