@@ -1,6 +1,6 @@
-# Trainer targets: benchmarks (`make bench-train`, `make bench-accuracy`, `make bench-profile`,
-# `make bench-scale`) and the trainer's own tests.
-.PHONY: test-trainer bench-train bench-accuracy bench-profile bench-scale
+# Trainer targets: benchmarks (`make bench-train`, `make bench-accuracy`, `make bench-adapt`,
+# `make bench-profile`, `make bench-scale`) and the trainer's own tests.
+.PHONY: test-trainer bench-train bench-accuracy bench-adapt bench-profile bench-scale
 
 test-trainer:  ## unit + integration tests of fieldkube-train / -prepare / -profile / -scale and fieldkube.vision
 	$(PY) -m pytest tests/unit/vision tests/unit/trainer tests/integration/trainer
@@ -10,6 +10,9 @@ bench-train:  ## images/s of fieldkube-train vs a bare loop, Horovod vs DDP, loa
 
 bench-accuracy:  ## counter MAE (CNN vs classical, per bin) and segmenter IoU on held-out synthetic data
 	$(PY) bench/accuracy_bench.py --out bench/results/accuracy.json
+
+bench-adapt:  ## champion MAE on a shifted field, then fine-tuned vs from scratch on 4-32 images -> bench/results/adapt.{json,png}
+	$(PY) bench/adapt_bench.py --out bench/results/adapt.json --plot bench/results/adapt.png $(ADAPT_BENCH_ARGS)
 
 bench-profile:  ## per-layer profiling overhead and coverage (plain vs hooked iterations) -> bench/profile_bench.json
 	$(PY) bench/profile_bench.py --out bench/profile_bench.json

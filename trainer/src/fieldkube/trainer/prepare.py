@@ -302,7 +302,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--out", required=True, help="output dataset directory")
     source = parser.add_argument_group("source (choose one)")
-    source.add_argument("--synthetic", choices=["field", "aerial"], help="generate synthetic images")
+    source.add_argument(
+        "--synthetic",
+        choices=["field", "field-shifted", "aerial"],
+        help="generate synthetic images (field-shifted: the domain-shift benchmark's other crop and light)",
+    )
     source.add_argument("--num-images", type=int, default=20, help="synthetic: number of images")
     source.add_argument("--image-size", default="448x672", help="synthetic: HxW of each image")
     source.add_argument("--images", help="folder of images (with --points or --masks)")
@@ -361,8 +365,8 @@ def build_plan(args: argparse.Namespace) -> tuple[list[SourceItem], str]:
         height, width = _parse_size(args.image_size)
         if args.num_images < 1:
             raise DataError(f"--num-images {args.num_images}: expected >= 1")
-        tile = args.tile or (224 if args.synthetic == "field" else 128)
-        task = "counter" if args.synthetic == "field" else "segmenter"
+        task = "segmenter" if args.synthetic == "aerial" else "counter"
+        tile = args.tile or (224 if task == "counter" else 128)
         return synthetic_items(args.synthetic, args.num_images, height, width, args.seed, tile), task
     if args.points or args.masks:
         if not args.images:

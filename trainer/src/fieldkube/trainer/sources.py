@@ -39,7 +39,7 @@ class SourceItem:
     """One raw image to prepare; `key` is unique and stable (it seeds splits and synthetic content)."""
 
     key: str
-    kind: str  # synthetic-field | synthetic-aerial | points | red-cross | mask
+    kind: str  # synthetic-field | synthetic-field-shifted | synthetic-aerial | points | red-cross | mask
     image: str = ""
     mask: str = ""
     points: tuple[tuple[float, float], ...] = ()
@@ -58,9 +58,10 @@ class LoadedItem:
 
 
 def synthetic_items(kind: str, count: int, height: int, width: int, seed: int, tile: int) -> list[SourceItem]:
-    """Synthetic field (counter) or aerial (segmenter) images; field flower numbers cover all seed bins."""
-    if kind not in ("field", "aerial"):
-        raise DataError(f"--synthetic {kind!r}: expected 'field' or 'aerial'")
+    """Synthetic field or shifted field (counter) or aerial (segmenter) images; flower numbers cover all
+    seed bins."""
+    if kind not in ("field", "field-shifted", "aerial"):
+        raise DataError(f"--synthetic {kind!r}: expected 'field', 'field-shifted' or 'aerial'")
     rng = np.random.default_rng([seed, 7919])
     tiles = max(1, (height // tile) * (width // tile))
     items = []
@@ -77,6 +78,18 @@ def synthetic_items(kind: str, count: int, height: int, width: int, seed: int, t
                     width=width,
                     n_flowers=n_flowers,
                     tags=hazards,
+                )
+            )
+        elif kind == "field-shifted":
+            n_flowers = int(rng.integers(0, 11 * tiles + 1))
+            items.append(
+                SourceItem(
+                    f"shifted{index:05d}",
+                    "synthetic-field-shifted",
+                    seed=seed,
+                    height=height,
+                    width=width,
+                    n_flowers=n_flowers,
                 )
             )
         else:
@@ -147,6 +160,12 @@ def load_item(item: SourceItem) -> LoadedItem:
         rng = np.random.default_rng([item.seed, int(item.key[5:])])
         sample = make_field_image(rng, item.height, item.width, item.n_flowers, hazards=item.tags)
         return LoadedItem(sample.image, np.asarray(sample.points, dtype=np.float64).reshape(-1, 2), None)
+    if item.kind == "synthetic-field-shifted":
+        from fieldkube.vision.synthetic import make_shifted_field_image
+
+        rng = np.random.default_rng([item.seed, int(item.key[7:])])
+        shifted = make_shifted_field_image(rng, item.height, item.width, item.n_flowers)
+        return LoadedItem(shifted.image, np.asarray(shifted.points, dtype=np.float64).reshape(-1, 2), None)
     if item.kind == "synthetic-aerial":
         from fieldkube.vision.synthetic import make_aerial_scene
 
