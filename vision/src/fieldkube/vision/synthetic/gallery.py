@@ -1,7 +1,9 @@
 """Write sample pictures of the synthetic data for the README (``python -m ...synthetic.gallery DIR``).
 
 synthetic-field.png: a clean field, one with glare/dust/shadow, each beside its ground-truth density
-overlay. synthetic-aerial.png: two aerial scenes beside their building-mask overlays.
+overlay. synthetic-field-shifted.png: the first field and the shifted one (the domain-shift benchmark's
+target) side by side, with their points. synthetic-aerial.png: two aerial scenes beside their
+building-mask overlays.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from fieldkube.vision.imageio import write_png
 from fieldkube.vision.overlay import density_overlay, mask_overlay, points_overlay
 from fieldkube.vision.synthetic.aerial import make_aerial_scene
 from fieldkube.vision.synthetic.field import make_field_image
+from fieldkube.vision.synthetic.field_shifted import make_shifted_field_image
 
 GAP = 4
 
@@ -55,6 +58,14 @@ def field_gallery(seed: int = 0, size: int = 224) -> np.ndarray:
     return _column(rows)
 
 
+def shifted_gallery(seed: int = 0, size: int = 224) -> np.ndarray:
+    """uint8 picture: (image, points) of the first field, then of the shifted field, same flower count."""
+    rng = np.random.default_rng(seed)
+    first = make_field_image(rng, size, size, 30, hazards=())
+    shifted = make_shifted_field_image(rng, size, size, 30)
+    return _row([s for f in (first, shifted) for s in (f.image, points_overlay(f.image, f.points))])
+
+
 def aerial_gallery(seed: int = 0, size: int = 256) -> np.ndarray:
     """uint8 picture: rows of (image, mask overlay) for two aerial scenes."""
     rng = np.random.default_rng(seed)
@@ -71,8 +82,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     write_png(args.directory / "synthetic-field.png", field_gallery(args.seed))
+    write_png(args.directory / "synthetic-field-shifted.png", shifted_gallery(args.seed))
     write_png(args.directory / "synthetic-aerial.png", aerial_gallery(args.seed))
-    print(f"wrote {args.directory / 'synthetic-field.png'} and {args.directory / 'synthetic-aerial.png'}")
+    print(
+        f"wrote synthetic-field.png, synthetic-field-shifted.png and synthetic-aerial.png to {args.directory}"
+    )
 
 
 if __name__ == "__main__":
