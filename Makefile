@@ -16,8 +16,11 @@ TYPED_SCRIPTS := hack/dashboards.py hack/render_dashboards.py hack/dashboards_ex
 dev:  ## set up Debian packages, .venv, Horovod and the local control plane binaries
 	@hack/dev.sh
 
+# The suite runs in TEST_WORKERS pytest-xdist processes: the tests that use the local cluster stay together in
+# one (one control plane and one real node), the rest spread over the others. TEST_WORKERS=0: one process.
+TEST_WORKERS ?= 2
 test: lint  ## lint + type check + the whole test suite (unit and integration)
-	$(PY) -m pytest
+	$(PY) -m pytest $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadgroup)
 
 unit:
 	$(PY) -m pytest tests/unit

@@ -40,6 +40,19 @@ from fieldkube.localcluster import monitors
 _CLUSTER_KEY = pytest.StashKey[Any]()
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Under pytest-xdist (`make test`), the tests that need a real node run one after another in one worker:
+    the node's bridge, routes and sysctls belong to the whole host, so only one real node can run at a time.
+    The other ``cluster`` tests (fake nodes only) share a second worker's control plane, and the rest spread
+    over the workers meanwhile. Without xdist the groups change nothing."""
+    for item in items:
+        if item.get_closest_marker("real_node") or "real_node" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.xdist_group("real-node"))
+        elif item.get_closest_marker("cluster"):
+            item.add_marker(pytest.mark.xdist_group("cluster"))
+
+
 def _env_int(name: str, default: int) -> int:
     raw = os.environ.get(name, str(default))
     try:

@@ -56,6 +56,7 @@ def make(*args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
     )
 
 
+@pytest.mark.real_node  # `make cluster` starts the real node
 def test_make_cluster_runs_the_operator_as_its_service_account_and_cluster_down_stops_all(
     tmp_path: Path,
 ) -> None:

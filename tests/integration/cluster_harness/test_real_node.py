@@ -21,7 +21,7 @@ import yaml
 from fieldkube.localcluster import node as real_node
 from fieldkube.localcluster.harness import LocalCluster
 
-pytestmark = pytest.mark.cluster
+pytestmark = [pytest.mark.cluster, pytest.mark.real_node]
 IMAGE = "fieldkube/trainer:0.1.0"
 
 

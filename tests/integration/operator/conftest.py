@@ -207,10 +207,13 @@ def job_watcher(kube_api: client.ApiClient, operator: OperatorProcess) -> JobWat
     return JobWatcher(kube_api, operator)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def operator(
     operator_kubeconfig: Path, mlflow_server: str, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[OperatorProcess]:
+    """The operator as a host process, for one test module. Not for the session: it watches every
+    namespace, so while it ran it would also reconcile the TrainingJobs of later tests that install their
+    own operator (tests/integration/platform), racing it with this one's defaults (a loopback MLflow)."""
     log = tmp_path_factory.mktemp("operator") / "operator.log"
     proc = OperatorProcess(operator_kubeconfig, log, mlflow_server, {}).start("--standalone")
     try:

@@ -56,6 +56,9 @@ EMPTY_PANELS = {
     "fieldkube-gpu": dict.fromkeys(
         ("GPU utilisation", "Mean GPU utilisation by pod", "Framebuffer used", "Power"), NO_GPU
     ),
+    "fieldkube-operator": {
+        "GPU-hours by namespace (last 24 h)": "the install's one TrainingJob is a CPU job: no GPU-seconds"
+    },
 }
 EMPTY_ALERTS = {"FieldkubeGpuIdleDuringTraining": NO_GPU}
 
@@ -185,8 +188,33 @@ def train_through_a_killed_worker(
     name = str(doc["metadata"]["name"])
     local_cluster.kubectl("apply", "-n", ns, "-f", "-", input=yaml.safe_dump(doc))
 
+    def launcher_pods(job: str) -> list[dict[str, Any]]:
+        selector = f"{JOB_LABEL}={job},{ROLE_LABEL}=launcher"
+        pods = local_cluster.get_json("pods", "-l", selector, namespace=ns)["items"]
+        return sorted(pods, key=lambda p: str(p["metadata"]["creationTimestamp"]))
+
+    def logs_of(job: str) -> str:
+        """The job's status and its launchers' last log lines, for a failure message."""
+        texts = [
+            local_cluster.kubectl("logs", p["metadata"]["name"], "-n", ns, check=False).stdout[-2500:]
+            for p in launcher_pods(job)
+        ]
+        return "\n=====\n".join(["", *texts])
+
     job_dir = checkpoints / doc["spec"]["checkpoint"]["path"]
-    local_cluster.wait_for("the first checkpoint", lambda: any(job_dir.glob("ckpt-*.pt")), 600, 1.0)
+
+    def checkpointed() -> bool:
+        if any(job_dir.glob("ckpt-*.pt")):
+            return True
+        status = local_cluster.get_json("trainingjob", name, namespace=ns).get("status", {})
+        if status.get("phase") in ("Succeeded", "Failed"):
+            pytest.fail(f"ended before its first checkpoint: {json.dumps(status, indent=1)}{logs_of(name)}")
+        return False
+
+    try:
+        local_cluster.wait_for("the first checkpoint", checkpointed, 600, 1.0)
+    except Exception as error:
+        pytest.fail(f"{error}{logs_of(name)}")
     local_cluster.kubectl("delete", "pod", f"{name}-worker-1", "-n", ns, "--grace-period=0", "--force")
 
     def finished() -> dict[str, Any] | None:
@@ -194,12 +222,7 @@ def train_through_a_killed_worker(
         return status if status.get("phase") in ("Succeeded", "Failed") else None
 
     status = local_cluster.wait_for("the TrainingJob to finish", finished, timeout=1200, interval=2.0)
-    launchers = sorted(
-        local_cluster.get_json("pods", "-l", f"{JOB_LABEL}={name},{ROLE_LABEL}=launcher", namespace=ns)[
-            "items"
-        ],
-        key=lambda p: str(p["metadata"]["creationTimestamp"]),
-    )
+    launchers = launcher_pods(name)
     logs = [
         local_cluster.kubectl("logs", p["metadata"]["name"], "-n", ns, check=False).stdout for p in launchers
     ]
@@ -218,12 +241,13 @@ def train_through_a_killed_worker(
     # Progress came from the MLflow run (the exact step count), and the model was registered there.
     assert status["progress"]["step"] == expected_steps(field_dataset_root, doc["spec"]), status["progress"]
     mlflow = service_url(local_cluster, ns, f"{RELEASE}-mlflow")
-    run = mlflow_json(mlflow, "runs/get", run_id=status["mlflow"]["runId"])["run"]
+    host = f"{RELEASE}-mlflow.{ns}.svc:{mlflow.rsplit(':', 1)[1]}"
+    run = mlflow_json(mlflow, host, "runs/get", run_id=status["mlflow"]["runId"])["run"]
     assert run["info"]["status"] == "FINISHED", run["info"]
     registered = status["registeredModel"]
     assert registered["name"] == "fieldkube-counter", status
     version = mlflow_json(
-        mlflow, "model-versions/get", name=registered["name"], version=registered["version"]
+        mlflow, host, "model-versions/get", name=registered["name"], version=registered["version"]
     )
     assert version["model_version"]["run_id"] == run["info"]["run_id"]
     assert "champion" in version["model_version"].get("aliases", []), version
@@ -246,11 +270,14 @@ def service_url(local_cluster: Any, ns: str, name: str) -> str:
     return f"http://{service['spec']['clusterIP']}:{service['spec']['ports'][0]['port']}"
 
 
-def mlflow_json(uri: str, path: str, **params: str) -> dict[str, Any]:
-    with urllib.request.urlopen(
-        f"{uri}/api/2.0/mlflow/{path}?{urllib.parse.urlencode(params)}", timeout=10
-    ) as r:
-        data: dict[str, Any] = json.loads(r.read())
+def mlflow_json(url: str, host: str, path: str, **params: str) -> dict[str, Any]:
+    """GET an MLflow REST path. ``host``: the Host header, one of the names the chart's MLflow allows (its
+    Service's DNS names: MLflow 3 refuses any other Host, such as the bare ClusterIP, with 403)."""
+    request = urllib.request.Request(
+        f"{url}/api/2.0/mlflow/{path}?{urllib.parse.urlencode(params)}", headers={"Host": host}
+    )
+    with urllib.request.urlopen(request, timeout=10) as response:
+        data: dict[str, Any] = json.loads(response.read())
         return data
 
 

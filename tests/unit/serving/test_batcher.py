@@ -108,3 +108,19 @@ def test_request_timeout_is_reported_and_the_queue_drains() -> None:
 
     queued, _ = _run(scenario, request_timeout_s=0.01, max_batch_size=1)
     assert queued == 0
+
+
+def test_every_rejection_reason_is_exported_at_zero_before_the_first_rejection() -> None:
+    """The shedding alert takes rate() of this counter: a series that appears with its first rejection
+    gives rate() no earlier point, so that first burst would never fire it."""
+    from prometheus_client import generate_latest
+
+    from fieldkube.serving.batcher import REJECT_REASONS
+
+    metrics = ServeMetrics(gpu=False)
+    with ThreadPoolExecutor(1) as executor:
+        TileBatcher("counter", metrics, 4, 0.01, 16, 5.0, executor)
+    text = generate_latest(metrics.registry).decode()
+    for reason in REJECT_REASONS:
+        assert f'fieldkube_serve_rejected_requests_total{{reason="{reason}",task="counter"}} 0.0' in text
+    assert 'task="segmenter"' not in text

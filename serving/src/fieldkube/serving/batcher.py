@@ -67,6 +67,10 @@ class _Job:
         return self.tiles.shape[0] - self.next_tile
 
 
+REJECT_REASONS = ("queue_full", "timeout")
+"""The ``reason`` label values of ``fieldkube_serve_rejected_requests_total``."""
+
+
 class TileBatcher:
     """Batches tiles of one task's models; start() inside the event loop, stop() on shutdown."""
 
@@ -93,6 +97,10 @@ class TileBatcher:
         self._worker: asyncio.Task[None] | None = None
         self._tiles_per_s = 0.0  # running estimate, for Retry-After
         self._closing = False
+        # Exported at 0 from the start: a counter that appears with its first rejection gives rate() and
+        # increase() nothing to compare, so the shedding alert and panel would miss the first burst.
+        for reason in REJECT_REASONS:
+            metrics.rejected.labels(task, reason)
 
     def start(self) -> None:
         if self._worker is None:
