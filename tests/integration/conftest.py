@@ -53,6 +53,21 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.xdist_group("cluster"))
 
 
+@pytest.hookimpl(trylast=True)
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Refuse to run real-node tests side by side: if pytest-xdist did not apply the groups above (it marks
+    a grouped test's node id with ``@group``; a pytest it does not support drops that), stop before any test
+    instead of failing at random later."""
+    if not session.config.getvalue("loadgroup"):
+        return
+    lost = [i.nodeid for i in session.items if i.get_closest_marker("xdist_group") and "@" not in i.nodeid]
+    if lost:
+        raise pytest.UsageError(
+            f"pytest-xdist did not group {len(lost)} tests (e.g. {lost[0]}): check the pytest and"
+            " pytest-xdist versions pinned in constraints.txt, or run with TEST_WORKERS=0"
+        )
+
+
 def _env_int(name: str, default: int) -> int:
     raw = os.environ.get(name, str(default))
     try:
