@@ -58,7 +58,7 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     """Refuse to run real-node tests side by side: if pytest-xdist did not apply the groups above (it marks
     a grouped test's node id with ``@group``; a pytest it does not support drops that), stop before any test
     instead of failing at random later."""
-    if not session.config.getvalue("loadgroup"):
+    if not getattr(session.config.option, "loadgroup", False):  # set only in xdist workers
         return
     lost = [i.nodeid for i in session.items if i.get_closest_marker("xdist_group") and "@" not in i.nodeid]
     if lost:
