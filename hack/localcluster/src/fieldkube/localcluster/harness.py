@@ -357,7 +357,7 @@ class LocalCluster:
         self._create_nodes()
         insecure = ssl._create_unverified_context()  # their serving certificates are self-signed, in memory
         for name, port in (("kube-controller-manager", ports["cm"]), ("kube-scheduler", ports["scheduler"])):
-            self._wait_http(name, f"https://127.0.0.1:{port}/healthz", insecure)
+            self.wait_http(name, f"https://127.0.0.1:{port}/healthz", insecure)
         self._mark("controllers", t0, "kube-controller-manager and kube-scheduler")
         self._wait_nodes_schedulable()
         self._mark("nodes", t0, f"{self.nodes} fake GPU nodes")
@@ -494,7 +494,12 @@ class LocalCluster:
         if not proc.alive():
             raise ClusterError(f"{name} exited during start-up\n{tail(Path(proc.log))}")
 
-    def _wait_http(self, name: str, url: str, context: ssl.SSLContext | None) -> None:
+    def wait_http(
+        self, name: str, url: str, context: ssl.SSLContext | None = None, timeout: float | None = None
+    ) -> None:
+        """Wait until ``url`` answers 200 while the cluster's process ``name`` lives (default: the
+        cluster's start timeout); on timeout the error holds the tail of that process's log."""
+
         def probe() -> bool:
             self._check_alive(name)
             with urllib.request.urlopen(url, timeout=2, context=context) as response:
@@ -503,7 +508,7 @@ class LocalCluster:
         wait_until(
             f"{name} at {url}",
             probe,
-            self.start_timeout,
+            self.start_timeout if timeout is None else timeout,
             on_fail=lambda: tail(self.log_path(name)),
         )
 
@@ -531,7 +536,7 @@ class LocalCluster:
                 "--log-level=warn",
             ],
         )
-        self._wait_http("etcd", f"{client}/health", None)
+        self.wait_http("etcd", f"{client}/health", None)
 
     def _start_apiserver(self, ports: Mapping[str, int]) -> None:
         pki = self.state_dir / "pki"
@@ -575,7 +580,7 @@ class LocalCluster:
             ],
         )
         context = ssl.create_default_context(cafile=str(self.ca_file))
-        self._wait_http("kube-apiserver", f"{self.server}/readyz", context)
+        self.wait_http("kube-apiserver", f"{self.server}/readyz", context)
 
     def _component_args(self, user: str, port: int) -> list[str]:
         kubeconfig = self._client_kubeconfig(user)
@@ -747,7 +752,7 @@ class LocalCluster:
                 "--controller-queue-burst=500",
             ],
         )
-        self._wait_http("mpi-operator", f"http://127.0.0.1:{ports['mpi']}/healthz", None)
+        self.wait_http("mpi-operator", f"http://127.0.0.1:{ports['mpi']}/healthz", None)
 
     def _wait_default_service_account(self, namespace: str) -> None:
         wait_until(

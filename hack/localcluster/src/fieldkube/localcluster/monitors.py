@@ -17,13 +17,11 @@ from __future__ import annotations
 import json
 import shutil
 import threading
-import urllib.error
-import urllib.request
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fieldkube.localcluster.procs import ClusterError, free_port, tail, wait_until
+from fieldkube.localcluster.procs import ClusterError, free_port
 
 if TYPE_CHECKING:
     from fieldkube.localcluster.harness import LocalCluster
@@ -283,14 +281,5 @@ def start_prometheus(
             f"--web.listen-address=127.0.0.1:{port}",
         ],
     )
-
-    def ready() -> bool:
-        cluster._check_alive(name)
-        try:
-            with urllib.request.urlopen(f"{url}/-/ready", timeout=2) as response:
-                return bool(response.status == 200)
-        except (urllib.error.URLError, OSError):
-            return False
-
-    wait_until("Prometheus", ready, 60, on_fail=lambda: tail(cluster.log_path(name)))
+    cluster.wait_http(name, f"{url}/-/ready", timeout=60)
     return url

@@ -17,13 +17,11 @@ import os
 import shutil
 import subprocess
 import sys
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fieldkube.localcluster.node import NODE_IP, NODE_LABEL, NODE_LABEL_VALUE
-from fieldkube.localcluster.procs import ClusterError, free_port, tail, wait_until
+from fieldkube.localcluster.procs import ClusterError, free_port
 
 if TYPE_CHECKING:
     from fieldkube.localcluster.harness import LocalCluster
@@ -71,16 +69,7 @@ def start_mlflow(cluster: LocalCluster, root: Path, name: str = "mlflow") -> str
             f"{NODE_IP}:{port},{NODE_IP},localhost,127.0.0.1",
         ],
     )
-
-    def healthy() -> bool:
-        cluster._check_alive(name)
-        try:
-            with urllib.request.urlopen(f"{uri}/health", timeout=2) as response:
-                return bool(response.status == 200)
-        except (urllib.error.URLError, OSError):
-            return False
-
-    wait_until("MLflow", healthy, 180, on_fail=lambda: tail(cluster.log_path(name)))
+    cluster.wait_http(name, f"{uri}/health", timeout=180)
     return uri
 
 
