@@ -57,45 +57,38 @@ class LoadedItem:
     mask: np.ndarray | None
 
 
+# --synthetic KIND -> (key prefix, SourceItem kind). Field kinds count flowers; aerial images hold buildings.
+SYNTHETIC_KINDS = {
+    "field": ("field", "synthetic-field"),
+    "field-shifted": ("shifted", "synthetic-field-shifted"),
+    "aerial": ("aerial", "synthetic-aerial"),
+}
+
+
 def synthetic_items(kind: str, count: int, height: int, width: int, seed: int, tile: int) -> list[SourceItem]:
     """Synthetic field or shifted field (counter) or aerial (segmenter) images; flower numbers cover all
     seed bins."""
-    if kind not in ("field", "field-shifted", "aerial"):
+    if kind not in SYNTHETIC_KINDS:
         raise DataError(f"--synthetic {kind!r}: expected 'field', 'field-shifted' or 'aerial'")
+    prefix, source_kind = SYNTHETIC_KINDS[kind]
     rng = np.random.default_rng([seed, 7919])
     tiles = max(1, (height // tile) * (width // tile))
     items = []
     for index in range(count):
-        if kind == "field":
-            hazards = FIELD_HAZARD_CYCLE[index % len(FIELD_HAZARD_CYCLE)]
-            n_flowers = int(rng.integers(0, 11 * tiles + 1))
-            items.append(
-                SourceItem(
-                    f"field{index:05d}",
-                    "synthetic-field",
-                    seed=seed,
-                    height=height,
-                    width=width,
-                    n_flowers=n_flowers,
-                    tags=hazards,
-                )
+        n_flowers = 0 if kind == "aerial" else int(rng.integers(0, 11 * tiles + 1))
+        # Only the first field draws hazards (glare, dust, shadow) over its images.
+        hazards = FIELD_HAZARD_CYCLE[index % len(FIELD_HAZARD_CYCLE)] if kind == "field" else ()
+        items.append(
+            SourceItem(
+                f"{prefix}{index:05d}",
+                source_kind,
+                seed=seed,
+                height=height,
+                width=width,
+                n_flowers=n_flowers,
+                tags=hazards,
             )
-        elif kind == "field-shifted":
-            n_flowers = int(rng.integers(0, 11 * tiles + 1))
-            items.append(
-                SourceItem(
-                    f"shifted{index:05d}",
-                    "synthetic-field-shifted",
-                    seed=seed,
-                    height=height,
-                    width=width,
-                    n_flowers=n_flowers,
-                )
-            )
-        else:
-            items.append(
-                SourceItem(f"aerial{index:05d}", "synthetic-aerial", seed=seed, height=height, width=width)
-            )
+        )
     return items
 
 
