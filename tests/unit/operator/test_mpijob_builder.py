@@ -386,3 +386,55 @@ def test_without_credentials_no_pod_reads_a_secret() -> None:
     for role in ("Launcher", "Worker"):
         assert "envFrom" not in _containers(mpijob, role)
     assert "MLFLOW_TRACKING_PASSWORD" not in _containers(mpijob, "Launcher")["command"]
+
+
+def _trainer_config_of(mpijob: dict[str, Any]) -> Any:
+    from fieldkube.trainer.config import load_config
+
+    command = _containers(mpijob, "Launcher")["command"]
+    train_args = command[command.index("fieldkube-train") + 1 :]
+    return load_config(None, [train_args[i + 1] for i, a in enumerate(train_args) if a == "--set"])
+
+
+def test_fine_tuning_fields_reach_the_trainers_model_section() -> None:
+    mpijob = _build(
+        {
+            "model": {
+                "name": "counter-fcrn",
+                "initFrom": "models:/fieldkube-counter@champion",
+                "freeze": ["encoder", "middle"],
+                "freezeEpochs": 3,
+            }
+        }
+    )
+    assert _set_flags(_containers(mpijob, "Launcher")["command"])["model"] == {
+        "name": "counter-fcrn",
+        "params": {},
+        "init_from": "models:/fieldkube-counter@champion",
+        "freeze": ["encoder", "middle"],
+        "freeze_epochs": 3,
+    }
+    config = _trainer_config_of(mpijob)  # the trainer's own parser and validator
+    assert config.model.init_from == "models:/fieldkube-counter@champion"
+    assert (config.model.freeze, config.model.freeze_epochs) == (["encoder", "middle"], 3)
+
+
+def test_without_fine_tuning_fields_the_model_section_is_name_and_params_only() -> None:
+    flags = _set_flags(
+        _containers(_build({"model": {"params": {"base_channels": 8}}}), "Launcher")["command"]
+    )
+    assert flags["model"] == {"name": "counter-mcnn", "params": {"base_channels": 8}}
+    assert "density_scale" in flags["data"]
+
+
+def test_init_from_with_the_default_name_leaves_architecture_and_density_scale_to_the_source() -> None:
+    mpijob = _build({"model": {"initFrom": "runs:/0a1b/model"}})
+    flags = _set_flags(_containers(mpijob, "Launcher")["command"])
+    assert flags["model"] == {"init_from": "runs:/0a1b/model"}
+    assert "density_scale" not in flags["data"]
+    config = _trainer_config_of(mpijob)
+    assert "name" not in config.model.model_fields_set and "density_scale" not in config.data.model_fields_set
+    set_scale = _build(
+        {"model": {"initFrom": "runs:/0a1b/model"}, "training": {"data": {"density_scale": 50}}}
+    )
+    assert _set_flags(_containers(set_scale, "Launcher")["command"])["data"]["density_scale"] == 50

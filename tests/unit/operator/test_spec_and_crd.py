@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -63,9 +65,10 @@ def test_crd_schema_has_bounds_defaults_and_cel_rules() -> None:
     props = root["properties"]["spec"]["properties"]
     assert props["workers"]["minimum"] == 1 and props["workers"]["default"] == 1
     assert (props["gpusPerWorker"]["minimum"], props["gpusPerWorker"]["maximum"]) == (0, 16)
-    assert {"rule": "self == oldSelf", "message": "spec.model is immutable once the job exists"} in props[
-        "model"
-    ]["x-kubernetes-validations"]
+    assert {
+        "rule": "self == oldSelf",
+        "message": "spec.model is immutable once the job exists (the operator reads it only at creation)",
+    } in props["model"]["x-kubernetes-validations"]
     assert props["runPolicy"]["properties"]["cleanPodPolicy"]["enum"] == ["Running", "All", "None"]
     assert props["training"]["properties"]["train"]["properties"]["epochs"]["default"] == 10
     assert props["training"]["default"] == {} and props["runPolicy"]["default"] == {}
@@ -107,6 +110,16 @@ def test_spec_defaults_and_derived_numbers() -> None:
         ({"resources": {"memory": "lots"}}, "resources.memory"),
         ({"resources": {"memory": "1..5Gi"}}, "resources.memory"),
         ({"resources": {"sharedMemory": "4Qi"}}, "resources.sharedMemory"),
+        ({"resources": {"cpu": "0"}}, "resources.cpu"),
+        ({"resources": {"cpu": "two"}}, "resources.cpu"),
+        ({"model": {"initFrom": "models:/fieldkube-counter"}}, "model.initFrom"),
+        ({"model": {"initFrom": "runs:/abc"}}, "model.initFrom"),
+        ({"model": {"initFrom": ""}}, "model.initFrom"),
+        ({"model": {"freeze": ["encoder", "encoder"]}}, "model.freeze"),
+        ({"model": {"freeze": ["encoder.conv1"]}}, "model.freeze"),
+        ({"model": {"freezeEpochs": 0, "freeze": ["encoder"]}}, "model.freezeEpochs"),
+        ({"model": {"freezeEpochs": 3}}, "model"),
+        ({"diagnostics": {"logTailLines": 0}}, "diagnostics.logTailLines"),
     ],
 )
 def test_invalid_spec_errors_name_the_field(patch: dict[str, object], field: str) -> None:
@@ -152,7 +165,7 @@ def test_crd_has_an_optional_shared_memory_that_says_it_counts_against_memory() 
     root = crd.trainingjob_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
     resources = root["properties"]["spec"]["properties"]["resources"]
     shm = resources["properties"]["sharedMemory"]
-    assert shm["type"] == "string" and shm["pattern"] == spec.QUANTITY_PATTERN
+    assert shm["type"] == "string" and "isQuantity(self)" in shm["x-kubernetes-validations"][0]["rule"]
     assert "default" not in shm and "sharedMemory" not in resources.get("required", [])
     assert "half of memory" in shm["description"] and "memory limit" in shm["description"]
     docs = yaml.safe_load_all((ROOT / "manifests/crd/trainingjobs.yaml").read_text())
@@ -203,3 +216,141 @@ def test_byte_counts_format_as_the_shortest_exact_quantity() -> None:
         "1001",
         "0",
     ]
+
+
+def _root() -> dict[str, Any]:
+    schema: dict[str, Any] = crd.trainingjob_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    return schema
+
+
+def _rules(node: dict[str, Any]) -> list[dict[str, Any]]:
+    rules: list[dict[str, Any]] = node.get("x-kubernetes-validations", [])
+    return rules
+
+
+@pytest.mark.parametrize(
+    ("name", "valid"),
+    [("flowers", True), ("a1-b2", True), ("1job", False), ("a.b", False), ("job-", False), ("Job", False)],
+)
+def test_the_name_rule_is_a_dns_1035_label(name: str, valid: bool) -> None:
+    rule = next(r for r in _rules(_root()) if "matches" in r["rule"])
+    assert "metadata.name must be a DNS-1035 label" in rule["message"]
+    pattern = rule["rule"].split("matches('", 1)[1].rsplit("')", 1)[0]
+    assert pattern == spec.DNS_1035_LABEL_PATTERN
+    assert bool(re.fullmatch(pattern, name)) is valid
+    assert any(r["rule"] == f"self.metadata.name.size() <= {spec.MAX_NAME_LENGTH}" for r in _rules(_root()))
+
+
+IMMUTABLE = [
+    "model",
+    "dataset",
+    "training",
+    "workers",
+    "gpusPerWorker",
+    "resources",
+    "image",
+    "imagePullPolicy",
+    "mlflow",
+    "checkpoint",
+    "scheduling",
+    "podMetadata",
+]
+MUTABLE = ["pendingTimeoutSeconds", "diagnostics", "runPolicy"]
+
+
+def test_every_field_read_only_at_creation_is_immutable_and_the_rest_are_not() -> None:
+    props = _root()["properties"]["spec"]["properties"]
+    assert set(IMMUTABLE) | set(MUTABLE) == set(props), "a new spec field: decide whether it may change"
+    for field in IMMUTABLE:
+        message = f"spec.{field} is immutable once the job exists (the operator reads it only at creation)"
+        assert {"rule": "self == oldSelf", "message": message} in _rules(props[field]), field
+    for field in MUTABLE:
+        assert not any(r["rule"] == "self == oldSelf" for r in _rules(props[field])), field
+    run_policy = props["runPolicy"]["properties"]
+    for field in ("backoffLimit", "cleanPodPolicy"):
+        assert _rules(run_policy[field])[0]["rule"] == "self == oldSelf", field
+    for field in ("suspend", "ttlSecondsAfterFinished"):
+        assert not _rules(run_policy[field]), field
+    deadline = next(r for r in _rules(props["runPolicy"]) if "activeDeadlineSeconds" in r["rule"])
+    assert (
+        deadline["fieldPath"] == ".activeDeadlineSeconds"
+        and "has(oldSelf.activeDeadlineSeconds)" in deadline["rule"]
+    )
+
+
+def test_a_global_batch_must_divide_by_the_training_processes() -> None:
+    rule = next(r for r in _rules(_root()["properties"]["spec"]) if "batch_size" in r["rule"])
+    assert rule["fieldPath"] == ".training.train.batch_size"
+    assert "batch_mode == 'global'" in rule["rule"] and "has(self.training.train)" in rule["rule"]
+    assert "% (self.workers * (self.gpusPerWorker > 0 ? self.gpusPerWorker : 1)) == 0" in rule["rule"]
+    assert rule["message"].startswith("spec.training.train.batch_size") and "messageExpression" in rule
+
+
+def test_resource_quantities_are_checked_by_the_api_servers_quantity_parser() -> None:
+    resources = _root()["properties"]["spec"]["properties"]["resources"]["properties"]
+    for field in ("cpu", "memory", "sharedMemory"):
+        node = resources[field]
+        assert "pattern" not in node and node["maxLength"] == spec.MAX_QUANTITY_LENGTH
+        (rule,) = _rules(node)
+        assert rule["rule"] == "isQuantity(self) && quantity(self).sign() == 1"
+        assert rule["message"].startswith(f"spec.resources.{field} must be a positive Kubernetes quantity")
+
+
+def test_model_carries_the_fine_tuning_fields_with_their_rules() -> None:
+    model = _root()["properties"]["spec"]["properties"]["model"]
+    props = model["properties"]
+    assert props["initFrom"]["type"] == "string" and "default" not in props["initFrom"]
+    assert any("models:/" in r["rule"] for r in _rules(props["initFrom"]))
+    assert props["freeze"]["x-kubernetes-list-type"] == "set"
+    assert props["freeze"]["items"]["pattern"] == spec.LAYER_GROUP_PATTERN
+    assert (props["freezeEpochs"]["minimum"], props["freezeEpochs"]["maximum"]) == (1, spec.MAX_FREEZE_EPOCHS)
+    assert any(r.get("fieldPath") == ".freezeEpochs" for r in _rules(model))
+    parsed = spec.parse_spec(
+        {
+            "dataset": {"path": "d"},
+            "model": {
+                "initFrom": "models:/fieldkube-counter@champion",
+                "freeze": ["columns"],
+                "freezeEpochs": 2,
+            },
+        }
+    ).model
+    assert (parsed.initFrom, parsed.freeze, parsed.freezeEpochs) == (
+        "models:/fieldkube-counter@champion",
+        ["columns"],
+        2,
+    )
+
+
+def test_log_tails_are_opt_in() -> None:
+    diagnostics = _root()["properties"]["spec"]["properties"]["diagnostics"]["properties"]
+    assert diagnostics["logTail"]["default"] is False
+    parsed = spec.parse_spec({"dataset": {"path": "d"}})
+    assert parsed.diagnostics.logTail is False and parsed.diagnostics.logTailLines == 20
+
+
+def test_status_conditions_follow_the_api_conventions() -> None:
+    conditions = _root()["properties"]["status"]["properties"]["conditions"]
+    assert conditions["x-kubernetes-list-type"] == "map" and conditions["x-kubernetes-list-map-keys"] == [
+        "type"
+    ]
+    item = conditions["items"]
+    assert "type" in item["required"] and "reason" in item["required"]
+    assert item["properties"]["reason"]["minLength"] == 1
+    assert item["properties"]["observedGeneration"]["type"] == "integer"
+
+
+def test_a_models_own_cel_rules_survive_the_rules_its_field_adds() -> None:
+    own, added = {"rule": "size(self.a) > 0", "message": "a"}, {"rule": "self == oldSelf", "message": "b"}
+    source = {
+        "type": "object",
+        "properties": {"d": {"$ref": "#/$defs/D", "x-kubernetes-validations": [added]}},
+        "$defs": {
+            "D": {
+                "type": "object",
+                "properties": {"a": {"type": "string"}},
+                "x-kubernetes-validations": [own],
+            }
+        },
+    }
+    assert structural_schema(source)["properties"]["d"]["x-kubernetes-validations"] == [own, added]

@@ -2,13 +2,31 @@
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import pytest
+from pydantic import ValidationError
+
 from fieldkube.operator.names import JOB_LABEL, MPI_JOB_NAME_LABEL, MPI_ROLE_LABEL
 from fieldkube.operator.spec import parse_spec
-from fieldkube.operator.status import Tracking, compute_status, failure_diagnosis, unscheduled_pods
-from fieldkube.operator.status_model import MlflowStatus, Progress, RegisteredModelStatus
+from fieldkube.operator.status import (
+    Tracking,
+    compute_status,
+    condition_reason,
+    failure_diagnosis,
+    log_tail_pod,
+    previous_status,
+    unscheduled_pods,
+)
+from fieldkube.operator.status_model import (
+    REASON_PATTERN,
+    Condition,
+    MlflowStatus,
+    Progress,
+    RegisteredModelStatus,
+)
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 
@@ -246,3 +264,141 @@ def test_only_pods_the_scheduler_has_not_explained_need_their_events_read() -> N
     untouched = pod("flowers-worker-1", "worker", "Pending", conditions=[])
     bound = {**pod("flowers-worker-2", "worker", "Pending", conditions=[]), "spec": {"nodeName": "n1"}}
     assert unscheduled_pods([bound, _unschedulable("flowers-worker-0"), untouched]) == ["flowers-worker-1"]
+
+
+def _scheduled_pod(name: str, role: str) -> dict[str, Any]:
+    return {**pod(name, role, "Pending", conditions=[]), "spec": {"nodeName": "gpu-node-0"}}
+
+
+def _by_type(status: Any) -> dict[str, Any]:
+    return {c.type: c for c in status.conditions}
+
+
+def test_every_condition_has_a_camel_case_reason_and_the_generation_it_was_computed_from(
+    tj: dict[str, Any],
+) -> None:
+    tj["metadata"]["generation"] = 3
+    pods = [pod("flowers-worker-0", "worker"), pod("flowers-worker-1", "worker")]
+    status = _status(tj, mpijob(("Running", "MPIJobRunning")), pods)
+    conditions = _by_type(status)
+    assert set(conditions) == {"Created", "Scheduled", "Running", "Succeeded", "Failed", "Suspended"}
+    for condition in status.conditions:
+        assert re.fullmatch(REASON_PATTERN, condition.reason), condition
+        assert condition.observedGeneration == 3 and condition.lastTransitionTime
+    assert (conditions["Failed"].status, conditions["Failed"].reason) == ("False", "Running")
+    assert (conditions["Succeeded"].status, conditions["Succeeded"].reason) == ("False", "Running")
+    assert (conditions["Running"].status, conditions["Running"].reason) == ("True", "Running")
+
+
+def test_a_condition_without_a_reason_is_not_a_valid_status() -> None:
+    with pytest.raises(ValidationError):
+        Condition(type="Failed", status="False", reason="")
+    with pytest.raises(ValidationError):
+        Condition(type="Failed", status="False", reason="not camel case")
+
+
+def test_scheduled_is_false_until_every_worker_pod_is_on_a_node(tj: dict[str, Any]) -> None:
+    job = mpijob(("Created", "MPIJobCreated"))
+    before = _by_type(_status(tj, job, []))["Scheduled"]
+    assert (before.status, before.reason) == ("False", "PodsNotCreated")
+    one = [_scheduled_pod("flowers-worker-0", "worker"), pod("flowers-worker-1", "worker", "Pending")]
+    half = _by_type(_status(tj, job, one))["Scheduled"]
+    assert (half.status, half.reason, half.message) == ("False", "PodsPending", "1/2 worker pods on nodes")
+    both = [_scheduled_pod("flowers-worker-0", "worker"), _scheduled_pod("flowers-worker-1", "worker")]
+    placed = _by_type(_status(tj, job, both))["Scheduled"]
+    assert (placed.status, placed.reason) == ("True", "PodsScheduled")
+    waiting_launcher = [*both, pod("flowers-launcher-x", "launcher", "Pending", conditions=[])]
+    launcher = _by_type(_status(tj, job, waiting_launcher))["Scheduled"]
+    assert (launcher.status, launcher.reason) == ("False", "PodsPending") and "launcher" in launcher.message
+
+
+def test_scheduled_stays_true_when_a_finished_jobs_pods_are_cleaned_up(tj: dict[str, Any]) -> None:
+    both = [pod("flowers-worker-0", "worker"), pod("flowers-worker-1", "worker")]
+    running = _status(tj, mpijob(("Running", "MPIJobRunning")), both)
+    tj["status"] = running.as_patch()
+    done = _status(tj, mpijob(("Succeeded", "MPIJobSucceeded")), [], now=T0 + timedelta(minutes=5))
+    scheduled = _by_type(done)["Scheduled"]
+    assert (scheduled.status, scheduled.reason) == ("True", "PodsScheduled")
+    assert scheduled.lastTransitionTime == _by_type(running)["Scheduled"].lastTransitionTime
+
+
+def test_a_suspended_job_is_not_scheduled(tj: dict[str, Any]) -> None:
+    tj["spec"]["runPolicy"] = {"suspend": True}
+    scheduled = _by_type(_status(tj, mpijob(("Suspended", "MPIJobSuspended")), []))["Scheduled"]
+    assert (scheduled.status, scheduled.reason) == ("False", "Suspended")
+
+
+def test_created_turns_false_when_the_mpijob_disappears(tj: dict[str, Any]) -> None:
+    fresh = _by_type(_status(tj, None, []))["Created"]
+    assert (fresh.status, fresh.reason) == ("False", "MPIJobNotCreated")
+    tj["status"] = _status(tj, mpijob(("Created", "MPIJobCreated")), []).as_patch()
+    gone = _by_type(_status(tj, None, []))["Created"]
+    assert (gone.status, gone.reason) == ("False", "MPIJobMissing") and "flowers" in gone.message
+
+
+def test_a_stored_status_with_empty_reasons_from_an_older_operator_is_still_read(tj: dict[str, Any]) -> None:
+    old = [
+        {
+            "type": "Succeeded",
+            "status": "True",
+            "reason": "Succeeded",
+            "lastTransitionTime": "2026-01-01T00:01:00Z",
+        },
+        {"type": "Failed", "status": "False", "reason": "", "message": ""},
+        {"type": "Scheduled", "status": "False", "reason": "no pods yet", "message": ""},
+    ]
+    tj["status"] = {"phase": "Succeeded", "conditions": old, "completionTime": "2026-01-01T00:01:00Z"}
+    read = previous_status(tj)
+    assert read.phase == "Succeeded" and read.completionTime == "2026-01-01T00:01:00Z"
+    assert [c.reason for c in read.conditions] == ["Succeeded", "Succeeded", "NoPodsYet"]
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [("OOMKilled", "OOMKilled"), ("no such pod", "NoSuchPod"), ("", "Fallback"), ("137", "Fallback")],
+)
+def test_condition_reasons_are_made_camel_case_or_fall_back(text: str, expected: str) -> None:
+    assert condition_reason(text, "Fallback") == expected
+
+
+def _failed_with_logs(tj: dict[str, Any], logs: dict[str, list[str]]) -> Any:
+    pods = [_terminated("flowers-worker-1", "worker", 3, "Error", "2026-01-01T00:00:08Z")]
+    return _status(tj, mpijob(("Failed", "BackoffLimitExceeded")), pods, logs=logs)
+
+
+def test_log_lines_reach_the_status_only_when_the_job_opts_in(tj: dict[str, Any]) -> None:
+    logs = {"flowers-worker-1": ["Traceback", "ValueError: secret=hunter2"]}
+    private = _failed_with_logs(tj, logs)
+    assert private.diagnosis is not None and private.diagnosis.logTail == []
+    assert log_tail_pod(parse_spec(tj["spec"]), previous_status(tj), private) is None
+    tj["spec"]["diagnostics"] = {"logTail": True}
+    shared = _failed_with_logs(tj, logs)
+    assert shared.diagnosis is not None and shared.diagnosis.logTail == logs["flowers-worker-1"]
+
+
+def test_log_tail_pod_names_a_new_diagnosis_once_and_an_unchanged_one_keeps_its_tail(
+    tj: dict[str, Any],
+) -> None:
+    tj["spec"]["diagnostics"] = {"logTail": True, "logTailLines": 5}
+    spec = parse_spec(tj["spec"])
+    crashed = pod(
+        "flowers-worker-1",
+        "worker",
+        conditions=[{"type": "PodScheduled", "status": "True"}],
+        containerStatuses=[
+            {"name": "trainer", "lastState": {"terminated": {"exitCode": 1, "reason": "Error"}}}
+        ],
+    )
+    job = mpijob(("Running", "MPIJobRunning"))
+    first = _status(tj, job, [crashed])
+    assert (
+        first.diagnosis is not None and log_tail_pod(spec, previous_status(tj), first) == "flowers-worker-1"
+    )
+    first.diagnosis = first.diagnosis.model_copy(update={"logTail": ["boom"]})  # what the caller reads
+    tj["status"] = first.as_patch()
+    again = _status(tj, job, [crashed], now=T0 + timedelta(seconds=30))
+    assert again.diagnosis is not None and again.diagnosis.logTail == ["boom"]
+    assert log_tail_pod(spec, previous_status(tj), again) is None
+    tj["spec"]["diagnostics"] = {"logTail": False}  # opting out removes what was copied
+    hidden = _status(tj, job, [crashed], now=T0 + timedelta(seconds=60))
+    assert hidden.diagnosis is not None and hidden.diagnosis.logTail == []

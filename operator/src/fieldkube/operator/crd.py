@@ -8,7 +8,7 @@ import yaml
 
 from fieldkube.operator import spec as spec_module
 from fieldkube.operator.openapi import structural_schema
-from fieldkube.operator.spec import MAX_NAME_LENGTH, TrainingJobSpec
+from fieldkube.operator.spec import DNS_1035_LABEL_PATTERN, MAX_NAME_LENGTH, TrainingJobSpec
 from fieldkube.operator.status_model import TrainingJobStatus
 from fieldkube.operator.training_schema import training_schema
 
@@ -22,11 +22,18 @@ PRINTER_COLUMNS: list[dict[str, Any]] = [
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
 ]
 
-NAME_RULE = {
-    "rule": f"self.metadata.name.size() <= {MAX_NAME_LENGTH}",
-    "message": f"metadata.name must be at most {MAX_NAME_LENGTH} characters (worker pods are named "
-    "<name>-worker-<index>)",
-}
+NAME_RULES = [
+    {
+        "rule": f"self.metadata.name.matches('{DNS_1035_LABEL_PATTERN}')",
+        "message": "metadata.name must be a DNS-1035 label: lowercase letters, digits and '-', starting with "
+        "a letter and ending with a letter or digit (the MPIJob's Services are named after it)",
+    },
+    {
+        "rule": f"self.metadata.name.size() <= {MAX_NAME_LENGTH}",
+        "message": f"metadata.name must be at most {MAX_NAME_LENGTH} characters (worker pods are named "
+        "<name>-worker-<index>)",
+    },
+]
 
 
 def spec_schema() -> dict[str, Any]:
@@ -56,7 +63,7 @@ def trainingjob_crd() -> dict[str, Any]:
     root = {
         "type": "object",
         "required": ["spec"],
-        "x-kubernetes-validations": [NAME_RULE],
+        "x-kubernetes-validations": NAME_RULES,
         "properties": {
             "apiVersion": {"type": "string"},
             "kind": {"type": "string"},

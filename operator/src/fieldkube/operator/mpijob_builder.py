@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from fieldkube.operator import names, trainer_pod
-from fieldkube.operator.spec import TrainingJobSpec, effective_training
+from fieldkube.operator.spec import DEFAULT_MODEL, TrainingJobSpec, effective_training
+from fieldkube.operator.training_schema import training_schema
 
 LAUNCHER_RESOURCES = {"requests": {"cpu": "250m", "memory": "512Mi"}}
 
@@ -41,8 +42,13 @@ def trainer_config(name: str, spec: TrainingJobSpec, tracking_uri: str | None) -
     data["path"] = (
         f"{names.DATASET_MOUNT}/{spec.dataset.path.lstrip('/')}" if spec.dataset.pvc else spec.dataset.path
     )
+    if spec.model.initFrom is not None and data.get("density_scale") == _schema_default(
+        "data", "density_scale"
+    ):
+        # left at its default, the source counter's density scale is used (its outputs are in its units)
+        data.pop("density_scale")
     config["data"] = data
-    config["model"] = {"name": spec.model.name, "params": dict(spec.model.params)}
+    config["model"] = model_section(spec)
     checkpoint_dir = None
     if spec.checkpoint.path:
         checkpoint_dir = (
@@ -68,6 +74,31 @@ def trainer_config(name: str, spec: TrainingJobSpec, tracking_uri: str | None) -
     config["metrics"] = {"port": names.METRICS_PORT}
     config["output_dir"] = f"{checkpoint_dir}/output" if checkpoint_dir else names.OUTPUT_DIR
     return config
+
+
+def _schema_default(section: str, key: str) -> Any:
+    return training_schema()["properties"][section]["properties"][key].get("default")
+
+
+def model_section(spec: TrainingJobSpec) -> dict[str, Any]:
+    """The trainer's `model` section: name and params, and the fine-tuning fields only when set.
+
+    With `initFrom` the trainer takes the architecture from the source model, and checks it against a
+    name/params that were set. The API server fills in the default name, so a job that keeps the default
+    name and no params sends neither: the source's architecture is used. Any other name or params are
+    sent, and a source of another architecture stops the run with a line naming both.
+    """
+    model = spec.model
+    section: dict[str, Any] = {}
+    if model.initFrom is None or model.name != DEFAULT_MODEL or model.params:
+        section.update(name=model.name, params=dict(model.params))
+    if model.initFrom is not None:
+        section["init_from"] = model.initFrom
+    if model.freeze:
+        section["freeze"] = list(model.freeze)
+    if model.freezeEpochs is not None:
+        section["freeze_epochs"] = model.freezeEpochs
+    return section
 
 
 def trainer_args(config: dict[str, Any]) -> list[str]:

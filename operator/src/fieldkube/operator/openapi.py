@@ -11,14 +11,21 @@ import copy
 from typing import Any
 
 _DROPPED_KEYS = {"title", "$defs"}
+_CEL_KEY = "x-kubernetes-validations"
 
 
 def inline_refs(node: Any, defs: dict[str, Any]) -> Any:
-    """Replace every `{"$ref": "#/$defs/X"}` by a copy of X (merged with sibling keys)."""
+    """Replace every `{"$ref": "#/$defs/X"}` by a copy of X (merged with sibling keys).
+
+    CEL rules of both are kept: a model's own rules, then those its field adds (e.g. immutability).
+    """
     if isinstance(node, dict):
         if "$ref" in node:
             target = defs[node["$ref"].rsplit("/", 1)[-1]]
             merged = {**target, **{k: v for k, v in node.items() if k != "$ref"}}
+            rules = [*target.get(_CEL_KEY, []), *node.get(_CEL_KEY, [])]
+            if rules:
+                merged[_CEL_KEY] = rules
             return inline_refs(merged, defs)
         return {k: inline_refs(v, defs) for k, v in node.items()}
     if isinstance(node, list):

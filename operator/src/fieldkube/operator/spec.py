@@ -11,9 +11,10 @@ configuration schema (see `training_schema.py`), minus the sections this spec ow
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from fieldkube.operator.quantity import format_bytes, parse_quantity
 from fieldkube.operator.training_schema import training_defaults
@@ -30,33 +31,82 @@ BUILTIN_MODELS = ("counter-mcnn", "counter-fcrn", "segmenter-unet")
 MODEL_NAME_PATTERN = (
     r"^(counter-mcnn|counter-fcrn|segmenter-unet|[A-Za-z_][A-Za-z0-9_.]*:[A-Za-z_][A-Za-z0-9_]*)$"
 )
+DEFAULT_MODEL = "counter-mcnn"
 # Worker pods are named <name>-worker-<i> and must be DNS-1035 labels (63 characters).
 MAX_NAME_LENGTH = 50
 MAX_WORKERS = 512
 MAX_GPUS_PER_WORKER = 16
-QUANTITY_PATTERN = r"^([+-]?[0-9.]+)([eEinumkKMGTP]*[-+]?[0-9]*)$"
+MAX_QUANTITY_LENGTH = 64
 DNS_LABEL_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+# metadata.name: the mpi-operator names Services and pods after the job, so it must be a DNS-1035 label.
+DNS_1035_LABEL_PATTERN = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
+# The trainer's model.init_from forms (fieldkube.trainer.config.MODELS_URI for models:/).
+MODELS_URI_PATTERN = r"^models:/[^/@]+(@[^/@]+|/[0-9]+)/?$"
+RUNS_URI_PATTERN = r"^runs:/[^/]+/.+$"
+LAYER_GROUP_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*$"
+MAX_FREEZE_EPOCHS = 100_000
 
 
 def _cel(rule: str, message: str, **extra: str) -> dict[str, Any]:
     return {"rule": rule, "message": message, **extra}
 
 
+def _immutable_rule(field: str) -> dict[str, Any]:
+    return _cel(
+        "self == oldSelf",
+        f"spec.{field} is immutable once the job exists (the operator reads it only at creation)",
+    )
+
+
 def _immutable(field: str) -> dict[str, Any]:
+    """Schema extras of a spec field that may not change after creation."""
+    return {"x-kubernetes-validations": [_immutable_rule(field)]}
+
+
+def _quantity(field: str, example: str) -> dict[str, Any]:
+    """Schema extras of a resource quantity: parsed by the API server's own quantity parser, positive."""
     return {
+        "maxLength": MAX_QUANTITY_LENGTH,
         "x-kubernetes-validations": [
-            _cel("self == oldSelf", f"spec.{field} is immutable once the job exists")
-        ]
+            _cel(
+                "isQuantity(self) && quantity(self).sign() == 1",
+                f"spec.{field} must be a positive Kubernetes quantity (e.g. {example})",
+            )
+        ],
     }
+
+
+def _positive_quantity(value: str) -> str:
+    if parse_quantity(value) <= 0:
+        raise ValueError(f"{value!r} is not a positive quantity")
+    return value
 
 
 class _Spec(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True)
 
 
+FREEZE_EPOCHS_MESSAGE = "spec.model.freezeEpochs needs spec.model.freeze (the layer groups to hold)"
+
+
 class ModelSpec(_Spec):
+    model_config = ConfigDict(
+        extra="forbid",
+        populate_by_name=True,
+        frozen=True,
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                _cel(
+                    "!has(self.freezeEpochs) || (has(self.freeze) && size(self.freeze) > 0)",
+                    FREEZE_EPOCHS_MESSAGE,
+                    fieldPath=".freezeEpochs",
+                )
+            ]
+        },
+    )
+
     name: str = Field(
-        default="counter-mcnn",
+        default=DEFAULT_MODEL,
         pattern=MODEL_NAME_PATTERN,
         description=f"Built-in model ({', '.join(BUILTIN_MODELS)}) or user code 'pkg.module:Class'.",
     )
@@ -65,6 +115,70 @@ class ModelSpec(_Spec):
         description="Architecture parameters passed to the model constructor (e.g. base_channels).",
         json_schema_extra={"maxProperties": 64},
     )
+    initFrom: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=2048,
+        description="Start from a trained model instead of random weights (the trainer's model.init_from): "
+        "models:/NAME@alias, models:/NAME/VERSION, runs:/RUN_ID/PATH or a bundle directory as the trainer "
+        "sees it. The architecture is the source's: name/params, when not left at their defaults, must "
+        "match it.",
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                _cel(
+                    f"!self.startsWith('models:/') || self.matches('{MODELS_URI_PATTERN}')",
+                    "spec.model.initFrom must be models:/NAME@alias or models:/NAME/VERSION",
+                ),
+                _cel(
+                    f"!self.startsWith('runs:/') || self.matches('{RUNS_URI_PATTERN}')",
+                    "spec.model.initFrom must be runs:/RUN_ID/PATH (e.g. runs:/0a1b/model)",
+                ),
+            ]
+        },
+    )
+    freeze: list[str] = Field(
+        default_factory=list,
+        max_length=32,
+        description="Layer groups (the model's top-level modules: columns, fuse in counter-mcnn; encoder, "
+        "middle, decoder, head in counter-fcrn) held fixed for the first freezeEpochs epochs.",
+        json_schema_extra={
+            "x-kubernetes-list-type": "set",
+            "items": {"type": "string", "pattern": LAYER_GROUP_PATTERN, "maxLength": 128},
+        },
+    )
+    freezeEpochs: int | None = Field(
+        default=None,
+        ge=1,
+        le=MAX_FREEZE_EPOCHS,
+        description="Epochs during which freeze applies (the trainer's default: 1).",
+    )
+
+    @field_validator("initFrom")
+    @classmethod
+    def _init_source_form(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        if value.startswith("models:/") and not re.match(MODELS_URI_PATTERN, value):
+            raise ValueError(f"{value!r}: expected models:/NAME@alias or models:/NAME/VERSION")
+        if value.startswith("runs:/") and not re.match(RUNS_URI_PATTERN, value):
+            raise ValueError(f"{value!r}: expected runs:/RUN_ID/PATH")
+        return value
+
+    @field_validator("freeze")
+    @classmethod
+    def _layer_groups(cls, value: list[str]) -> list[str]:
+        bad = [name for name in value if not re.match(LAYER_GROUP_PATTERN, name)]
+        if bad:
+            raise ValueError(f"{bad[0]!r} is not a layer group name (a top-level module such as encoder)")
+        if len(set(value)) != len(value):
+            raise ValueError("names a layer group twice")
+        return value
+
+    @model_validator(mode="after")
+    def _freeze_epochs_need_freeze(self) -> ModelSpec:
+        if self.freezeEpochs is not None and not self.freeze:
+            raise ValueError(FREEZE_EPOCHS_MESSAGE)
+        return self
 
     @property
     def task(self) -> str:
@@ -91,26 +205,28 @@ class DatasetSpec(_Spec):
 
 class ResourcesSpec(_Spec):
     cpu: str = Field(
-        default="4", pattern=QUANTITY_PATTERN, description="CPU request and limit of each worker."
+        default="4",
+        description="CPU request and limit of each worker.",
+        json_schema_extra=_quantity("resources.cpu", "4, 500m"),
     )
     memory: str = Field(
-        default="16Gi", pattern=QUANTITY_PATTERN, description="Memory request and limit of each worker."
+        default="16Gi",
+        description="Memory request and limit of each worker.",
+        json_schema_extra=_quantity("resources.memory", "16Gi, 512Mi"),
     )
     sharedMemory: str | None = Field(
         default=None,
-        pattern=QUANTITY_PATTERN,
+        json_schema_extra=_quantity("resources.sharedMemory", "8Gi"),
         description="Size limit of each worker's memory-backed /dev/shm (DataLoader workers and MPI's "
         "shared-memory transport use it); default: half of memory. Memory-backed shm counts against the "
         "worker's memory limit: what is stored there is memory the training processes cannot use.",
     )
 
-    @field_validator("memory", "sharedMemory")
+    @field_validator("cpu", "memory", "sharedMemory")
     @classmethod
-    def _byte_quantity(cls, value: str | None) -> str | None:
-        """Sizes are derived from these, so they must parse as quantities, not only match the pattern."""
-        if value is not None:
-            parse_quantity(value)
-        return value
+    def _quantity(cls, value: str | None) -> str | None:
+        """What the API server's isQuantity() rule checks (sizes are also derived from memory)."""
+        return None if value is None else _positive_quantity(value)
 
     @property
     def shared_memory(self) -> str:
@@ -155,19 +271,51 @@ class CheckpointSpec(_Spec):
     resume: bool = Field(default=True, description="Resume from the latest checkpoint when one exists.")
 
 
+_ACTIVE_DEADLINE_UNCHANGED = (
+    "has(self.activeDeadlineSeconds) == has(oldSelf.activeDeadlineSeconds) && "
+    "(!has(self.activeDeadlineSeconds) || self.activeDeadlineSeconds == oldSelf.activeDeadlineSeconds)"
+)
+
+
 class RunPolicySpec(_Spec):
-    backoffLimit: int = Field(default=0, ge=0, le=100, description="Launcher retries before the job fails.")
+    """Fixed at creation except `suspend` and `ttlSecondsAfterFinished`, which the operator follows."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        populate_by_name=True,
+        frozen=True,
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                # an optional field's own rule sees no oldSelf when it is added or removed: checked here
+                _cel(
+                    _ACTIVE_DEADLINE_UNCHANGED,
+                    "spec.runPolicy.activeDeadlineSeconds is immutable once the job exists "
+                    "(the operator reads it only at creation)",
+                    fieldPath=".activeDeadlineSeconds",
+                )
+            ]
+        },
+    )
+
+    backoffLimit: int = Field(
+        default=0,
+        ge=0,
+        le=100,
+        description="Launcher retries before the job fails. Immutable.",
+        json_schema_extra=_immutable("runPolicy.backoffLimit"),
+    )
     activeDeadlineSeconds: int | None = Field(
-        default=None, ge=1, description="Fail the job after this many seconds."
+        default=None, ge=1, description="Fail the job after this many seconds. Immutable."
     )
     ttlSecondsAfterFinished: int | None = Field(
         default=None,
         ge=0,
-        description="Delete the TrainingJob (and its children) this long after it finished.",
+        description="Delete the TrainingJob (and its children) this long after it finished; may change.",
     )
     cleanPodPolicy: Literal["Running", "All", "None"] = Field(
         default="Running",
-        description="Pods deleted when the job ends: Running (still running), All, or None.",
+        description="Pods deleted when the job ends: Running (still running), All, or None. Immutable.",
+        json_schema_extra=_immutable("runPolicy.cleanPodPolicy"),
     )
     suspend: bool = Field(
         default=False, description="Suspend the job (deletes its pods); set false to resume."
@@ -217,7 +365,35 @@ class PodsMetadataSpec(_Spec):
     worker: PodMetadataSpec = Field(default_factory=PodMetadataSpec, description="Worker pod metadata.")
 
 
+class DiagnosticsSpec(_Spec):
+    """What the operator may copy from the pods into the status (which whoever reads the job can read)."""
+
+    logTail: bool = Field(
+        default=False,
+        description="Copy the last log lines of the pod that explains a failure into "
+        "status.diagnosis.logTail. Off by default: whoever can read TrainingJobs would read them.",
+    )
+    logTailLines: int = Field(default=20, ge=1, le=200, description="How many log lines logTail copies.")
+
+
+# The global batch is split evenly over the training processes: workers × max(1, gpusPerWorker).
+_PROCESSES = "(self.workers * (self.gpusPerWorker > 0 ? self.gpusPerWorker : 1))"
+_PROCESSES_TEXT = "spec.workers * max(1, spec.gpusPerWorker)"
+_GLOBAL_BATCH = (
+    "has(self.training.train) && has(self.training.train.batch_mode) "
+    "&& self.training.train.batch_mode == 'global' && has(self.training.train.batch_size)"
+)
+
 _SPEC_RULES: list[Any] = [
+    _cel(
+        f"!({_GLOBAL_BATCH}) || self.training.train.batch_size % {_PROCESSES} == 0",
+        f"spec.training.train.batch_size (batch_mode: global) must be divisible by the number of training "
+        f"processes ({_PROCESSES_TEXT})",
+        fieldPath=".training.train.batch_size",
+        messageExpression="'spec.training.train.batch_size ' + string(self.training.train.batch_size) + "
+        "' (batch_mode: global) must be divisible by the ' + string" + _PROCESSES + " + "
+        f"' training processes ({_PROCESSES_TEXT})'",
+    ),
     _cel(
         "!has(self.training.runtime) || !has(self.training.runtime.backend) "
         "|| self.training.runtime.backend != 'single' || (self.workers == 1 && self.gpusPerWorker <= 1)",
@@ -264,30 +440,49 @@ class TrainingJobSpec(_Spec):
         json_schema_extra=_immutable("gpusPerWorker"),
     )
     resources: ResourcesSpec = Field(
-        default_factory=ResourcesSpec, description="Per-worker CPU, memory and shared memory."
+        default_factory=ResourcesSpec,
+        description="Per-worker CPU, memory and shared memory.",
+        json_schema_extra=_immutable("resources"),
     )
     image: str = Field(
-        default="fieldkube/trainer:0.1.0", min_length=1, description="Trainer container image."
+        default="fieldkube/trainer:0.1.0",
+        min_length=1,
+        description="Trainer container image.",
+        json_schema_extra=_immutable("image"),
     )
     imagePullPolicy: Literal["Always", "IfNotPresent", "Never"] = Field(
-        default="IfNotPresent", description="Pull policy."
+        default="IfNotPresent", description="Pull policy.", json_schema_extra=_immutable("imagePullPolicy")
     )
     mlflow: MlflowSpec = Field(
-        default_factory=MlflowSpec, description="Experiment tracking and model registry."
+        default_factory=MlflowSpec,
+        description="Experiment tracking and model registry.",
+        json_schema_extra=_immutable("mlflow"),
     )
-    checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec, description="Checkpoints.")
+    checkpoint: CheckpointSpec = Field(
+        default_factory=CheckpointSpec, description="Checkpoints.", json_schema_extra=_immutable("checkpoint")
+    )
     runPolicy: RunPolicySpec = Field(
-        default_factory=RunPolicySpec, description="Retries, deadlines and cleanup."
+        default_factory=RunPolicySpec,
+        description="Retries, deadlines and cleanup; only suspend and ttlSecondsAfterFinished may change.",
     )
     pendingTimeoutSeconds: int = Field(
         default=900,
         ge=0,
-        description="Fail the job if its pods stay unscheduled this long (0 = wait forever).",
+        description="Fail the job if its pods stay unscheduled this long (0 = wait forever); may change.",
     )
-    scheduling: SchedulingSpec = Field(default_factory=SchedulingSpec, description="Where the pods may run.")
+    scheduling: SchedulingSpec = Field(
+        default_factory=SchedulingSpec,
+        description="Where the pods may run.",
+        json_schema_extra=_immutable("scheduling"),
+    )
     podMetadata: PodsMetadataSpec = Field(
         default_factory=PodsMetadataSpec,
         description="Extra labels and annotations on the job's pods.",
+        json_schema_extra=_immutable("podMetadata"),
+    )
+    diagnostics: DiagnosticsSpec = Field(
+        default_factory=DiagnosticsSpec,
+        description="What the status may show of the pods' output; may change.",
     )
 
     @property

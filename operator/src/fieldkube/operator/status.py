@@ -4,10 +4,15 @@ Everything a user needs without reading pods: the phase mirrored from the MPIJob
 pending (an Unschedulable pod condition or FailedScheduling event), the pending timeout, and on failure the
 pod, exit code and reason that explain it. Terminal phases are sticky: once Succeeded or Failed, only the
 tracking fields may still change, so pod cleanup never erases a diagnosis.
+
+Conditions follow the Kubernetes API conventions: one per type, each with the generation it was computed
+from and a CamelCase reason even when False. Log lines appear in the status only when the job opts in
+(`spec.diagnostics.logTail`); `log_tail_pod` says whose log the caller should read.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -17,6 +22,7 @@ from pydantic import ValidationError
 from fieldkube.operator import names
 from fieldkube.operator.spec import TrainingJobSpec
 from fieldkube.operator.status_model import (
+    REASON_PATTERN,
     TERMINAL_PHASES,
     Condition,
     Diagnosis,
@@ -29,6 +35,8 @@ from fieldkube.operator.status_model import (
 
 Obj = dict[str, Any]
 PENDING_TIMEOUT_REASON = "PendingTimeout"
+_REASON = re.compile(REASON_PATTERN)
+_SCHEDULER_REASONS = {"Unschedulable", "SchedulerError"}
 _WAITING_PROBLEMS = {
     "ErrImagePull",
     "ImagePullBackOff",
@@ -58,9 +66,29 @@ def parse_time(text: str | None) -> datetime | None:
     return datetime.fromisoformat(text.replace("Z", "+00:00"))
 
 
+def condition_reason(text: str, fallback: str) -> str:
+    """`text` as a condition reason (CamelCase, e.g. 'no such pod' → 'NoSuchPod'), else `fallback`."""
+    if _REASON.match(text) and len(text) <= 1024:
+        return text
+    camel = "".join(w[:1].upper() + w[1:] for w in re.findall(r"[A-Za-z0-9_]+", text))[:1024]
+    return camel if _REASON.match(camel) else fallback
+
+
+def _stored_conditions(status: Obj) -> list[Obj]:
+    """Stored conditions with reasons an older operator left empty or free-form made valid."""
+    fallback = condition_reason(str(status.get("phase") or ""), "Unknown")
+    return [
+        {**c, "reason": condition_reason(str(c.get("reason") or ""), fallback)}
+        for c in status.get("conditions") or []
+        if isinstance(c, dict)
+    ]
+
+
 def previous_status(tj: Obj) -> TrainingJobStatus:
     """The stored status, or a fresh one when absent or unreadable (e.g. written by an older operator)."""
     stored = {k: v for k, v in (tj.get("status") or {}).items() if k in TrainingJobStatus.model_fields}
+    if "conditions" in stored:
+        stored["conditions"] = _stored_conditions(stored)
     try:
         return TrainingJobStatus.model_validate(stored)
     except ValidationError:
@@ -174,14 +202,88 @@ def failure_diagnosis(pods: list[Obj], logs: dict[str, list[str]]) -> Diagnosis 
 
 
 def _set_condition(
-    conditions: list[Condition], kind: str, status: bool, reason: str, message: str, now: str
+    conditions: list[Condition],
+    kind: str,
+    status: bool,
+    reason: str,
+    message: str,
+    now: str,
+    generation: int | None,
 ) -> list[Condition]:
     """Replace one condition, keeping its transition time when its status did not change."""
     text: Literal["True", "False"] = "True" if status else "False"
     previous = next((c for c in conditions if c.type == kind), None)
     since = previous.lastTransitionTime if previous is not None and previous.status == text else now
-    updated = Condition(type=kind, status=text, reason=reason, message=message, lastTransitionTime=since)
+    updated = Condition(
+        type=kind,
+        status=text,
+        observedGeneration=generation,
+        reason=condition_reason(reason, kind + ("" if status else "False")),
+        message=message,
+        lastTransitionTime=since,
+    )
     return [*(c for c in conditions if c.type != kind), updated]
+
+
+def _is_scheduled(pod: Obj) -> bool:
+    if (pod.get("spec") or {}).get("nodeName"):
+        return True
+    conditions = (pod.get("status") or {}).get("conditions") or []
+    return any(c.get("type") == "PodScheduled" and c.get("status") == "True" for c in conditions)
+
+
+def scheduled_condition(
+    spec: TrainingJobSpec, phase: str, pods: list[Obj], stuck: tuple[str, str, str] | None
+) -> tuple[bool, str, str]:
+    """(status, reason, message) of Scheduled: True only once every worker pod exists on a node.
+
+    The launcher is counted when it exists (it is created once the workers are ready).
+    """
+    if stuck is not None and stuck[0] in _SCHEDULER_REASONS:
+        return False, stuck[0], f"{stuck[2]}: {stuck[1]}"
+    if phase == "Suspended":
+        return False, "Suspended", "the job is suspended: its pods are deleted"
+    if not pods:
+        return False, "PodsNotCreated", "no pod of the job exists yet"
+    placed = sum(1 for p in pods if _role(p) == "worker" and _is_scheduled(p))
+    launcher_waits = any(_role(p) == "launcher" and not _is_scheduled(p) for p in pods)
+    message = f"{placed}/{spec.workers} worker pods on nodes"
+    if placed >= spec.workers and not launcher_waits:
+        return True, "PodsScheduled", message
+    return False, "PodsPending", message + ("; the launcher is not yet on a node" if launcher_waits else "")
+
+
+def _without_tail(diagnosis: Diagnosis | None) -> Diagnosis | None:
+    return None if diagnosis is None else diagnosis.model_copy(update={"logTail": []})
+
+
+def _log_tail_policy(spec: TrainingJobSpec, previous: TrainingJobStatus, status: TrainingJobStatus) -> None:
+    """Log lines only when the job opts in; a diagnosis that did not change keeps the tail already read."""
+    diagnosis = status.diagnosis
+    if diagnosis is None:
+        return
+    if not spec.diagnostics.logTail:
+        if diagnosis.logTail:
+            status.diagnosis = _without_tail(diagnosis)
+        return
+    kept = previous.diagnosis
+    if not diagnosis.logTail and kept is not None and kept.logTail and _without_tail(kept) == diagnosis:
+        status.diagnosis = kept
+
+
+def log_tail_pod(spec: TrainingJobSpec, previous: TrainingJobStatus, status: TrainingJobStatus) -> str | None:
+    """The pod whose log tail the caller should read into `status.diagnosis.logTail` now, if any.
+
+    Only for jobs that opt in (`spec.diagnostics.logTail`, `spec.diagnostics.logTailLines` lines), and only
+    for a diagnosis that names a pod, has no tail yet and is new since `previous`, so an unchanged failure
+    costs no log read on later syncs.
+    """
+    diagnosis = status.diagnosis
+    if not spec.diagnostics.logTail or diagnosis is None or not diagnosis.pod or diagnosis.logTail:
+        return None
+    if previous.diagnosis is not None and _without_tail(previous.diagnosis) == diagnosis:
+        return None
+    return diagnosis.pod
 
 
 def _progress_summary(phase: str, progress: Progress) -> str:
@@ -223,7 +325,7 @@ def compute_status(
 ) -> TrainingJobStatus:
     """The status the TrainingJob should have now, given what the cluster and MLflow report."""
     previous = previous_status(tj)
-    logs = logs or {}
+    logs = (logs or {}) if spec.diagnostics.logTail else {}
     stamp = timestamp(now)
     status = previous.model_copy(deep=True)
     if tracking is not None:
@@ -234,18 +336,23 @@ def compute_status(
             status.registeredModel = tracking.registered_model
     status.progress.summary = _progress_summary(status.phase, status.progress)
     if previous.phase in TERMINAL_PHASES:
+        _log_tail_policy(spec, previous, status)
         return status
 
-    status.observedGeneration = tj.get("metadata", {}).get("generation")
+    generation = tj.get("metadata", {}).get("generation")
+    status.observedGeneration = generation
     status.gpus = spec.total_gpus
     workers = [p for p in pods if _role(p) == "worker"]
     status.workers = WorkersStatus(ready=sum(1 for p in workers if _is_ready(p)), total=spec.workers)
     conditions = list(previous.conditions)
     if mpijob is not None:
         status.mpiJobName = mpijob["metadata"]["name"]
-        conditions = _set_condition(
-            conditions, "Created", True, "MPIJobCreated", f"MPIJob {status.mpiJobName}", stamp
-        )
+        created = (True, "MPIJobCreated", f"MPIJob {status.mpiJobName}")
+    elif any(c.type == "Created" and c.status == "True" for c in conditions):
+        created = (False, "MPIJobMissing", f"MPIJob {names.mpijob_name(tj['metadata']['name'])} is gone")
+    else:
+        created = (False, "MPIJobNotCreated", "creating the MPIJob")
+    conditions = _set_condition(conditions, "Created", *created, stamp, generation)
     mpi_status = (mpijob or {}).get("status") or {}
 
     failed, succeeded = _condition(mpijob, "Failed"), _condition(mpijob, "Succeeded")
@@ -301,27 +408,27 @@ def compute_status(
                 pod=stuck[2] if stuck else "", reason=why, message=stuck[1] if stuck else "pods did not start"
             )
             conditions = _set_condition(
-                conditions, "Failed", True, PENDING_TIMEOUT_REASON, status.message, stamp
+                conditions, "Failed", True, PENDING_TIMEOUT_REASON, status.message, stamp, generation
             )
 
-    scheduled = stuck is None or stuck[0] not in {"Unschedulable", "SchedulerError"}
-    conditions = _set_condition(
-        conditions,
-        "Scheduled",
-        scheduled,
-        "Scheduled" if scheduled else stuck[0] if stuck else "",
-        "" if scheduled or stuck is None else stuck[1],
-        stamp,
-    )
+    previous_scheduled = next((c for c in conditions if c.type == "Scheduled"), None)
+    if not (status.phase in TERMINAL_PHASES and not pods and previous_scheduled is not None):
+        # a finished job's pods may be cleaned up: that does not unschedule it
+        scheduled = scheduled_condition(spec, status.phase, pods, stuck)
+        conditions = _set_condition(conditions, "Scheduled", *scheduled, stamp, generation)
     for kind in ("Running", "Succeeded", "Suspended"):
         conditions = _set_condition(
-            conditions, kind, status.phase == kind, status.phase, status.message, stamp
+            conditions, kind, status.phase == kind, status.phase, status.message, stamp, generation
         )
-    if status.phase == "Failed" and not any(c.type == "Failed" and c.status == "True" for c in conditions):
-        conditions = _set_condition(conditions, "Failed", True, status.reason, status.message, stamp)
+    failed_now = any(c.type == "Failed" and c.status == "True" for c in conditions)
+    if status.phase == "Failed" and not failed_now:
+        conditions = _set_condition(
+            conditions, "Failed", True, status.reason or "Failed", status.message, stamp, generation
+        )
     elif status.phase != "Failed":
-        conditions = _set_condition(conditions, "Failed", False, "", "", stamp)
+        conditions = _set_condition(conditions, "Failed", False, status.phase, "", stamp, generation)
     status.conditions = conditions
+    _log_tail_policy(spec, previous, status)
     status.progress.summary = _progress_summary(status.phase, status.progress)
     return status
 

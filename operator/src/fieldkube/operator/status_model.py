@@ -17,12 +17,29 @@ class _Status(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+# metav1.Condition's reason: CamelCase, never empty (kubectl, kstatus and alerting read it).
+REASON_PATTERN = r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$"
+MAX_CONDITIONS = 16
+
+
 class Condition(_Status):
-    type: str = Field(description="Created, Scheduled, Running, Succeeded, Failed or Suspended.")
+    """One condition, shaped like metav1.Condition (the Kubernetes API conventions)."""
+
+    type: str = Field(
+        max_length=316, description="Created, Scheduled, Running, Succeeded, Failed or Suspended."
+    )
     status: Literal["True", "False", "Unknown"]
-    reason: str = ""
-    message: str = ""
-    lastTransitionTime: str | None = None
+    observedGeneration: int | None = Field(
+        default=None, ge=0, description="The metadata.generation this condition was computed from."
+    )
+    reason: str = Field(
+        min_length=1,
+        max_length=1024,
+        pattern=REASON_PATTERN,
+        description="Why the condition has this status, in CamelCase (e.g. Unschedulable, PodsScheduled).",
+    )
+    message: str = Field(default="", max_length=32768, description="Details for a person.")
+    lastTransitionTime: str | None = Field(default=None, description="When status last changed (RFC 3339).")
 
 
 class WorkersStatus(_Status):
@@ -66,7 +83,8 @@ class Diagnosis(_Status):
     )
     message: str = ""
     logTail: list[str] = Field(
-        default_factory=list, description="Last log lines of the container, when readable."
+        default_factory=list,
+        description="Last log lines of the container, when readable and spec.diagnostics.logTail is true.",
     )
 
 
@@ -74,7 +92,12 @@ class TrainingJobStatus(_Status):
     phase: Phase = "Pending"
     reason: str = Field(default="", description="Why the job is in this phase (e.g. Unschedulable).")
     message: str = ""
-    conditions: list[Condition] = Field(default_factory=list)
+    conditions: list[Condition] = Field(
+        default_factory=list,
+        max_length=MAX_CONDITIONS,
+        description="At most one condition per type.",
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
+    )
     observedGeneration: int | None = None
     mpiJobName: str | None = None
     gpus: int = Field(default=0, description="GPUs requested by all workers.")
