@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 
+from fieldkube.localcluster import node as real_node
 from fieldkube.localcluster.node import NODE_IP
 
 pytestmark = pytest.mark.cluster
@@ -188,7 +189,12 @@ def test_server_is_the_pinned_kubernetes_release(local_cluster: Any) -> None:
 
 
 def test_nodes_are_fake_gpu_nodes_ready_for_scheduling(local_cluster: Any) -> None:
-    nodes = local_cluster.get_json("nodes")["items"]
+    # The real node (started by the real-node tests when they share this session's cluster) is not a fake one.
+    nodes = [
+        n
+        for n in local_cluster.get_json("nodes")["items"]
+        if n["metadata"].get("labels", {}).get(real_node.NODE_LABEL) != real_node.NODE_LABEL_VALUE
+    ]
     assert sorted(n["metadata"]["name"] for n in nodes) == sorted(local_cluster.node_names)
     for node in nodes:
         assert node["metadata"]["annotations"]["kwok.x-k8s.io/node"] == "fake"
@@ -275,7 +281,8 @@ def test_pod_asking_for_more_gpus_than_any_node_has_stays_pending_unschedulable(
     cond = local_cluster.wait_for("the scheduler to mark the pod Unschedulable", unschedulable, timeout=30)
     assert cond["status"] == "False"
     assert "Insufficient nvidia.com/gpu" in cond["message"]
-    assert f"0/{local_cluster.nodes} nodes are available" in cond["message"]
+    all_nodes = len(local_cluster.get_json("nodes")["items"])  # the real node too, where it runs
+    assert f"0/{all_nodes} nodes are available" in cond["message"]
     time.sleep(3)
     pod = get_pod(local_cluster, cluster_namespace, "greedy")
     assert pod["status"]["phase"] == "Pending"

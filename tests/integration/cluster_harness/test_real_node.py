@@ -142,6 +142,16 @@ def test_real_pods_network_dns_limits_and_a_clean_host_after_stop(tmp_path: Path
         web_ip = web["status"]["podIP"]
         assert web_ip.startswith("10.213.0."), web_ip
         service_ip = cluster.kubectl("get", "svc", "web", "-n", ns, "-o", "jsonpath={.spec.clusterIP}").stdout
+        # kube-proxy programs a Service some time after its endpoint is ready (as in any cluster; longer
+        # under load): wait for its rules rather than racing them.
+        cluster.wait_for(
+            "kube-proxy rules for Service web",
+            lambda: (
+                f"-d {service_ip}/32" in (rules := real_node.iptables_rules("iptables"))
+                and f"--to-destination {web_ip}:8000" in rules
+            ),
+            timeout=60,
+        )
 
         # A second pod fetches the first by pod IP, by Service IP (kube-proxy) and by DNS name (CoreDNS);
         # a name outside the cluster must not resolve (no upstream forwarder).
