@@ -292,7 +292,7 @@ def test_resource_quantities_are_checked_by_the_api_servers_quantity_parser() ->
         node = resources[field]
         assert "pattern" not in node and node["maxLength"] == spec.MAX_QUANTITY_LENGTH
         (rule,) = _rules(node)
-        assert rule["rule"] == "isQuantity(self) && quantity(self).sign() == 1"
+        assert rule["rule"] == "isQuantity(self) && quantity(self).isGreaterThan(quantity('0'))"
         assert rule["message"].startswith(f"spec.resources.{field} must be a positive Kubernetes quantity")
 
 

@@ -69,7 +69,7 @@ def _quantity(field: str, example: str) -> dict[str, Any]:
         "maxLength": MAX_QUANTITY_LENGTH,
         "x-kubernetes-validations": [
             _cel(
-                "isQuantity(self) && quantity(self).sign() == 1",
+                "isQuantity(self) && quantity(self).isGreaterThan(quantity('0'))",
                 f"spec.{field} must be a positive Kubernetes quantity (e.g. {example})",
             )
         ],
