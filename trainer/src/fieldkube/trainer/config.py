@@ -6,6 +6,7 @@ TrainingJob CRD and validates `spec.training` with `TrainingConfig` without impo
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -190,7 +191,15 @@ def _describe(error: ValidationError, source: str) -> str:
 
 
 def parse_value(text: str) -> Any:
-    """A `--set` value parsed as YAML scalar/list (so `1e-3`, `true`, `[1,2]` work), else the raw string."""
+    """A `--set` value: JSON first, then a YAML scalar/list (`true`, `[1,2]`), else the raw string.
+
+    JSON first because the operator sends each section as JSON, and YAML 1.1 (PyYAML) reads a number
+    without a dot, such as the `1e-06` json.dumps writes for 1e-6, as a string.
+    """
+    try:
+        return json.loads(text)
+    except ValueError:
+        pass
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError:
