@@ -61,6 +61,7 @@ def test_missing_dataset_ends_failed_with_pod_exit_code_and_the_trainers_error(
         node_mlflow,
         dataset={"pvc": "field-images", "path": "prepared/does-not-exist"},
         runPolicy={"backoffLimit": 0},
+        diagnostics={"logTail": True},  # the trainer's error is in the launcher's log
     )
     name = doc["metadata"]["name"]
     local_cluster.kubectl("apply", "-n", cluster_namespace, "-f", "-", input=yaml.safe_dump(doc))

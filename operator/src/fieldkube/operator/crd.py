@@ -6,9 +6,10 @@ from typing import Any
 
 import yaml
 
+from fieldkube.operator import rules
 from fieldkube.operator import spec as spec_module
 from fieldkube.operator.openapi import structural_schema
-from fieldkube.operator.spec import DNS_1035_LABEL_PATTERN, MAX_NAME_LENGTH, TrainingJobSpec
+from fieldkube.operator.spec import TrainingJobSpec
 from fieldkube.operator.status_model import TrainingJobStatus
 from fieldkube.operator.training_schema import training_schema
 
@@ -21,20 +22,6 @@ PRINTER_COLUMNS: list[dict[str, Any]] = [
     {"name": "Reason", "type": "string", "jsonPath": ".status.reason", "priority": 1},
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
 ]
-
-NAME_RULES = [
-    {
-        "rule": f"self.metadata.name.matches('{DNS_1035_LABEL_PATTERN}')",
-        "message": "metadata.name must be a DNS-1035 label: lowercase letters, digits and '-', starting with "
-        "a letter and ending with a letter or digit (the MPIJob's Services are named after it)",
-    },
-    {
-        "rule": f"self.metadata.name.size() <= {MAX_NAME_LENGTH}",
-        "message": f"metadata.name must be at most {MAX_NAME_LENGTH} characters (worker pods are named "
-        "<name>-worker-<index>)",
-    },
-]
-
 
 def spec_schema() -> dict[str, Any]:
     """OpenAPI schema of `spec`, with the trainer's schema embedded at `spec.training`."""
@@ -63,7 +50,7 @@ def trainingjob_crd() -> dict[str, Any]:
     root = {
         "type": "object",
         "required": ["spec"],
-        "x-kubernetes-validations": NAME_RULES,
+        "x-kubernetes-validations": rules.NAME_RULES,
         "properties": {
             "apiVersion": {"type": "string"},
             "kind": {"type": "string"},

@@ -1,8 +1,9 @@
 """The TrainingJob spec as one typed model: parsed, defaulted and validated once, and the CRD schema's source.
 
 Field names are the CRD's (camelCase). Limits declared here become OpenAPI bounds in the generated CRD, and
-the `x-kubernetes-validations` (CEL) rules attached here are enforced by the API server, so a bad spec is
-rejected at `kubectl apply` time with a message naming the field. `spec.training` is the trainer's own
+the `x-kubernetes-validations` (CEL) rules attached here (written in `rules.py`) are enforced by the API
+server, so a bad spec, or an edit of a field the operator reads only at creation, is rejected at
+`kubectl apply` time with a message naming the field. `spec.training` is the trainer's own
 configuration schema (see `training_schema.py`), minus the sections this spec owns.
 """
 
@@ -16,6 +17,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from fieldkube.operator import rules
 from fieldkube.operator.quantity import format_bytes, parse_quantity
 from fieldkube.operator.training_schema import training_defaults
 
@@ -32,48 +34,10 @@ MODEL_NAME_PATTERN = (
     r"^(counter-mcnn|counter-fcrn|segmenter-unet|[A-Za-z_][A-Za-z0-9_.]*:[A-Za-z_][A-Za-z0-9_]*)$"
 )
 DEFAULT_MODEL = "counter-mcnn"
-# Worker pods are named <name>-worker-<i> and must be DNS-1035 labels (63 characters).
-MAX_NAME_LENGTH = 50
+MAX_NAME_LENGTH = rules.MAX_NAME_LENGTH
 MAX_WORKERS = 512
 MAX_GPUS_PER_WORKER = 16
-MAX_QUANTITY_LENGTH = 64
 DNS_LABEL_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
-# metadata.name: the mpi-operator names Services and pods after the job, so it must be a DNS-1035 label.
-DNS_1035_LABEL_PATTERN = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
-# The trainer's model.init_from forms (fieldkube.trainer.config.MODELS_URI for models:/).
-MODELS_URI_PATTERN = r"^models:/[^/@]+(@[^/@]+|/[0-9]+)/?$"
-RUNS_URI_PATTERN = r"^runs:/[^/]+/.+$"
-LAYER_GROUP_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*$"
-MAX_FREEZE_EPOCHS = 100_000
-
-
-def _cel(rule: str, message: str, **extra: str) -> dict[str, Any]:
-    return {"rule": rule, "message": message, **extra}
-
-
-def _immutable_rule(field: str) -> dict[str, Any]:
-    return _cel(
-        "self == oldSelf",
-        f"spec.{field} is immutable once the job exists (the operator reads it only at creation)",
-    )
-
-
-def _immutable(field: str) -> dict[str, Any]:
-    """Schema extras of a spec field that may not change after creation."""
-    return {"x-kubernetes-validations": [_immutable_rule(field)]}
-
-
-def _quantity(field: str, example: str) -> dict[str, Any]:
-    """Schema extras of a resource quantity: parsed by the API server's own quantity parser, positive."""
-    return {
-        "maxLength": MAX_QUANTITY_LENGTH,
-        "x-kubernetes-validations": [
-            _cel(
-                "isQuantity(self) && quantity(self).isGreaterThan(quantity('0'))",
-                f"spec.{field} must be a positive Kubernetes quantity (e.g. {example})",
-            )
-        ],
-    }
 
 
 def _positive_quantity(value: str) -> str:
@@ -86,23 +50,12 @@ class _Spec(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True)
 
 
-FREEZE_EPOCHS_MESSAGE = "spec.model.freezeEpochs needs spec.model.freeze (the layer groups to hold)"
-
-
 class ModelSpec(_Spec):
     model_config = ConfigDict(
         extra="forbid",
         populate_by_name=True,
         frozen=True,
-        json_schema_extra={
-            "x-kubernetes-validations": [
-                _cel(
-                    "!has(self.freezeEpochs) || (has(self.freeze) && size(self.freeze) > 0)",
-                    FREEZE_EPOCHS_MESSAGE,
-                    fieldPath=".freezeEpochs",
-                )
-            ]
-        },
+        json_schema_extra={"x-kubernetes-validations": rules.MODEL_RULES},
     )
 
     name: str = Field(
@@ -123,18 +76,7 @@ class ModelSpec(_Spec):
         "models:/NAME@alias, models:/NAME/VERSION, runs:/RUN_ID/PATH or a bundle directory as the trainer "
         "sees it. The architecture is the source's: name/params, when not left at their defaults, must "
         "match it.",
-        json_schema_extra={
-            "x-kubernetes-validations": [
-                _cel(
-                    f"!self.startsWith('models:/') || self.matches('{MODELS_URI_PATTERN}')",
-                    "spec.model.initFrom must be models:/NAME@alias or models:/NAME/VERSION",
-                ),
-                _cel(
-                    f"!self.startsWith('runs:/') || self.matches('{RUNS_URI_PATTERN}')",
-                    "spec.model.initFrom must be runs:/RUN_ID/PATH (e.g. runs:/0a1b/model)",
-                ),
-            ]
-        },
+        json_schema_extra={"x-kubernetes-validations": rules.INIT_FROM_RULES},
     )
     freeze: list[str] = Field(
         default_factory=list,
@@ -143,13 +85,13 @@ class ModelSpec(_Spec):
         "middle, decoder, head in counter-fcrn) held fixed for the first freezeEpochs epochs.",
         json_schema_extra={
             "x-kubernetes-list-type": "set",
-            "items": {"type": "string", "pattern": LAYER_GROUP_PATTERN, "maxLength": 128},
+            "items": {"type": "string", "pattern": rules.LAYER_GROUP_PATTERN, "maxLength": 128},
         },
     )
     freezeEpochs: int | None = Field(
         default=None,
         ge=1,
-        le=MAX_FREEZE_EPOCHS,
+        le=rules.MAX_FREEZE_EPOCHS,
         description="Epochs during which freeze applies (the trainer's default: 1).",
     )
 
@@ -158,16 +100,16 @@ class ModelSpec(_Spec):
     def _init_source_form(cls, value: str | None) -> str | None:
         if value is None:
             return None
-        if value.startswith("models:/") and not re.match(MODELS_URI_PATTERN, value):
+        if value.startswith("models:/") and not re.match(rules.MODELS_URI_PATTERN, value):
             raise ValueError(f"{value!r}: expected models:/NAME@alias or models:/NAME/VERSION")
-        if value.startswith("runs:/") and not re.match(RUNS_URI_PATTERN, value):
+        if value.startswith("runs:/") and not re.match(rules.RUNS_URI_PATTERN, value):
             raise ValueError(f"{value!r}: expected runs:/RUN_ID/PATH")
         return value
 
     @field_validator("freeze")
     @classmethod
     def _layer_groups(cls, value: list[str]) -> list[str]:
-        bad = [name for name in value if not re.match(LAYER_GROUP_PATTERN, name)]
+        bad = [name for name in value if not re.match(rules.LAYER_GROUP_PATTERN, name)]
         if bad:
             raise ValueError(f"{bad[0]!r} is not a layer group name (a top-level module such as encoder)")
         if len(set(value)) != len(value):
@@ -177,7 +119,7 @@ class ModelSpec(_Spec):
     @model_validator(mode="after")
     def _freeze_epochs_need_freeze(self) -> ModelSpec:
         if self.freezeEpochs is not None and not self.freeze:
-            raise ValueError(FREEZE_EPOCHS_MESSAGE)
+            raise ValueError(rules.FREEZE_EPOCHS_MESSAGE)
         return self
 
     @property
@@ -207,16 +149,16 @@ class ResourcesSpec(_Spec):
     cpu: str = Field(
         default="4",
         description="CPU request and limit of each worker.",
-        json_schema_extra=_quantity("resources.cpu", "4, 500m"),
+        json_schema_extra=rules.quantity("resources.cpu", "4, 500m"),
     )
     memory: str = Field(
         default="16Gi",
         description="Memory request and limit of each worker.",
-        json_schema_extra=_quantity("resources.memory", "16Gi, 512Mi"),
+        json_schema_extra=rules.quantity("resources.memory", "16Gi, 512Mi"),
     )
     sharedMemory: str | None = Field(
         default=None,
-        json_schema_extra=_quantity("resources.sharedMemory", "8Gi"),
+        json_schema_extra=rules.quantity("resources.sharedMemory", "8Gi"),
         description="Size limit of each worker's memory-backed /dev/shm (DataLoader workers and MPI's "
         "shared-memory transport use it); default: half of memory. Memory-backed shm counts against the "
         "worker's memory limit: what is stored there is memory the training processes cannot use.",
@@ -271,12 +213,6 @@ class CheckpointSpec(_Spec):
     resume: bool = Field(default=True, description="Resume from the latest checkpoint when one exists.")
 
 
-_ACTIVE_DEADLINE_UNCHANGED = (
-    "has(self.activeDeadlineSeconds) == has(oldSelf.activeDeadlineSeconds) && "
-    "(!has(self.activeDeadlineSeconds) || self.activeDeadlineSeconds == oldSelf.activeDeadlineSeconds)"
-)
-
-
 class RunPolicySpec(_Spec):
     """Fixed at creation except `suspend` and `ttlSecondsAfterFinished`, which the operator follows."""
 
@@ -284,17 +220,7 @@ class RunPolicySpec(_Spec):
         extra="forbid",
         populate_by_name=True,
         frozen=True,
-        json_schema_extra={
-            "x-kubernetes-validations": [
-                # an optional field's own rule sees no oldSelf when it is added or removed: checked here
-                _cel(
-                    _ACTIVE_DEADLINE_UNCHANGED,
-                    "spec.runPolicy.activeDeadlineSeconds is immutable once the job exists "
-                    "(the operator reads it only at creation)",
-                    fieldPath=".activeDeadlineSeconds",
-                )
-            ]
-        },
+        json_schema_extra={"x-kubernetes-validations": rules.RUN_POLICY_RULES},
     )
 
     backoffLimit: int = Field(
@@ -302,7 +228,7 @@ class RunPolicySpec(_Spec):
         ge=0,
         le=100,
         description="Launcher retries before the job fails. Immutable.",
-        json_schema_extra=_immutable("runPolicy.backoffLimit"),
+        json_schema_extra=rules.immutable("runPolicy.backoffLimit"),
     )
     activeDeadlineSeconds: int | None = Field(
         default=None, ge=1, description="Fail the job after this many seconds. Immutable."
@@ -315,7 +241,7 @@ class RunPolicySpec(_Spec):
     cleanPodPolicy: Literal["Running", "All", "None"] = Field(
         default="Running",
         description="Pods deleted when the job ends: Running (still running), All, or None. Immutable.",
-        json_schema_extra=_immutable("runPolicy.cleanPodPolicy"),
+        json_schema_extra=rules.immutable("runPolicy.cleanPodPolicy"),
     )
     suspend: bool = Field(
         default=False, description="Suspend the job (deletes its pods); set false to resume."
@@ -376,38 +302,6 @@ class DiagnosticsSpec(_Spec):
     logTailLines: int = Field(default=20, ge=1, le=200, description="How many log lines logTail copies.")
 
 
-# The global batch is split evenly over the training processes: workers × max(1, gpusPerWorker).
-_PROCESSES = "(self.workers * (self.gpusPerWorker > 0 ? self.gpusPerWorker : 1))"
-_PROCESSES_TEXT = "spec.workers * max(1, spec.gpusPerWorker)"
-_GLOBAL_BATCH = (
-    "has(self.training.train) && has(self.training.train.batch_mode) "
-    "&& self.training.train.batch_mode == 'global' && has(self.training.train.batch_size)"
-)
-
-_SPEC_RULES: list[Any] = [
-    _cel(
-        f"!({_GLOBAL_BATCH}) || self.training.train.batch_size % {_PROCESSES} == 0",
-        f"spec.training.train.batch_size (batch_mode: global) must be divisible by the number of training "
-        f"processes ({_PROCESSES_TEXT})",
-        fieldPath=".training.train.batch_size",
-        messageExpression="'spec.training.train.batch_size ' + string(self.training.train.batch_size) + "
-        "' (batch_mode: global) must be divisible by the ' + string" + _PROCESSES + " + "
-        f"' training processes ({_PROCESSES_TEXT})'",
-    ),
-    _cel(
-        "!has(self.training.runtime) || !has(self.training.runtime.backend) "
-        "|| self.training.runtime.backend != 'single' || (self.workers == 1 && self.gpusPerWorker <= 1)",
-        "spec.training.runtime.backend 'single' runs one process: it needs workers: 1 and gpusPerWorker <= 1",
-        fieldPath=".training.runtime.backend",
-    ),
-    _cel(
-        "!has(self.checkpoint.pvc) || has(self.checkpoint.path)",
-        "spec.checkpoint.path is required when spec.checkpoint.pvc is set",
-        fieldPath=".checkpoint.path",
-    ),
-]
-
-
 class TrainingJobSpec(_Spec):
     """What a user asks for: one distributed training run of one model on one dataset."""
 
@@ -415,51 +309,59 @@ class TrainingJobSpec(_Spec):
         extra="forbid",
         populate_by_name=True,
         frozen=True,
-        json_schema_extra={"x-kubernetes-validations": _SPEC_RULES},
+        json_schema_extra={"x-kubernetes-validations": rules.SPEC_RULES},
     )
 
     model: ModelSpec = Field(
         default_factory=ModelSpec,
         description="What to train.",
-        json_schema_extra=_immutable("model"),
+        json_schema_extra=rules.immutable("model"),
     )
-    dataset: DatasetSpec = Field(description="Training data.", json_schema_extra=_immutable("dataset"))
+    dataset: DatasetSpec = Field(description="Training data.", json_schema_extra=rules.immutable("dataset"))
     training: dict[str, Any] = Field(
         default_factory=dict,
         description="Trainer configuration (data, train, runtime sections of fieldkube-train's config).",
-        json_schema_extra=_immutable("training"),
+        json_schema_extra=rules.immutable("training"),
     )
     workers: int = Field(
-        default=1, ge=1, le=MAX_WORKERS, description="Worker pods.", json_schema_extra=_immutable("workers")
+        default=1,
+        ge=1,
+        le=MAX_WORKERS,
+        description="Worker pods.",
+        json_schema_extra=rules.immutable("workers"),
     )
     gpusPerWorker: int = Field(
         default=1,
         ge=0,
         le=MAX_GPUS_PER_WORKER,
         description="nvidia.com/gpu per worker; also the MPI slots (processes) per worker (at least 1).",
-        json_schema_extra=_immutable("gpusPerWorker"),
+        json_schema_extra=rules.immutable("gpusPerWorker"),
     )
     resources: ResourcesSpec = Field(
         default_factory=ResourcesSpec,
         description="Per-worker CPU, memory and shared memory.",
-        json_schema_extra=_immutable("resources"),
+        json_schema_extra=rules.immutable("resources"),
     )
     image: str = Field(
         default="fieldkube/trainer:0.1.0",
         min_length=1,
         description="Trainer container image.",
-        json_schema_extra=_immutable("image"),
+        json_schema_extra=rules.immutable("image"),
     )
     imagePullPolicy: Literal["Always", "IfNotPresent", "Never"] = Field(
-        default="IfNotPresent", description="Pull policy.", json_schema_extra=_immutable("imagePullPolicy")
+        default="IfNotPresent",
+        description="Pull policy.",
+        json_schema_extra=rules.immutable("imagePullPolicy"),
     )
     mlflow: MlflowSpec = Field(
         default_factory=MlflowSpec,
         description="Experiment tracking and model registry.",
-        json_schema_extra=_immutable("mlflow"),
+        json_schema_extra=rules.immutable("mlflow"),
     )
     checkpoint: CheckpointSpec = Field(
-        default_factory=CheckpointSpec, description="Checkpoints.", json_schema_extra=_immutable("checkpoint")
+        default_factory=CheckpointSpec,
+        description="Checkpoints.",
+        json_schema_extra=rules.immutable("checkpoint"),
     )
     runPolicy: RunPolicySpec = Field(
         default_factory=RunPolicySpec,
@@ -473,12 +375,12 @@ class TrainingJobSpec(_Spec):
     scheduling: SchedulingSpec = Field(
         default_factory=SchedulingSpec,
         description="Where the pods may run.",
-        json_schema_extra=_immutable("scheduling"),
+        json_schema_extra=rules.immutable("scheduling"),
     )
     podMetadata: PodsMetadataSpec = Field(
         default_factory=PodsMetadataSpec,
         description="Extra labels and annotations on the job's pods.",
-        json_schema_extra=_immutable("podMetadata"),
+        json_schema_extra=rules.immutable("podMetadata"),
     )
     diagnostics: DiagnosticsSpec = Field(
         default_factory=DiagnosticsSpec,
