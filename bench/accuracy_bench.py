@@ -1,10 +1,12 @@
 """Accuracy benchmark on held-out synthetic data: CNN counter vs the classical counter, U-Net vs seed 004.
 
 One run, side by side:
-  - counter: `fieldkube-train` trains a counter on synthetic field images (seed --train-seed); the CNN and
-    the seed-000 classical counter (Lab + sigmoid + Determinant-of-Hessian) then count the same held-out
-    tiles (images drawn with --eval-seed, never seen in training): MAE overall, per seed-000 count bin and
-    per hazard (glare, dust, shadow, none);
+  - counter: `fieldkube-train` trains a counter on synthetic field images (seed --train-seed) once per
+    output activation in --counter-heads (model parameter `head`) and training seed in --seeds; each CNN
+    and the seed-000 classical counter (Lab + sigmoid + Determinant-of-Hessian) then count the same
+    held-out tiles (images drawn with --eval-seed, never seen in training): MAE overall, per seed-000
+    count bin and per hazard (glare, dust, shadow, none), averaged over seeds, and the tiles each head
+    counted below zero;
   - segmenter: `fieldkube-train` trains the U-Net on synthetic aerial scenes; pixel accuracy and IoU on
     held-out scenes, next to the seed's 0.95 / 0.66 (measured there on Inria, not on these scenes).
 The training budget (model, tiles, epochs, steps, seconds) is written with the figures, because on a
@@ -70,13 +72,13 @@ def _train(config: dict[str, Any], workdir: Path, threads: int) -> dict[str, Any
 
 
 def _job(model: str, params: dict[str, Any], data: Path, out: Path, args: argparse.Namespace,
-         epochs: int, lr: float, loss: str, batch: int) -> dict[str, Any]:  # fmt: skip
+         epochs: int, lr: float, loss: str, batch: int, seed: int) -> dict[str, Any]:  # fmt: skip
     return {
         "model": {"name": model, "params": params},
         "data": {"path": str(data), "loader_workers": 1, "color_jitter": 0.1},
         "train": {
             "epochs": epochs, "batch_size": batch, "lr": lr, "loss": loss, "evaluate": False,
-            "seed": 0, "log_every_steps": 50, "early_stopping_patience": 4,
+            "seed": seed, "log_every_steps": 50, "early_stopping_patience": 4,
         },
         "checkpoint": {"dir": None},
         "tracking": {"uri": None},
@@ -86,7 +88,10 @@ def _job(model: str, params: dict[str, Any], data: Path, out: Path, args: argpar
     }  # fmt: skip
 
 
-def counter_benchmark(root: Path, args: argparse.Namespace) -> dict[str, Any]:
+def _counter_arm(
+    root: Path, args: argparse.Namespace, head: str, seed: int
+) -> tuple[dict[str, Any], list[Any]]:
+    """One counter trained with `head` and training seed `seed`: its report and per-tile rows."""
     import torch
 
     from fieldkube.trainer.config import DataConfig
@@ -94,47 +99,84 @@ def counter_benchmark(root: Path, args: argparse.Namespace) -> dict[str, Any]:
     from fieldkube.trainer.loader import PreparedDataset
     from fieldkube.vision.bundle import load_bundle
 
+    params: dict[str, Any] = {"head": head}
+    if args.counter_model == "counter-fcrn":
+        params["base_channels"] = args.fcrn_width
+    out = root / f"counter-{head}-{seed}"
+    job = _job(args.counter_model, params, root / "field-train", out, args,
+               args.counter_epochs, args.counter_lr, args.counter_loss, 8, seed)  # fmt: skip
+    budget = _train(job, root, args.threads)
+    loaded = load_bundle(out / "model")
+    held_out = PreparedDataset(root / "field-eval", "test", DataConfig(), seed=0, augment=False)
+    torch.set_num_threads(args.threads)
+    report, rows = evaluate_counter(loaded.model, held_out, torch.device("cpu"), loaded.spec.density_scale)
+    train_tiles = len(PreparedDataset(root / "field-train", "train", DataConfig(), 0, augment=False))
+    budget.update(seed=seed, tile=args.counter_tile, train_tiles=train_tiles)
+    return {"report": report, "budget": budget}, rows
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
+def _head_summary(arms: list[tuple[dict[str, Any], list[Any]]]) -> dict[str, Any]:
+    """One head over its seeds: MAE/RMSE/R² averaged, MAE per seed, per bin and hazard, counts below zero."""
+    reports = [arm["report"]["cnn"] for arm, _ in arms]
+    counts = [row["cnn"] for _, rows in arms for row in rows]
+    return {
+        "mae": _mean([r["overall"]["mae"] for r in reports]),
+        "mae_by_seed": [r["overall"]["mae"] for r in reports],
+        "rmse": _mean([r["overall"]["rmse"] for r in reports]),
+        "r2": _mean([r["overall"]["r2"] for r in reports]),
+        "by_bin": {
+            label: _mean([r["by_bin"][label]["mae"] for r in reports]) if row["n"] else None
+            for label, row in reports[0]["by_bin"].items()
+        },
+        "by_hazard": {tag: _mean([r["by_tag"][tag]["mae"] for r in reports]) for tag in reports[0]["by_tag"]},
+        "tiles_below_zero": sum(count < 0 for count in counts),
+        "tiles_rounded_below_zero": sum(round(count) < 0 for count in counts),
+        "lowest_count": min(counts),
+        "training": [arm["budget"] for arm, _ in arms],
+    }
+
+
+def counter_benchmark(root: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """Every head in --counter-heads, each trained with every seed in --seeds on the same tiles and counted
+    on the same held-out tiles (a seed gives each head the same initial weights and data order)."""
+    from fieldkube.vision.models import model_params
+
     size, tile = args.counter_image_size, args.counter_tile
     _prepare("field", root / "field-train", args.counter_images, size, tile, args.train_seed, "90/10")
     _prepare("field", root / "field-eval", args.eval_images, size, tile, args.eval_seed, "0/100")
-    params = {"base_channels": args.fcrn_width} if args.counter_model == "counter-fcrn" else {}
-    job = _job(args.counter_model, params, root / "field-train", root / "counter", args,
-               args.counter_epochs, args.counter_lr, args.counter_loss, 8)  # fmt: skip
-    budget = _train(job, root, args.threads)
-    loaded = load_bundle(root / "counter" / "model")
-    held_out = PreparedDataset(root / "field-eval", "test", DataConfig(), seed=0, augment=False)
-    torch.set_num_threads(args.threads)
-    report, _ = evaluate_counter(loaded.model, held_out, torch.device("cpu"), loaded.spec.density_scale)
-    budget.update(tile=tile, train_tiles=len(PreparedDataset(root / "field-train", "train", DataConfig(), 0,
-                                                             augment=False)))  # fmt: skip
-    by_bin = {
-        label: {
-            "n": report["cnn"]["by_bin"][label]["n"],
-            "cnn": report["cnn"]["by_bin"][label]["mae"],
-            "classical": report["classical"]["by_bin"][label]["mae"],
-        }
-        for label in report["cnn"]["by_bin"]
-    }
-    by_tag = {
-        tag: {
-            "n": report["cnn"]["by_tag"][tag]["n"],
-            "cnn": report["cnn"]["by_tag"][tag]["mae"],
-            "classical": report["classical"]["by_tag"][tag]["mae"],
-        }
-        for tag in report["cnn"]["by_tag"]
-    }
+    heads: dict[str, dict[str, Any]] = {}
+    report: dict[str, Any] = {}  # the first arm's: the classical counter's figures and the tiles per group
+    for head in args.counter_heads:
+        arms = []
+        for seed in args.seeds:
+            print(f"  counter, head {head}, seed {seed} ...", flush=True)
+            arms.append(_counter_arm(root, args, head, seed))
+        heads[head] = _head_summary(arms)
+        report = report or arms[0][0]["report"]
+    default_head = model_params(args.counter_model)["head"]
+    shipped = heads[default_head] if default_head in heads else heads[args.counter_heads[0]]
     return {
-        "counter_mae_cnn": report["cnn"]["overall"]["mae"],
+        "counter_mae_cnn": shipped["mae"],
         "counter_mae_classical": report["classical"]["overall"]["mae"],
-        "counter_rmse_cnn": report["cnn"]["overall"]["rmse"],
         "counter_rmse_classical": report["classical"]["overall"]["rmse"],
-        "counter_r2_cnn": report["cnn"]["overall"]["r2"],
         "counter_r2_classical": report["classical"]["overall"]["r2"],
-        "counter_mae_by_bin": by_bin,
-        "counter_mae_by_hazard": by_tag,
+        "counter_default_head": default_head,
+        "counter_heads": heads,
+        "counter_seeds": list(args.seeds),
+        "counter_tiles_by_bin": {label: row["n"] for label, row in report["cnn"]["by_bin"].items()},
+        "counter_tiles_by_hazard": {tag: row["n"] for tag, row in report["cnn"]["by_tag"].items()},
+        "counter_classical_by_bin": {
+            label: row["mae"] if row["n"] else None for label, row in report["classical"]["by_bin"].items()
+        },
+        "counter_classical_by_hazard": {
+            tag: row["mae"] for tag, row in report["classical"]["by_tag"].items()
+        },
         "counter_eval_tiles": report["tiles"],
         "counter_seconds_per_tile": report["seconds_per_tile"],
-        "counter_training": budget,
     }
 
 
@@ -151,7 +193,7 @@ def segmenter_benchmark(root: Path, args: argparse.Namespace) -> dict[str, Any]:
     _prepare("aerial", root / "aerial-eval", args.eval_images, size, tile, args.eval_seed, "0/100")
     params = {"base_channels": args.unet_width, "depth": args.unet_depth}
     job = _job("segmenter-unet", params, root / "aerial-train", root / "segmenter", args,
-               args.aerial_epochs, args.aerial_lr, args.aerial_loss, 8)  # fmt: skip
+               args.aerial_epochs, args.aerial_lr, args.aerial_loss, 8, 0)  # fmt: skip
     budget = _train(job, root, args.threads)
     loaded = load_bundle(root / "segmenter" / "model")
     held_out = PreparedDataset(root / "aerial-eval", "test", DataConfig(), seed=0, augment=False)
@@ -171,19 +213,42 @@ def segmenter_benchmark(root: Path, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _print(results: dict[str, Any]) -> None:
-    cnn, classical = results["counter_mae_cnn"], results["counter_mae_classical"]
+    heads: dict[str, dict[str, Any]] = results["counter_heads"]
+    seeds = ", ".join(str(seed) for seed in results["counter_seeds"])
     print(
-        f"\ncounter ({results['counter_eval_tiles']} held-out tiles): "
-        f"MAE CNN {cnn:.3f} vs classical {classical:.3f}"
+        f"\ncounter ({results['counter_eval_tiles']} held-out tiles, MAE per tile, mean over seeds {seeds}):"
     )
-    print(f"  {'bin / hazard':>12} {'n':>5} {'CNN':>8} {'classical':>10}")
-    rows = {**results["counter_mae_by_bin"], **results["counter_mae_by_hazard"]}
-    for label, row in rows.items():
-        cnn = "-" if not row["n"] else f"{row['cnn']:.3f}"
-        classical = "-" if not row["n"] else f"{row['classical']:.3f}"
-        print(f"  {label:>12} {row['n']:>5} {cnn:>8} {classical:>10}")
-    print(f"segmenter ({results['segmenter_eval_tiles']} held-out tiles): IoU {results['segmenter_iou']:.3f} "
-          f"(seed 0.66), pixel accuracy {results['segmenter_pixel_accuracy']:.3f} (seed 0.95)")  # fmt: skip
+    print(
+        f"  {'bin / hazard':>12} {'n':>5} " + " ".join(f"{head:>9}" for head in heads) + f" {'classical':>10}"
+    )
+
+    def row(label: str, n: int, cnn: list[float | None], classical: float | None) -> None:
+        cells = " ".join(f"{'-' if v is None else f'{v:.3f}':>9}" for v in cnn)
+        print(f"  {label:>12} {n:>5} {cells} {'-' if classical is None else f'{classical:.3f}':>10}")
+
+    row(
+        "all",
+        results["counter_eval_tiles"],
+        [h["mae"] for h in heads.values()],
+        results["counter_mae_classical"],
+    )
+    for label, n in results["counter_tiles_by_bin"].items():
+        row(
+            label, n, [h["by_bin"][label] for h in heads.values()], results["counter_classical_by_bin"][label]
+        )
+    for tag, n in results["counter_tiles_by_hazard"].items():
+        row(
+            tag, n, [h["by_hazard"][tag] for h in heads.values()], results["counter_classical_by_hazard"][tag]
+        )
+    for head, summary in heads.items():
+        by_seed = ", ".join(f"{mae:.3f}" for mae in summary["mae_by_seed"])
+        print(f"  {head}: MAE by seed {by_seed}; R² {summary['r2']:.3f}; tiles counted below zero "
+              f"{summary['tiles_below_zero']} (rounded {summary['tiles_rounded_below_zero']}), lowest count "
+              f"{summary['lowest_count']:.3f}")  # fmt: skip
+    if "segmenter_iou" in results:
+        iou, accuracy = results["segmenter_iou"], results["segmenter_pixel_accuracy"]
+        print(f"segmenter ({results['segmenter_eval_tiles']} held-out tiles): IoU {iou:.3f} (seed 0.66), "
+              f"pixel accuracy {accuracy:.3f} (seed 0.95)")  # fmt: skip
 
 
 def main() -> None:
@@ -201,6 +266,15 @@ def main() -> None:
     parser.add_argument("--counter-epochs", type=int, default=15)
     parser.add_argument("--counter-lr", type=float, default=1e-3)
     parser.add_argument("--counter-loss", default="pixel_mse")
+    parser.add_argument(
+        "--counter-heads", nargs="+", default=["linear", "relu", "softplus"],
+        help="output activations compared side by side (model parameter head)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--seeds", nargs="+", type=int, default=[0],
+        help="training seeds (weights, data order) each head is trained with; MAEs averaged",
+    )  # fmt: skip
+    parser.add_argument("--no-segmenter", action="store_true", help="counter heads only")
     parser.add_argument("--aerial-images", type=int, default=24)
     parser.add_argument("--aerial-image-size", default="256x256")
     parser.add_argument("--aerial-tile", type=int, default=64)
@@ -217,8 +291,9 @@ def main() -> None:
         root = Path(tmp)
         print("counter: preparing, training, evaluating ...", flush=True)
         results = counter_benchmark(root, args)
-        print("segmenter: preparing, training, evaluating ...", flush=True)
-        results.update(segmenter_benchmark(root, args))
+        if not args.no_segmenter:
+            print("segmenter: preparing, training, evaluating ...", flush=True)
+            results.update(segmenter_benchmark(root, args))
     results.update(
         {
             "train_seed": args.train_seed,

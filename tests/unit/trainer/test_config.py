@@ -95,3 +95,16 @@ def test_config_module_does_not_import_torch() -> None:
     code = "import sys, fieldkube.trainer.config; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+def test_an_unknown_counter_head_is_one_line_naming_model_params_and_the_choices() -> None:
+    from fieldkube.trainer.loop import build_task_model
+
+    config = validate_config(
+        {"model": {"name": "counter-fcrn", "params": {"base_channels": 2, "head": "exp"}}}
+    )
+    with pytest.raises(ConfigError) as caught:
+        build_task_model(config)
+    assert str(caught.value) == (
+        "model.params for counter-fcrn: counter-fcrn: head must be one of linear, relu, softplus, got 'exp'"
+    )

@@ -3,6 +3,7 @@ checked against it (one line naming both), the density scale adopted, bundle dir
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ from fieldkube.trainer.config import ModelConfig, TrainingConfig, validate_confi
 from fieldkube.trainer.errors import ConfigError
 from fieldkube.trainer.init_source import adopt_architecture, adopt_density_scale, fetch_init_source
 from fieldkube.vision.bundle import BundleSpec, save_bundle
-from fieldkube.vision.models import build_model
+from fieldkube.vision.models import build_model, model_params
 
 FCRN_4 = BundleSpec(name="counter-fcrn", task="counter", params={"base_channels": 4}, density_scale=50.0)
 
@@ -75,7 +76,8 @@ def test_a_bundle_directory_is_read_with_its_weights_and_lineage(tmp_path: Path)
     save_bundle(tmp_path / "b", model, "counter-fcrn", {"base_channels": 4}, density_scale=50.0)
     config = validate_config({"model": {"init_from": str(tmp_path / "b")}})
     source = fetch_init_source(config)
-    assert source.spec.params == {"base_channels": 4} and source.spec.density_scale == 50.0
+    assert source.spec.params == {"base_channels": 4, "head": model_params("counter-fcrn")["head"]}
+    assert source.spec.density_scale == 50.0
     assert source.lineage == {"source": str((tmp_path / "b").resolve())}
     for key, value in model.state_dict().items():
         assert torch.equal(source.weights[key], value), key
@@ -89,3 +91,31 @@ def test_a_missing_bundle_or_an_mlflow_source_without_a_server_is_one_clear_erro
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     with pytest.raises(ConfigError, match="needs a tracking server"):
         fetch_init_source(validate_config({"model": {"init_from": "models:/c@champion"}}))
+
+
+def _bundle_from_before_head(directory: Path) -> Path:
+    save_bundle(directory, build_model("counter-fcrn", base_channels=4), "counter-fcrn", {"base_channels": 4})
+    spec_file = directory / "model.json"
+    stored = json.loads(spec_file.read_text())
+    del stored["params"]["head"]
+    spec_file.write_text(json.dumps(stored))
+    return directory
+
+
+def test_a_champion_from_before_head_is_fine_tuned_with_the_linear_head(tmp_path: Path) -> None:
+    bundle = _bundle_from_before_head(tmp_path / "old")
+    config = validate_config({"model": {"init_from": str(bundle)}})
+    source = fetch_init_source(config)
+    adopted = adopt_architecture(config.model, source.spec, str(bundle))
+    assert adopted.params == {"base_channels": 4, "head": "linear"}
+
+
+def test_asking_another_head_than_the_sources_fails_naming_both(tmp_path: Path) -> None:
+    bundle = _bundle_from_before_head(tmp_path / "old")
+    asked = {"base_channels": 4, "head": "relu"}
+    config = validate_config({"model": {"init_from": str(bundle), "params": asked}})
+    with pytest.raises(ConfigError) as caught:
+        adopt_architecture(config.model, fetch_init_source(config).spec, str(bundle))
+    message = str(caught.value)
+    assert "is counter-fcrn {'base_channels': 4, 'head': 'linear'} but" in message
+    assert "ask for counter-fcrn {'base_channels': 4, 'head': 'relu'}:" in message

@@ -6,7 +6,8 @@ model.json: {"format": 1, "name": "counter-mcnn", "task": "counter", "params": {
 the training targets were multiplied by: count = sum(model output) / density_scale. ``lineage`` names the
 model a fine-tuned bundle started from (``source``, and ``registered_model``/``version``/``run_id`` when
 it came from MLflow), so a bundle says what it was adapted from even outside the registry; empty when
-trained from scratch.
+trained from scratch. A counter's ``params`` always hold its ``head`` (the output activation); a bundle
+written before that parameter existed has none and loads as ``linear``, the head it was trained with.
 """
 
 from __future__ import annotations
@@ -25,7 +26,13 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from fieldkube.vision.models import UnknownModelError, build_model, task_of
+from fieldkube.vision.models import (
+    UnknownModelError,
+    build_model,
+    params_as_recorded,
+    params_to_record,
+    task_of,
+)
 
 BUNDLE_FORMAT = 1
 WEIGHTS_FILE = "model.safetensors"
@@ -83,7 +90,7 @@ def save_bundle(
     spec = BundleSpec(
         name=name,
         task=task_of(name),
-        params=dict(params),
+        params=params_to_record(name, params),
         tile=int(tile),
         density_scale=float(density_scale),
         metrics=dict(metrics or {}),
@@ -159,7 +166,7 @@ def read_spec(directory: str | os.PathLike[str]) -> BundleSpec:
     return BundleSpec(
         name=name,
         task=task,
-        params=_field(data, "params", dict, path) if "params" in data else {},
+        params=params_as_recorded(name, _field(data, "params", dict, path) if "params" in data else {}),
         tile=tile,
         density_scale=scale,
         metrics=data.get("metrics") or {},

@@ -2,7 +2,7 @@
 
 Names: ``counter-mcnn`` (seed-000 modified MCNN), ``counter-fcrn`` (FCRN-A), ``segmenter-unet``
 (seed-004 U-Net). Counters map (B, 3, H, W) -> (B, 1, H, W) density; the segmenter maps
-(B, 3, H, W) -> (B, 1, H, W) logits.
+(B, 3, H, W) -> (B, 1, H, W) logits. A counter's `head` picks its output activation (`heads`).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from typing import Any, Literal
 from torch import nn
 
 from fieldkube.vision.models.fcrn import FCRN
+from fieldkube.vision.models.heads import DENSITY_HEADS, LEGACY_DENSITY_HEAD, DensityHead
 from fieldkube.vision.models.mcnn import MCNN
 from fieldkube.vision.models.unet import UNet
 
@@ -26,6 +27,13 @@ _REGISTRY: dict[str, tuple[Callable[..., nn.Module], Task]] = {
 }
 
 MODEL_NAMES: tuple[str, ...] = tuple(_REGISTRY)
+
+# Parameters added after bundles were first written, with the value every earlier bundle was built
+# with: a bundle always records them (their default may change), one without them loads as it was trained.
+_ADDED_PARAMS: dict[str, dict[str, Any]] = {
+    "counter-mcnn": {"head": LEGACY_DENSITY_HEAD},
+    "counter-fcrn": {"head": LEGACY_DENSITY_HEAD},
+}
 
 
 class UnknownModelError(ValueError):
@@ -53,6 +61,20 @@ def model_params(name: str) -> dict[str, Any]:
     return {key: p.default for key, p in signature.parameters.items()}
 
 
+def params_to_record(name: str, params: dict[str, Any]) -> dict[str, Any]:
+    """`params` with today's default of each later-added parameter they leave unset (what a bundle writes)."""
+    added = _ADDED_PARAMS.get(name, {})
+    defaults = model_params(name) if added else {}
+    return {**params, **{key: defaults[key] for key in added if key not in params}}
+
+
+def params_as_recorded(name: str, params: dict[str, Any]) -> dict[str, Any]:
+    """`params` read from a bundle, with the value a bundle older than each later-added parameter was
+    built with where it is missing (so a counter saved before `head` existed loads as `linear`)."""
+    added = _ADDED_PARAMS.get(name, {})
+    return {**params, **{key: value for key, value in added.items() if key not in params}}
+
+
 def build_model(name: str, **params: Any) -> nn.Module:
     """Build a registered model; unknown parameters raise UnknownModelError naming the accepted ones."""
     factory, _ = _entry(name)
@@ -71,14 +93,18 @@ def count_parameters(model: nn.Module) -> int:
 
 
 __all__ = [
+    "DENSITY_HEADS",
     "FCRN",
     "MCNN",
     "MODEL_NAMES",
+    "DensityHead",
     "Task",
     "UNet",
     "UnknownModelError",
     "build_model",
     "count_parameters",
     "model_params",
+    "params_as_recorded",
+    "params_to_record",
     "task_of",
 ]

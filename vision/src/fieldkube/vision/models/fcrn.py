@@ -7,7 +7,8 @@ resolution, then three stages of bilinear x2 upsampling + 3x3 conv (128, 64, 32)
 
 Shapes: (B, 3, H, W) float -> (B, 1, H, W) density map. Any H, W is accepted (padded to a multiple of 8
 and cropped back). `base_channels` scales every width (32 = paper); `batch_norm` adds BatchNorm after
-each conv (off by default so that multi-worker runs reproduce single-worker weights exactly).
+each conv (off by default so that multi-worker runs reproduce single-worker weights exactly). `head`
+is the activation after the 1x1 head (`linear`, `relu`, `softplus`; see `heads`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fieldkube.vision.models.heads import DEFAULT_DENSITY_HEAD, density_activation
 from fieldkube.vision.models.padding import crop_to, pad_to_multiple
 
 
@@ -30,10 +32,17 @@ def _conv_block(in_ch: int, out_ch: int, batch_norm: bool) -> nn.Sequential:
 class FCRN(nn.Module):
     """FCRN-A density regressor. Shapes: (B, 3, H, W) -> (B, 1, H, W)."""
 
-    def __init__(self, in_channels: int = 3, base_channels: int = 32, batch_norm: bool = False) -> None:
+    def __init__(
+        self,
+        in_channels: int = 3,
+        base_channels: int = 32,
+        batch_norm: bool = False,
+        head: str = DEFAULT_DENSITY_HEAD,
+    ) -> None:
         super().__init__()
         if base_channels < 1:
             raise ValueError(f"counter-fcrn: base_channels must be >= 1, got {base_channels}")
+        activation = density_activation("counter-fcrn", head)
         c = base_channels
         self.encoder = nn.ModuleList(
             [
@@ -51,6 +60,7 @@ class FCRN(nn.Module):
             ]
         )
         self.head = nn.Conv2d(c, 1, kernel_size=1)
+        self.activation = activation
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         height, width = x.shape[-2:]
@@ -60,4 +70,4 @@ class FCRN(nn.Module):
         y = self.middle(y)
         for block in self.decoder:
             y = block(F.interpolate(y, scale_factor=2.0, mode="bilinear", align_corners=False))
-        return crop_to(self.head(y), height, width)
+        return crop_to(self.activation(self.head(y)), height, width)

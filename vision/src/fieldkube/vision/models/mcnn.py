@@ -8,6 +8,7 @@ resolution; the three column outputs (16 + 20 + 24 = 60 channels) are fused by a
 
 Shapes: (B, 3, H, W) float -> (B, 1, H, W) density map; the count is the sum of the map. Any H, W is
 accepted: the input is zero-padded at the bottom/right to a multiple of 4 and the output cropped back.
+`head` is the activation after the 1x1 fusion (`linear`, `relu`, `softplus`; see `heads`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from fieldkube.vision.models.heads import DEFAULT_DENSITY_HEAD, density_activation
 from fieldkube.vision.models.padding import crop_to, pad_to_multiple
 
 
@@ -84,20 +86,22 @@ class MCNNColumn(nn.Module):
 class MCNN(nn.Module):
     """Modified MCNN density regressor (seed 000). `width` scales every column's channel count (1.0 = seed).
 
-    Shapes: (B, 3, H, W) -> (B, 1, H, W). The output is linear (no final ReLU) so that training starts
-    with a gradient everywhere; counts are the sum of the map.
+    Shapes: (B, 3, H, W) -> (B, 1, H, W); counts are the sum of the map. `head` is the activation after
+    the fusion (`linear`: none, as in the seed, so that training starts with a gradient everywhere).
     """
 
-    def __init__(self, in_channels: int = 3, width: float = 1.0) -> None:
+    def __init__(self, in_channels: int = 3, width: float = 1.0, head: str = DEFAULT_DENSITY_HEAD) -> None:
         super().__init__()
         if width <= 0:
             raise ValueError(f"counter-mcnn: width must be > 0, got {width}")
+        activation = density_activation("counter-mcnn", head)
         columns = [MCNNColumn(in_channels, first_kernel, spec, width) for first_kernel, spec in SEED_COLUMNS]
         self.columns = nn.ModuleList(columns)
         self.fuse = nn.Conv2d(sum(column.out_channels for column in columns), 1, kernel_size=1)
+        self.activation = activation
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         height, width = x.shape[-2:]
         padded = pad_to_multiple(x, 4)
         features = torch.cat([column(padded) for column in self.columns], dim=1)
-        return crop_to(self.fuse(features), height, width)
+        return crop_to(self.activation(self.fuse(features)), height, width)
