@@ -4,7 +4,9 @@ Starts the local control plane (fieldkube.localcluster) and the operator with it
 then: (1) `kubectl create` of N MPIJobs built by the operator's own builder, timed until all exist;
 (2) `kubectl create` of N equivalent TrainingJobs, timed until the operator has created every MPIJob,
 with per-job latency (TrainingJob seen → its MPIJob seen, by one watching client) and the operator's peak
-RSS. Writes bench/results/operator.json.
+RSS; (3) the N jobs left alone for --idle seconds: the operator's CPU share and RSS with them live;
+(4) `kubectl delete` of all N TrainingJobs, timed until they are gone and until their MPIJobs are.
+Writes bench/results/operator.json.
 """
 
 from __future__ import annotations
@@ -120,6 +122,33 @@ class RssSampler(threading.Thread):
             time.sleep(0.1)
 
 
+def operator_processes(pid: int) -> list[psutil.Process]:
+    root = psutil.Process(pid)
+    return [root, *root.children(recursive=True)]
+
+
+def idle_usage(pid: int, seconds: float) -> tuple[float, float]:
+    """(CPU share of one core, RSS in MiB) of the operator over ``seconds`` with nothing to do."""
+    procs = operator_processes(pid)
+    before = sum(sum(p.cpu_times()[:2]) for p in procs)
+    time.sleep(seconds)
+    after = sum(sum(p.cpu_times()[:2]) for p in procs)
+    rss = sum(p.memory_info().rss for p in procs) / 2**20
+    return (after - before) / seconds, rss
+
+
+def wait_empty(cluster: Any, kind: str, namespace: str, timeout: float) -> float:
+    """Seconds until no object of ``kind`` is left in ``namespace``."""
+    start = time.monotonic()
+    cluster.wait_for(
+        f"every {kind} of {namespace} gone",
+        lambda: not cluster.get_json(kind, namespace=namespace)["items"],
+        timeout=timeout,
+        interval=0.5,
+    )
+    return time.monotonic() - start
+
+
 def wait_all(watcher: Watcher, names: list[str], timeout: float) -> float:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -147,7 +176,7 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def run_one(
-    cluster: Any, api: client.CustomObjectsApi, n: int, operator_pid: int, run_id: str, last: bool
+    cluster: Any, api: client.CustomObjectsApi, n: int, operator_pid: int, run_id: str, idle_s: float
 ) -> dict[str, Any]:
     direct_ns, operator_ns = f"direct-{run_id}", f"operator-{run_id}"
     for ns in (direct_ns, operator_ns):
@@ -178,8 +207,16 @@ def run_one(
     latencies = [mj_watch.seen[name] - tj_watch.seen.get(name, t0) for name in names]
     time.sleep(2)
     sampler.stop_flag = tj_watch.stop_flag = mj_watch.stop_flag = True
-    if not last:  # the next round starts on an idle cluster
-        settle(cluster, "trainingjobs", operator_ns)
+    print(
+        f"[{n} jobs] all MPIJobs in {all_s:.1f}s (direct {direct_s:.1f}s); idle for {idle_s:.0f}s", flush=True
+    )
+    idle_cpu, idle_rss = idle_usage(operator_pid, idle_s)
+    t0 = time.monotonic()
+    cluster.kubectl("delete", "trainingjobs", "--all", "-n", operator_ns, "--wait=false", timeout=1800)
+    delete_s = wait_empty(cluster, "trainingjobs", operator_ns, 1800)
+    mpijobs_gone_s = wait_empty(cluster, "mpijobs", operator_ns, 1800) + delete_s
+    print(f"[{n} jobs] deleted in {delete_s:.1f}s (MPIJobs gone after {mpijobs_gone_s:.1f}s)", flush=True)
+    settle(cluster, "trainingjobs", operator_ns)  # and their pods: the next round starts on an idle cluster
     return {
         "jobs": n,
         "seconds_until_all_mpijobs": round(all_s, 3),
@@ -189,6 +226,11 @@ def run_one(
         "operator_peak_rss_mb": round(sampler.peak / 2**20, 1),
         "direct_mpijobs_seconds": round(direct_s, 3),
         "overhead_ratio": round(all_s / direct_s, 2) if direct_s > 0 else None,
+        "idle_seconds": idle_s,
+        "idle_operator_cpu_percent_of_one_core": round(100 * idle_cpu, 2),
+        "idle_operator_rss_mb": round(idle_rss, 1),
+        "delete_all_trainingjobs_seconds": round(delete_s, 3),
+        "delete_until_mpijobs_gone_seconds": round(mpijobs_gone_s, 3),
     }
 
 
@@ -197,6 +239,7 @@ def main() -> int:
     parser.add_argument("--jobs", type=int, default=100)
     parser.add_argument("--jobs-large", type=int, default=0, help="a second, larger round (e.g. 1000)")
     parser.add_argument("--nodes", type=int, default=16)
+    parser.add_argument("--idle", type=float, default=30.0, help="seconds the jobs sit idle (CPU, RSS)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench/results/operator.json")
     args = parser.parse_args()
 
@@ -230,9 +273,9 @@ def main() -> int:
         wait_healthy(health_port, operator, state / "operator.log")
         config.load_kube_config(str(cluster.kubeconfig))
         api = client.CustomObjectsApi()
-        rounds = [run_one(cluster, api, args.jobs, operator.pid, "a", last=not args.jobs_large)]
+        rounds = [run_one(cluster, api, args.jobs, operator.pid, "a", args.idle)]
         if args.jobs_large:
-            rounds.append(run_one(cluster, api, args.jobs_large, operator.pid, "b", last=True))
+            rounds.append(run_one(cluster, api, args.jobs_large, operator.pid, "b", args.idle))
         result = {
             **rounds[0],
             "rounds": rounds,

@@ -16,7 +16,7 @@
 {{- end -}}
 {{- end -}}
 
-{{/* Cluster-scoped objects (ClusterRole, its binding, the peering object) and Roles in watched
+{{/* Cluster-scoped objects (ClusterRole, its binding) and Roles in watched
 namespaces: two releases of the same name in different namespaces must not share them. */}}
 {{- define "fieldkube.clusterName" -}}
 {{- printf "%s-%s" .Release.Namespace (include "fieldkube.fullname" .) -}}

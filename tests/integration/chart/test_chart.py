@@ -165,27 +165,32 @@ def test_two_releases_in_two_namespaces_share_no_object() -> None:
     # Only the dashboards' ConfigMaps may meet, in the one namespace Grafana reads, if both releases put
     # them there (all-values.yaml does): their content is the same.
     assert {s[0] for s in shared} <= {"ConfigMap"}, shared
-    cluster_scoped = [
-        d for d in first if d["kind"] in {"ClusterRole", "ClusterRoleBinding", "ClusterKopfPeering"}
-    ]
+    cluster_scoped = [d for d in first if d["kind"] in {"ClusterRole", "ClusterRoleBinding"}]
     assert cluster_scoped and all("team-x" in d["metadata"]["name"] for d in cluster_scoped)
 
 
-def test_the_operator_args_parse_and_it_peers_on_its_own_peering_object() -> None:
-    docs = render((ALL_VALUES,))
+def test_the_operator_args_parse_and_it_elects_a_leader_on_its_own_lease() -> None:
+    docs = render((ALL_VALUES,), "fieldkube", "team-x")
     op = container(docs, "-operator")
     args = operator_parser().parse_args(op["args"][1:])
     assert args.namespace == ["team-a", "team-b"]
     assert (args.metrics_port, args.health_port) == (9090, 9091)
-    env = {e["name"]: e.get("value") for e in op["env"]}
-    (peering,) = by_kind(docs, "ClusterKopfPeering")
-    assert env["FIELDKUBE_PEERING_NAME"] == peering["metadata"]["name"]
-    assert env["FIELDKUBE_MLFLOW_CREDENTIALS_SECRET"] == "mlflow-client-credentials"
-    roles = by_kind(docs, "Role")
-    assert sorted(r["metadata"]["namespace"] for r in roles) == ["team-a", "team-b"]
+    assert (
+        args.lease_name == "team-x-fieldkube-all-operator" and not args.standalone
+    )  # ci/all-values: fullname
+    env = {e["name"]: e for e in op["env"]}
+    assert env["POD_NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
+    assert env["FIELDKUBE_MLFLOW_CREDENTIALS_SECRET"]["value"] == "mlflow-client-credentials"
+    roles = {r["metadata"]["namespace"]: r for r in by_kind(docs, "Role")}
+    assert sorted(roles) == ["team-a", "team-b", "team-x"]
+    # Leases only in the release namespace; the watched namespaces' Roles hold the job rights.
+    assert [rule["resources"] for rule in roles["team-x"]["rules"]] == [["leases"]]
+    assert all(
+        "leases" not in rule["resources"] for ns in ("team-a", "team-b") for rule in roles[ns]["rules"]
+    )
     (cluster_role,) = by_kind(docs, "ClusterRole")
     granted = {r for rule in cluster_role["rules"] for r in rule["resources"]}
-    assert "mpijobs" not in granted and "clusterkopfpeerings" in granted  # namespaced rights only by Role
+    assert granted == {"customresourcedefinitions", "namespaces"}  # kopf's; the job rights are in the Roles
 
 
 def test_by_default_the_operator_and_the_service_track_to_the_charts_mlflow() -> None:

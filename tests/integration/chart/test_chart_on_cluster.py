@@ -1,7 +1,7 @@
 """Every object the chart renders is accepted by the real API server (server-side dry run).
 
 The prometheus-operator's CRDs (ServiceMonitor, PodMonitor, PrometheusRule) come from its pinned Go module
-(the `prometheus_operator_crds` fixture); the TrainingJob and kopf peering CRDs are applied by
+(the `prometheus_operator_crds` fixture); the TrainingJob CRD is applied by
 the local cluster from manifests/crd/ at start.
 """
 
@@ -75,7 +75,8 @@ def test_every_rendered_object_passes_a_server_side_dry_run(
         "ServiceAccount",
         "ClusterRole",
         "ClusterRoleBinding",
-        "ClusterKopfPeering",
+        "Role",
+        "RoleBinding",
         "Deployment",
         "Service",
         "ConfigMap",
@@ -84,8 +85,6 @@ def test_every_rendered_object_passes_a_server_side_dry_run(
         expected |= {"PersistentVolumeClaim"}
     else:
         expected |= {
-            "Role",
-            "RoleBinding",
             "HorizontalPodAutoscaler",
             "ServiceMonitor",
             "PodMonitor",

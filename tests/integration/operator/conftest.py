@@ -90,7 +90,6 @@ class OperatorProcess:
             **os.environ,
             "KUBECONFIG": str(self.kubeconfig),
             "FIELDKUBE_SYNC_INTERVAL_SECONDS": "2",
-            "FIELDKUBE_TTL_INTERVAL_SECONDS": "1",
             **self.extra_env,
         }
         cmd = [
@@ -150,7 +149,7 @@ def operator_kubeconfig(local_cluster: Any) -> Path:
 
 @pytest.fixture
 def operator_factory(operator_kubeconfig: Path) -> Any:
-    """Make extra operator processes (same ServiceAccount, no MLflow) for restart and peering tests."""
+    """Extra operator processes (same ServiceAccount, no MLflow) for restart and leader-election tests."""
     return lambda log, env=None, kubeconfig=None: OperatorProcess(
         kubeconfig or operator_kubeconfig, log, None, env
     )

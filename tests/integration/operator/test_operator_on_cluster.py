@@ -350,8 +350,8 @@ def test_metrics_count_reconciles_phases_durations_gpu_seconds_and_failures(
     def grew(name: str, **labels: str) -> bool:
         return metric(after, name, **labels) > metric(before, name, **labels)
 
-    assert grew("fieldkube_operator_reconcile_total", handler="create")
-    assert grew("fieldkube_operator_reconcile_duration_seconds_count", handler="create")
+    assert grew("fieldkube_operator_reconcile_total", handler="sync")
+    assert grew("fieldkube_operator_reconcile_duration_seconds_count", handler="sync")
     assert grew("fieldkube_trainingjob_time_to_running_seconds_count")
     assert grew("fieldkube_trainingjob_duration_seconds_count", outcome="Succeeded")
     assert grew("fieldkube_trainingjob_duration_seconds_count", outcome="Failed")
@@ -361,16 +361,39 @@ def test_metrics_count_reconciles_phases_durations_gpu_seconds_and_failures(
     assert "fieldkube_operator_reconcile_errors_total" in after
 
 
-def test_operator_killed_and_restarted_reconciles_every_job_exactly_once(
+# Two replicas elect a leader on a Lease in the operator's namespace (manifests/rbac/leader-election.yaml); a
+# short lease keeps the hand-over after a SIGKILL within seconds.
+LEASE_ENV = {"FIELDKUBE_LEASE_DURATION_SECONDS": "4"}
+
+
+def replica_args(namespace: str) -> tuple[str, ...]:
+    return (
+        "-n",
+        namespace,
+        "--lease-namespace",
+        "fieldkube-system",
+        "--lease-name",
+        f"test-{namespace}"[:63],
+    )
+
+
+def created_mpijobs(*replicas: Any) -> Counter[str]:
+    """How often each MPIJob's creation was logged, over the replicas' logs."""
+    lines = [line for r in replicas for line in r.log_text().splitlines() if "created MPIJob " in line]
+    return Counter(line.rsplit("created MPIJob ", 1)[1].split()[0] for line in lines)
+
+
+def test_replicas_killed_and_restarted_reconcile_every_job_exactly_once(
     local_cluster: Any, cluster_namespace: str, operator_factory: Any, tmp_path: Path, operator: Any
 ) -> None:
-    """50 jobs in flight; the operator is SIGKILLed at random points and restarted each time."""
-    operator.stop()  # one operator at a time: the session operator resumes at the end
+    """50 jobs in flight under two replicas; one or the other is SIGKILLed at random points and restarted."""
+    operator.stop()  # only these replicas: the session operator resumes at the end
     jobs = 50
-    chaos = operator_factory(tmp_path / "operator.log")
+    replicas = [operator_factory(tmp_path / f"replica-{i}.log", LEASE_ENV) for i in range(2)]
     rng = random.Random(4)
     try:
-        chaos.start("--standalone", "-n", cluster_namespace)
+        for replica in replicas:
+            replica.start(*replica_args(cluster_namespace))
         docs = [
             trainingjob(
                 f"job-{i:02d}",
@@ -383,8 +406,9 @@ def test_operator_killed_and_restarted_reconciles_every_job_exactly_once(
         local_cluster.kubectl("apply", "-n", cluster_namespace, "-f", "-", input=yaml.safe_dump_all(docs))
         for _ in range(4):
             time.sleep(rng.uniform(0.2, 5.0))
-            chaos.kill()
-            chaos.start("--standalone", "-n", cluster_namespace)
+            victim = rng.choice(replicas)
+            victim.kill()
+            victim.start(*replica_args(cluster_namespace))
 
         def all_finished() -> bool:
             items = local_cluster.get_json("trainingjobs", namespace=cluster_namespace)["items"]
@@ -409,84 +433,113 @@ def test_operator_killed_and_restarted_reconciles_every_job_exactly_once(
         launchers = local_cluster.get_json("jobs.batch", namespace=cluster_namespace)["items"]
         owners = Counter(j["metadata"]["ownerReferences"][0]["uid"] for j in launchers)
         assert set(owners) == mpijob_uids and set(owners.values()) == {1}, owners
-        # no lost status: every job carries its final status in full
+        # no lost status: every job carries its final status in full; no finalizer on any of them
         for tj in tjs.values():
             status = tj["status"]
             assert status["mpiJobName"] == tj["metadata"]["name"] and status["completionTime"], status
             assert status["startTime"] and status["observedGeneration"] == 1, status
             conditions = {c["type"]: c["status"] for c in status["conditions"]}
             assert conditions["Created"] == conditions["Succeeded"] == "True", status
-        # a create that succeeded is logged (a kill may land between the API's answer and the log line)
-        created = [line for line in chaos.log_text().splitlines() if "created MPIJob" in line]
-        names = Counter(line.rsplit("created MPIJob ", 1)[1].split()[0] for line in created)
+            assert not tj["metadata"].get("finalizers"), tj["metadata"]
+        # a create that succeeded is logged once over both replicas (a kill may land between the API's
+        # answer and the log line, so some may be missing, never doubled)
+        names = created_mpijobs(*replicas)
         assert set(names) <= set(tjs) and set(names.values()) <= {1}, names
-        assert not RBAC_DENIAL.search(chaos.log_text())
+        assert not any(RBAC_DENIAL.search(r.log_text()) for r in replicas)
     finally:
-        chaos.stop()
+        for replica in replicas:
+            replica.stop()
         operator.start("--standalone")
 
 
-def test_two_replicas_with_peering_keep_one_active_and_hand_over(
+def test_two_replicas_elect_one_leader_and_hand_over_when_it_stops(
     local_cluster: Any, cluster_namespace: str, operator_factory: Any, tmp_path: Path, operator: Any
 ) -> None:
-    """Two operators on one peering object: the higher priority works, the other takes over when it stops."""
+    """Only the Lease's holder acts; a clean stop releases the Lease and the other takes over at once."""
     operator.stop()
-    peering = ROOT / "manifests/operator/peering.yaml"
-    local_cluster.apply(peering)
-    # The release-scoped name the chart also gives the Deployment (FIELDKUBE_PEERING_NAME).
-    name = yaml.safe_load(peering.read_text())["metadata"]["name"]
-    first = operator_factory(
-        tmp_path / "first.log", {"FIELDKUBE_PEERING_PRIORITY": "200", "FIELDKUBE_PEERING_NAME": name}
-    )
-    second = operator_factory(
-        tmp_path / "second.log", {"FIELDKUBE_PEERING_PRIORITY": "100", "FIELDKUBE_PEERING_NAME": name}
-    )
+    first = operator_factory(tmp_path / "first.log", LEASE_ENV)
+    second = operator_factory(tmp_path / "second.log", LEASE_ENV)
     launcher = {"launcher": {"annotations": {f"{SIM}run-seconds": "2"}}}
+
+    def all_succeeded(docs: list[dict[str, Any]]) -> bool:
+        return all(
+            (
+                (get(local_cluster, cluster_namespace, "tj", d["metadata"]["name"]) or {}).get("status") or {}
+            ).get("phase")
+            == "Succeeded"
+            for d in docs
+        )
+
     try:
-        first.start("-n", cluster_namespace)
-        second.start("-n", cluster_namespace)
-        local_cluster.wait_for(
-            "the lower-priority replica to pause",
-            lambda: "Pausing operations in favour of" in second.log_text(),
-            timeout=60,
+        first.start(*replica_args(cluster_namespace))
+        local_cluster.wait_for("the first replica to lead", lambda: "leading: lease" in first.log_text(), 30)
+        second.start(*replica_args(cluster_namespace))
+        lease = json.loads(
+            local_cluster.kubectl(
+                "get", "lease", f"test-{cluster_namespace}"[:63], "-n", "fieldkube-system", "-o", "json"
+            ).stdout
         )
         docs = [trainingjob(f"a-{i}", gpusPerWorker=0, podMetadata=launcher) for i in range(3)]
         local_cluster.kubectl("apply", "-n", cluster_namespace, "-f", "-", input=yaml.safe_dump_all(docs))
-        local_cluster.wait_for(
-            "the first batch Succeeded",
-            lambda: all(
-                (
-                    (get(local_cluster, cluster_namespace, "tj", d["metadata"]["name"]) or {}).get("status")
-                    or {}
-                ).get("phase")
-                == "Succeeded"
-                for d in docs
-            ),
-            timeout=120,
-        )
+        local_cluster.wait_for("the first batch Succeeded", lambda: all_succeeded(docs), timeout=120)
+        assert "leading: lease" not in second.log_text()
         assert "created MPIJob" not in second.log_text()
-        first.stop()  # a graceful exit removes its peering record: the paused replica resumes at once
+        assert lease["spec"]["holderIdentity"] in first.log_text()
+        first.stop()  # a clean stop releases the Lease: the second replica takes over within a retry period
+        local_cluster.wait_for(
+            "the second replica to lead", lambda: "leading: lease" in second.log_text(), 10
+        )
         more = [trainingjob(f"b-{i}", gpusPerWorker=0, podMetadata=launcher) for i in range(3)]
         local_cluster.kubectl("apply", "-n", cluster_namespace, "-f", "-", input=yaml.safe_dump_all(more))
-        local_cluster.wait_for(
-            "the second batch Succeeded under the second replica",
-            lambda: all(
-                (
-                    (get(local_cluster, cluster_namespace, "tj", d["metadata"]["name"]) or {}).get("status")
-                    or {}
-                ).get("phase")
-                == "Succeeded"
-                for d in more
-            ),
-            timeout=120,
-        )
-        created_first = first.log_text().count("created MPIJob")
-        created_second = second.log_text().count("created MPIJob")
-        assert (created_first, created_second) == (3, 3), (created_first, created_second)
+        local_cluster.wait_for("the second batch Succeeded", lambda: all_succeeded(more), timeout=120)
+        assert created_mpijobs(first) == Counter({f"a-{i}": 1 for i in range(3)})
+        assert created_mpijobs(second) == Counter({f"b-{i}": 1 for i in range(3)})
     finally:
         first.stop()
         second.stop()
-        local_cluster.kubectl("delete", "-f", str(peering), check=False)
+        operator.start("--standalone")
+
+
+def test_a_deleted_mpijob_is_created_again(
+    local_cluster: Any, cluster_namespace: str, job_watcher: Any
+) -> None:
+    doc = trainingjob("resilient", podMetadata={"launcher": {"annotations": {f"{SIM}run-seconds": "600"}}})
+    apply(local_cluster, cluster_namespace, doc)
+    job_watcher.wait(cluster_namespace, "resilient", lambda s: s.get("phase") == "Running", 60)
+    first = get(local_cluster, cluster_namespace, "mpijob", "resilient")
+    local_cluster.kubectl("delete", "mpijob", "resilient", "-n", cluster_namespace, "--wait=true", timeout=60)
+    local_cluster.wait_for(
+        "the MPIJob created again",
+        lambda: (
+            (get(local_cluster, cluster_namespace, "mpijob", "resilient") or {})
+            .get("metadata", {})
+            .get("uid", first["metadata"]["uid"])
+            != first["metadata"]["uid"]
+        ),
+        timeout=30,
+    )
+    job_watcher.wait(cluster_namespace, "resilient", lambda s: s.get("phase") == "Running", 60)
+
+
+def test_with_the_operator_stopped_jobs_and_their_namespace_still_delete(
+    local_cluster: Any, cluster_namespace: str, job_watcher: Any, operator: Any
+) -> None:
+    """No finalizer: deletion never waits for the operator; the MPIJob goes by its owner reference."""
+    doc = trainingjob("orphan", podMetadata={"launcher": {"annotations": {f"{SIM}run-seconds": "600"}}})
+    apply(local_cluster, cluster_namespace, doc)
+    job_watcher.wait(cluster_namespace, "orphan", lambda s: s.get("phase") == "Running", 60)
+    assert not get(local_cluster, cluster_namespace, "tj", "orphan")["metadata"].get("finalizers")
+    apply(local_cluster, cluster_namespace, trainingjob("second"))
+    operator.stop()
+    try:
+        local_cluster.kubectl("delete", "tj", "orphan", "-n", cluster_namespace, "--wait=true", timeout=30)
+        local_cluster.wait_for(
+            "the MPIJob garbage-collected",
+            lambda: get(local_cluster, cluster_namespace, "mpijob", "orphan") is None,
+            timeout=30,
+        )
+        local_cluster.kubectl("delete", "namespace", cluster_namespace, "--wait=true", timeout=60)
+    finally:
         operator.start("--standalone")
 
 
@@ -501,7 +554,12 @@ def test_the_operator_service_account_has_least_privilege(local_cluster: Any) ->
     assert can("create", "mpijobs.kubeflow.org", "-n", "any")
     assert can("patch", "trainingjobs.fieldkube.io/status", "-n", "any")
     assert can("get", "pods", "--subresource=log", "-n", "any")
+    assert can("update", "leases.coordination.k8s.io", "-n", "fieldkube-system")
     for verb, resource in (
+        ("delete", "mpijobs.kubeflow.org"),
+        ("get", "pods"),
+        ("patch", "events"),
+        ("update", "leases.coordination.k8s.io"),  # only in its own namespace (below: "any")
         ("create", "pods"),
         ("delete", "pods"),
         ("get", "secrets"),

@@ -1,39 +1,37 @@
 {{/* The operator's least privilege: every verb below is used by the operator (operator/README.md).
 Namespaced rules: granted cluster-wide, or in each of operator.watchNamespaces. */}}
 {{- define "fieldkube.operatorNamespacedRules" -}}
-# TrainingJobs: watch, finalizer/annotation patches (kopf), delete after ttlSecondsAfterFinished.
+# TrainingJobs: watched (kopf), an earlier version's finalizer removed, deleted after ttlSecondsAfterFinished.
 - apiGroups: [fieldkube.io]
   resources: [trainingjobs]
-  verbs: [get, list, watch, patch, delete]
+  verbs: [list, watch, patch, delete]
 - apiGroups: [fieldkube.io]
   resources: [trainingjobs/status]
-  verbs: [get, patch]
+  verbs: [patch]
 # Owner references with blockOwnerDeletion on the MPIJobs.
 - apiGroups: [fieldkube.io]
   resources: [trainingjobs/finalizers]
   verbs: [update]
-# The children.
+# The children: watched, created (again if deleted), suspended and resumed.
 - apiGroups: [kubeflow.org]
   resources: [mpijobs]
-  verbs: [get, list, watch, create, patch, delete]
-# Status and diagnosis: pods, their logs, scheduling events.
+  verbs: [list, watch, create, patch]
+# Status and diagnosis: pods, their logs (when a job asks for log tails), scheduling events; kopf posts
+# warnings as events.
 - apiGroups: [""]
   resources: [pods]
-  verbs: [get, list, watch]
+  verbs: [list, watch]
 - apiGroups: [""]
   resources: [pods/log]
   verbs: [get]
 - apiGroups: [""]
   resources: [events]
-  verbs: [list, create, patch]
+  verbs: [list, create]
 {{- end -}}
 
 {{/* Cluster-scoped rules: always a ClusterRole. */}}
 {{- define "fieldkube.operatorClusterRules" -}}
-# kopf: peering between replicas, and resource discovery.
-- apiGroups: [kopf.dev]
-  resources: [clusterkopfpeerings]
-  verbs: [get, list, watch, patch]
+# kopf: resource discovery, and the watched namespaces (it lists them when given --namespace).
 - apiGroups: [apiextensions.k8s.io]
   resources: [customresourcedefinitions]
   verbs: [list, watch]

@@ -2,7 +2,8 @@
 
 fieldkube-operator run [--namespace NS]... [--mlflow-tracking-uri URI] [--metrics-port 8080]
                        [--mlflow-credentials-secret NAME [--mlflow-credentials-env VAR,...]]
-                       [--health-port 8081] [--bind-address 0.0.0.0] [--standalone]
+                       [--health-port 8081] [--bind-address 0.0.0.0]
+                       [--standalone | --lease-namespace NS --lease-name NAME] [--workers 8]
 fieldkube-operator crd > manifests/crd/trainingjobs.yaml
 """
 
@@ -45,7 +46,26 @@ def _parser() -> argparse.ArgumentParser:
         default=os.environ.get("FIELDKUBE_BIND_ADDRESS", "0.0.0.0"),
         help="address of the metrics and health servers (0.0.0.0 in a pod; 127.0.0.1 on a workstation)",
     )
-    run.add_argument("--standalone", action="store_true", help="no peering (one replica only)")
+    run.add_argument(
+        "--standalone", action="store_true", help="no leader election (only when one replica runs)"
+    )
+    run.add_argument(
+        "--lease-namespace",
+        default=os.environ.get("POD_NAMESPACE")
+        or os.environ.get("FIELDKUBE_LEASE_NAMESPACE", "fieldkube-system"),
+        help="namespace of the Lease the replicas elect a leader with (default: the pod's namespace)",
+    )
+    run.add_argument(
+        "--lease-name",
+        default=os.environ.get("FIELDKUBE_LEASE_NAME", "fieldkube-operator"),
+        help="the Lease's name",
+    )
+    run.add_argument(
+        "--workers",
+        type=int,
+        default=int(os.environ.get("FIELDKUBE_WORKERS", "8")),
+        help="threads syncing jobs in parallel",
+    )
     run.add_argument("--verbose", action="store_true")
     sub.add_parser("crd", help="print the CustomResourceDefinitions (YAML)")
     return parser
@@ -77,6 +97,13 @@ def main(argv: list[str] | None = None) -> None:
             )
         os.environ["FIELDKUBE_MLFLOW_CREDENTIALS_SECRET"] = args.mlflow_credentials_secret
         os.environ["FIELDKUBE_MLFLOW_CREDENTIALS_ENV"] = ",".join(names)
+    if args.workers < 1:
+        sys.exit(f"fieldkube-operator: error: --workers must be at least 1 (got {args.workers})")
+    os.environ["FIELDKUBE_WORKERS"] = str(args.workers)
+    os.environ["FIELDKUBE_NAMESPACES"] = ",".join(args.namespace)
+    os.environ["FIELDKUBE_LEADER_ELECTION"] = "0" if args.standalone else "1"
+    os.environ["FIELDKUBE_LEASE_NAMESPACE"] = args.lease_namespace
+    os.environ["FIELDKUBE_LEASE_NAME"] = args.lease_name
     os.environ["FIELDKUBE_METRICS_PORT"] = str(args.metrics_port)
     os.environ["FIELDKUBE_BIND_ADDRESS"] = args.bind_address
     import kopf
@@ -93,7 +120,7 @@ def main(argv: list[str] | None = None) -> None:
     kopf.run(
         clusterwide=not args.namespace,
         namespaces=args.namespace,
-        standalone=args.standalone,
+        standalone=True,  # kopf's peering is not used: the operator elects a leader on a Lease
         liveness_endpoint=f"http://{args.bind_address}:{args.health_port}/healthz"
         if args.health_port
         else None,

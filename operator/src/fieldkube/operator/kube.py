@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+from collections.abc import Callable
 from typing import Any
 
 from kubernetes import client, config
@@ -46,6 +48,21 @@ class Cluster:
     def __init__(self, api: client.ApiClient) -> None:
         self.custom = client.CustomObjectsApi(api)
         self.core = client.CoreV1Api(api)
+        self.coordination = client.CoordinationV1Api(api)
+
+    def pod_lister(self, namespace: str | None) -> Callable[..., Any]:
+        """The list (and watch) call for pods of one namespace, or of all when None."""
+        if namespace is None:
+            return self.core.list_pod_for_all_namespaces
+        return functools.partial(self.core.list_namespaced_pod, namespace)
+
+    def mpijob_lister(self, namespace: str | None) -> Callable[..., Any]:
+        args = (names.MPIJOB_GROUP, names.MPIJOB_VERSION)
+        if namespace is None:
+            return functools.partial(self.custom.list_cluster_custom_object, *args, names.MPIJOB_PLURAL)
+        return functools.partial(
+            self.custom.list_namespaced_custom_object, *args, namespace, names.MPIJOB_PLURAL
+        )
 
     def _get_custom(self, group: str, version: str, plural: str, namespace: str, name: str) -> Obj | None:
         try:
@@ -67,10 +84,17 @@ class Cluster:
             names.MPIJOB_GROUP, names.MPIJOB_VERSION, names.MPIJOB_PLURAL, namespace, name
         )
 
-    def create_mpijob(self, body: Obj) -> None:
-        """Create; raises ApiException (409 when it already exists)."""
-        self.custom.create_namespaced_custom_object(
-            names.MPIJOB_GROUP, names.MPIJOB_VERSION, body["metadata"]["namespace"], names.MPIJOB_PLURAL, body
+    def create_mpijob(self, body: Obj) -> Obj:
+        """Create and return the stored object; raises ApiException (409 when it already exists)."""
+        return _json(
+            self.custom.create_namespaced_custom_object(
+                names.MPIJOB_GROUP,
+                names.MPIJOB_VERSION,
+                body["metadata"]["namespace"],
+                names.MPIJOB_PLURAL,
+                body,
+                _preload_content=False,
+            )
         )
 
     def patch_mpijob(self, namespace: str, name: str, patch: Obj) -> None:
@@ -115,9 +139,29 @@ class Cluster:
             return []
         return [line for line in str(text).splitlines() if line.strip()][-lines:]
 
-    def patch_trainingjob_status(self, namespace: str, name: str, patch: Obj) -> None:
-        self.custom.patch_namespaced_custom_object_status(
-            spec.GROUP, spec.VERSION, namespace, spec.PLURAL, name, {"status": patch}
+    def patch_trainingjob_status(self, namespace: str, name: str, patch: Obj) -> Obj:
+        """Merge-patch the status subresource; returns the stored TrainingJob."""
+        return _json(
+            self.custom.patch_namespaced_custom_object_status(
+                spec.GROUP,
+                spec.VERSION,
+                namespace,
+                spec.PLURAL,
+                name,
+                {"status": patch},
+                _preload_content=False,
+            )
+        )
+
+    def set_finalizers(self, namespace: str, name: str, finalizers: list[str], resource_version: str) -> None:
+        """Write metadata.finalizers if the object is still at ``resource_version`` (else 409)."""
+        self.custom.patch_namespaced_custom_object(
+            spec.GROUP,
+            spec.VERSION,
+            namespace,
+            spec.PLURAL,
+            name,
+            {"metadata": {"finalizers": finalizers, "resourceVersion": resource_version}},
         )
 
     def delete_trainingjob(self, namespace: str, name: str) -> None:

@@ -81,8 +81,13 @@ def record_phase(
     reason: str,
     now: datetime,
 ) -> None:
-    """Update the gauges, and the histograms/counters when a job changes phase."""
+    """Update the gauges, and the histograms/counters when a job changes phase.
+
+    ``old`` is the phase stored in the job's status; the phase last recorded here wins over it, so a sync
+    that read a status older than its own last write counts a transition once.
+    """
     with _lock:
+        old = _phases.get(uid, old)
         _phases[uid] = new
         _refresh_phase_gauge()
     if old == new:

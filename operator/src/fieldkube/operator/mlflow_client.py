@@ -21,6 +21,7 @@ REGISTERED_MODEL_TAG = "fieldkube.registered_model"
 MODEL_VERSION_TAG = "fieldkube.model_version"
 PROGRESS_METRICS = ("progress_epoch", "progress_step", "progress_percent", "train_loss", "images_per_second")
 TIMEOUT = httpx.Timeout(5.0)
+SEARCH_PAGE = 1000
 
 
 class MlflowError(Exception):
@@ -64,6 +65,39 @@ def find_run(uri: str, experiment: str, job_uid: str) -> dict[str, Any] | None:
     }
     runs = _call("POST", f"{base}/api/2.0/mlflow/runs/search", json=body).get("runs") or []
     return dict(runs[0]) if runs else None
+
+
+def running_runs_by_job(uri: str, experiment: str) -> dict[str, dict[str, Any]]:
+    """Every RUNNING run of the experiment that carries a job uid, newest per uid: one search (paged) for all
+    of an experiment's running jobs, instead of one per job and interval."""
+    base = _http_base(uri)
+    if base is None:
+        return {}
+    found = _call(
+        "GET", f"{base}/api/2.0/mlflow/experiments/get-by-name", params={"experiment_name": experiment}
+    )
+    experiment_id = (found.get("experiment") or {}).get("experiment_id")
+    if not experiment_id:
+        return {}
+    by_job: dict[str, dict[str, Any]] = {}
+    token: str | None = None
+    while True:
+        body: dict[str, Any] = {
+            "experiment_ids": [experiment_id],
+            "filter": "attributes.status = 'RUNNING'",
+            "max_results": SEARCH_PAGE,
+            "order_by": ["attributes.start_time ASC"],
+        }
+        if token:
+            body["page_token"] = token
+        page = _call("POST", f"{base}/api/2.0/mlflow/runs/search", json=body)
+        for run in page.get("runs") or []:
+            tags = {t["key"]: t["value"] for t in (run.get("data") or {}).get("tags") or []}
+            if JOB_UID_TAG in tags:
+                by_job[tags[JOB_UID_TAG]] = dict(run)  # ascending start: the newest run wins
+        token = page.get("next_page_token")
+        if not token:
+            return by_job
 
 
 def tracking_from_run(uri: str, run: dict[str, Any], planned_epochs: int | None) -> Tracking:

@@ -298,7 +298,7 @@ def _progress_summary(phase: str, progress: Progress) -> str:
     return " ".join(parts)
 
 
-def _pending_since(tj: Obj, previous: TrainingJobStatus) -> datetime | None:
+def pending_since(tj: Obj, previous: TrainingJobStatus) -> datetime | None:
     """Creation, or the last resume (a suspended job is not pending)."""
     created = parse_time(tj.get("metadata", {}).get("creationTimestamp"))
     resumed = next(
@@ -396,7 +396,7 @@ def compute_status(
             status.reason, status.message = "Creating", "creating the MPIJob"
         else:
             status.reason, status.message = "Starting", "waiting for the workers and the launcher to start"
-        since = _pending_since(tj, previous)
+        since = pending_since(tj, previous)
         timeout = spec.pendingTimeoutSeconds
         if timeout and since is not None and (now - since).total_seconds() > timeout:
             why = status.reason if stuck is not None else "NotStarted"

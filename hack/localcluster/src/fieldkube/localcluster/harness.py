@@ -770,9 +770,9 @@ class LocalCluster:
             return applied
         for sub in ("crd", "rbac"):
             directory = self.manifests_dir / sub
-            files = (
-                sorted([*directory.glob("*.yaml"), *directory.glob("*.yml")]) if directory.is_dir() else []
-            )
+            found = [*directory.glob("*.yaml"), *directory.glob("*.yml")] if directory.is_dir() else []
+            # The namespace first: namespaced objects (a Role, a ServiceAccount) need it to exist.
+            files = sorted(found, key=lambda p: (p.stem != "namespace", p.name))
             for path in files:
                 self.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(path))
                 applied.append(path)

@@ -1,0 +1,116 @@
+"""The reconciler's work queue (one entry per job, never two workers on one job, deadlines) and its caches."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+from fieldkube.operator.informer import Cache, job_key, trim_mpijob, trim_pod
+from fieldkube.operator.names import JOB_LABEL, MPI_ROLE_LABEL
+from fieldkube.operator.workqueue import WorkQueue
+
+
+def test_a_key_added_many_times_is_synced_once() -> None:
+    queue: WorkQueue[str] = WorkQueue()
+    for _ in range(5):
+        queue.add("a")
+    queue.add("b")
+    assert len(queue) == 2
+    assert queue.get() == "a"
+    assert queue.get() == "b"
+    assert len(queue) == 0
+
+
+def test_a_key_added_while_a_worker_holds_it_waits_for_that_worker() -> None:
+    queue: WorkQueue[str] = WorkQueue()
+    queue.add("a")
+    assert queue.get() == "a"
+    queue.add("a")  # an event arrives while "a" syncs
+    queue.add("b")
+    assert queue.get() == "b"  # a second worker gets the other job, not "a" again
+    assert len(queue) == 0
+    queue.done("a")
+    assert queue.get() == "a"  # synced once more after the first sync ended
+
+
+def test_deadlines_come_due_in_order_and_not_before() -> None:
+    queue: WorkQueue[str] = WorkQueue()
+    start = time.monotonic()
+    queue.add_after("late", 0.4)
+    queue.add_after("early", 0.2)
+    queue.add_after("now", 0)
+    assert queue.get() == "now"
+    assert queue.get() == "early"
+    assert time.monotonic() - start >= 0.2
+    assert queue.get() == "late"
+    assert time.monotonic() - start >= 0.4
+
+
+def test_closing_wakes_every_waiting_worker() -> None:
+    queue: WorkQueue[str] = WorkQueue()
+    got: list[str | None] = []
+    workers = [threading.Thread(target=lambda: got.append(queue.get())) for _ in range(3)]
+    for worker in workers:
+        worker.start()
+    queue.close()
+    for worker in workers:
+        worker.join(timeout=5)
+    assert got == [None, None, None]
+
+
+def full_pod(name: str, job: str = "flowers") -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": name,
+            "namespace": "team-a",
+            "labels": {JOB_LABEL: job, MPI_ROLE_LABEL: "worker"},
+            "creationTimestamp": "2026-01-01T00:00:00Z",
+            "managedFields": [{"manager": "kubelet", "fieldsV1": {"f:status": {}}}],
+            "uid": "u1",
+        },
+        "spec": {"nodeName": "node-1", "containers": [{"name": "trainer", "image": "x", "env": []}]},
+        "status": {
+            "phase": "Failed",
+            "reason": "Evicted",
+            "message": "low on memory",
+            "conditions": [{"type": "PodScheduled", "status": "True"}],
+            "containerStatuses": [{"name": "trainer", "state": {"terminated": {"exitCode": 137}}}],
+            "podIP": "10.0.0.1",
+        },
+    }
+
+
+def test_trimmed_objects_keep_what_the_status_reads_and_drop_the_rest() -> None:
+    pod = trim_pod(full_pod("flowers-worker-0"))
+    assert pod["status"]["reason"] == "Evicted"
+    assert pod["status"]["containerStatuses"][0]["state"]["terminated"]["exitCode"] == 137
+    assert pod["spec"] == {"nodeName": "node-1"}
+    assert "managedFields" not in pod["metadata"] and "podIP" not in pod["status"]
+    mpijob = trim_mpijob(
+        {
+            "metadata": {"name": "flowers", "namespace": "team-a", "ownerReferences": [{"uid": "tj"}]},
+            "spec": {"runPolicy": {"suspend": True}, "mpiReplicaSpecs": {"Worker": {"replicas": 64}}},
+            "status": {"conditions": [{"type": "Running", "status": "True"}]},
+        }
+    )
+    assert mpijob["spec"] == {"runPolicy": {"suspend": True}}
+    assert mpijob["metadata"]["ownerReferences"] == [{"uid": "tj"}]
+    assert job_key(full_pod("x")) == ("team-a", "flowers")
+    assert job_key({"metadata": {"name": "y", "namespace": "n", "labels": {}}}) is None
+
+
+def test_a_relist_reports_the_jobs_whose_objects_changed_or_went() -> None:
+    cache = Cache()
+    cache.upsert(("a", "one"), "p1", {"v": 1})
+    cache.upsert(("a", "two"), "p2", {"v": 1})
+    cache.upsert(("b", "three"), "p3", {"v": 1})
+    # Namespace a listed again: "one" unchanged, "two" gone (deleted while the watch was down), "four" new.
+    changed = cache.replace("a", {("a", "one"): {"p1": {"v": 1}}, ("a", "four"): {"p4": {"v": 1}}})
+    assert changed == {("a", "two"), ("a", "four")}
+    assert cache.get(("a", "two")) == []
+    assert cache.get(("b", "three")) == [{"v": 1}]  # another namespace's informer owns it
+    cache.remove(("a", "four"), "p4")
+    assert len(cache) == 2
