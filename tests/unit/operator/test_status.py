@@ -402,3 +402,89 @@ def test_log_tail_pod_names_a_new_diagnosis_once_and_an_unchanged_one_keeps_its_
     tj["spec"]["diagnostics"] = {"logTail": False}  # opting out removes what was copied
     hidden = _status(tj, job, [crashed], now=T0 + timedelta(seconds=60))
     assert hidden.diagnosis is not None and hidden.diagnosis.logTail == []
+
+
+def _event(
+    kind: str, name: str, reason: str, message: str, at: str = "2026-01-01T00:00:03Z"
+) -> dict[str, Any]:
+    return {
+        "type": "Warning",
+        "reason": reason,
+        "message": message,
+        "involvedObject": {"kind": kind, "name": name},
+        "lastTimestamp": at,
+    }
+
+
+DENIED = (
+    'worker pod created failed: pods "flowers-worker-0" is forbidden: '
+    'violates PodSecurity "restricted:latest": allowPrivilegeEscalation != false '
+    '(container "trainer" must set allowPrivilegeEscalation=false)'
+)
+
+
+def test_a_worker_refused_by_pod_security_is_why_the_job_is_pending_and_then_fails(
+    tj: dict[str, Any],
+) -> None:
+    tj["spec"]["pendingTimeoutSeconds"] = 60
+    events = [_event("MPIJob", "flowers", "MPIJobFailed", DENIED)]
+    job = mpijob(("Created", "MPIJobCreated"))
+    status = _status(tj, job, [], events=events)
+    assert (status.phase, status.reason) == ("Pending", "PodSecurityDenied")
+    assert (
+        status.message.startswith("flowers-worker-0: worker pod created failed")
+        and "PodSecurity" in status.message
+    )
+    scheduled = _by_type(status)["Scheduled"]
+    assert (scheduled.status, scheduled.reason) == ("False", "PodSecurityDenied")
+    late = _status(tj, job, [], events=events, now=T0 + timedelta(seconds=61))
+    assert (late.phase, late.reason) == ("Failed", "PodSecurityDenied")
+    assert late.diagnosis is not None and late.diagnosis.pod == "flowers-worker-0"
+
+
+def test_a_launcher_over_quota_is_shown_until_a_launcher_pod_exists(tj: dict[str, Any]) -> None:
+    quota = _event(
+        "Job",
+        "flowers-launcher",
+        "FailedCreate",
+        'Error creating: pods "flowers-launcher-x7k2p" is forbidden: '
+        "exceeded quota: team-a, requested: cpu=250m",
+    )
+    workers = [pod("flowers-worker-0", "worker"), pod("flowers-worker-1", "worker")]
+    job = mpijob(("Created", "MPIJobCreated"))
+    status = _status(tj, job, workers, events=[quota])
+    assert status.reason == "QuotaExceeded" and "exceeded quota: team-a" in status.message
+    started = _status(tj, job, [*workers, pod("flowers-launcher-abcde", "launcher")], events=[quota])
+    assert started.reason == "Starting"
+
+
+def test_a_volume_that_cannot_attach_is_shown_while_its_pod_waits(tj: dict[str, Any]) -> None:
+    attach = _event(
+        "Pod",
+        "flowers-worker-1",
+        "FailedAttachVolume",
+        'Multi-Attach error for volume "pvc-1" Volume is already exclusively attached to one node',
+    )
+    waiting = _scheduled_pod("flowers-worker-1", "worker")
+    job = mpijob(("Created", "MPIJobCreated"))
+    status = _status(tj, job, [pod("flowers-worker-0", "worker"), waiting], events=[attach])
+    assert status.reason == "FailedAttachVolume" and status.message.startswith(
+        "flowers-worker-1: Multi-Attach"
+    )
+    assert _by_type(status)["Scheduled"].status == "True"  # the pod is on a node; its volume is not
+    running = [pod("flowers-worker-0", "worker"), pod("flowers-worker-1", "worker")]
+    assert _status(tj, job, running, events=[attach]).reason == "Starting"
+
+
+def test_refusals_a_created_pod_outlived_and_the_jobs_own_failure_event_are_not_start_problems(
+    tj: dict[str, Any],
+) -> None:
+    outlived = _event("MPIJob", "flowers", "MPIJobFailed", DENIED)
+    own = _event("MPIJob", "flowers", "MPIJobFailed", "MPIJob team-a/flowers has failed")
+    status = _status(
+        tj,
+        mpijob(("Created", "MPIJobCreated")),
+        [_scheduled_pod("flowers-worker-0", "worker")],
+        events=[outlived, own],
+    )
+    assert status.reason == "Starting"

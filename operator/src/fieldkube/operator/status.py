@@ -20,6 +20,7 @@ from typing import Any, Literal
 from pydantic import ValidationError
 
 from fieldkube.operator import names
+from fieldkube.operator.pod_events import CREATION_REASONS, start_problem
 from fieldkube.operator.spec import TrainingJobSpec
 from fieldkube.operator.status_model import (
     REASON_PATTERN,
@@ -118,7 +119,11 @@ def _is_ready(pod: Obj) -> bool:
 
 
 def pending_reason(pods: list[Obj], events: list[Obj]) -> tuple[str, str, str] | None:
-    """(reason, message, pod) for the first pod that cannot start, from pod conditions, then events."""
+    """(reason, message, pod) for the first pod that cannot start, from pod conditions, then events.
+
+    Events: a pod refused at creation (Pod Security, quota) or a volume that cannot be mounted
+    (`pod_events`), then the scheduler's FailedScheduling.
+    """
     for pod in sorted(pods, key=_pod_name):
         status = pod.get("status") or {}
         for cond in status.get("conditions") or []:
@@ -129,6 +134,9 @@ def pending_reason(pods: list[Obj], events: list[Obj]) -> tuple[str, str, str] |
             waiting = (container.get("state") or {}).get("waiting") or {}
             if waiting.get("reason") in _WAITING_PROBLEMS:
                 return str(waiting["reason"]), str(waiting.get("message", "")), _pod_name(pod)
+    problem = start_problem(pods, events, names.MPI_ROLE_LABEL)
+    if problem is not None:
+        return problem
     pod_names = {_pod_name(p) for p in pods}
     scheduling = [
         e
@@ -239,7 +247,7 @@ def scheduled_condition(
 
     The launcher is counted when it exists (it is created once the workers are ready).
     """
-    if stuck is not None and stuck[0] in _SCHEDULER_REASONS:
+    if stuck is not None and stuck[0] in _SCHEDULER_REASONS | CREATION_REASONS:
         return False, stuck[0], f"{stuck[2]}: {stuck[1]}"
     if phase == "Suspended":
         return False, "Suspended", "the job is suspended: its pods are deleted"
