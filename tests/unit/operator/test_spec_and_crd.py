@@ -357,3 +357,32 @@ def test_a_models_own_cel_rules_survive_the_rules_its_field_adds() -> None:
         },
     }
     assert structural_schema(source)["properties"]["d"]["x-kubernetes-validations"] == [own, added]
+
+
+@pytest.mark.parametrize(
+    "uri",
+    [
+        "models:/c@champion",
+        "models:/c/3",
+        "models:/c/3/",
+        "models:/c",
+        "models:/c@",
+        "models:/a/b@c",
+        "models:/c/x",
+    ],
+)
+def test_init_from_is_judged_like_the_trainer_judges_model_init_from(uri: str) -> None:
+    from fieldkube.trainer.config import ModelConfig
+
+    def accepted(check: Any) -> bool:
+        try:
+            check()
+        except (ValueError, ValidationError):
+            return False
+        return True
+
+    trainer = accepted(lambda: ModelConfig(init_from=uri))
+    assert (
+        accepted(lambda: spec.parse_spec({"dataset": {"path": "d"}, "model": {"initFrom": uri}})) == trainer
+    )
+    assert bool(re.fullmatch(rules.MODELS_URI_PATTERN, uri)) == trainer
