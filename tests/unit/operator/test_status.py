@@ -488,3 +488,16 @@ def test_refusals_a_created_pod_outlived_and_the_jobs_own_failure_event_are_not_
         events=[outlived, own],
     )
     assert status.reason == "Starting"
+
+
+def test_an_edit_after_the_end_is_observed_without_changing_the_verdict(tj: dict[str, Any]) -> None:
+    done = _status(tj, mpijob(("Succeeded", "MPIJobSucceeded")), [pod("flowers-worker-0", "worker")])
+    tj["status"] = done.as_patch()
+    tj["metadata"]["generation"] = 2  # e.g. runPolicy.ttlSecondsAfterFinished set afterwards
+    tj["spec"]["runPolicy"] = {"ttlSecondsAfterFinished": 60}
+    later = _status(tj, None, [], now=T0 + timedelta(hours=1))
+    assert later.observedGeneration == 2 and {c.observedGeneration for c in later.conditions} == {2}
+    assert [(c.type, c.status, c.reason, c.lastTransitionTime) for c in later.conditions] == [
+        (c.type, c.status, c.reason, c.lastTransitionTime) for c in done.conditions
+    ]
+    assert later.phase == "Succeeded" and later.completionTime == done.completionTime

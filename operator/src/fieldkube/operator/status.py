@@ -3,7 +3,7 @@
 Everything a user needs without reading pods: the phase mirrored from the MPIJob's conditions, why a job is
 pending (an Unschedulable pod condition or FailedScheduling event), the pending timeout, and on failure the
 pod, exit code and reason that explain it. Terminal phases are sticky: once Succeeded or Failed, only the
-tracking fields may still change, so pod cleanup never erases a diagnosis.
+tracking fields and the generation observed may still change, so pod cleanup never erases a diagnosis.
 
 Conditions follow the Kubernetes API conventions: one per type, each with the generation it was computed
 from and a CamelCase reason even when False. Log lines appear in the status only when the job opts in
@@ -343,11 +343,16 @@ def compute_status(
         if tracking.registered_model is not None:
             status.registeredModel = tracking.registered_model
     status.progress.summary = _progress_summary(status.phase, status.progress)
+    generation = tj.get("metadata", {}).get("generation")
     if previous.phase in TERMINAL_PHASES:
+        # an edit after the end (TTL, diagnostics) changes nothing the conditions say: they now describe it
+        status.observedGeneration = generation
+        status.conditions = [
+            c.model_copy(update={"observedGeneration": generation}) for c in status.conditions
+        ]
         _log_tail_policy(spec, previous, status)
         return status
 
-    generation = tj.get("metadata", {}).get("generation")
     status.observedGeneration = generation
     status.gpus = spec.total_gpus
     workers = [p for p in pods if _role(p) == "worker"]
