@@ -616,3 +616,25 @@ def test_the_operator_was_never_denied_by_rbac(operator: Any) -> None:
     """Runs after the tests above: a permission the ClusterRole lacks shows as a 403 in the log."""
     denied = [line for line in operator.log_text().splitlines() if RBAC_DENIAL.search(line)]
     assert not denied, "\n".join(denied[:10])
+
+
+def test_pods_refused_at_admission_show_in_the_status_within_seconds(
+    local_cluster: Any, cluster_namespace: str, job_watcher: Any
+) -> None:
+    """A ResourceQuota refuses the worker pod: the mpi-operator's Warning event, read from the operator's
+    events watch, is the job's pending reason within 10 s (before: NotStarted until the pending timeout)."""
+    local_cluster.apply(
+        {
+            "apiVersion": "v1",
+            "kind": "ResourceQuota",
+            "metadata": {"name": "no-pods", "namespace": cluster_namespace},
+            "spec": {"hard": {"pods": "0"}},
+        }
+    )
+    apply(local_cluster, cluster_namespace, trainingjob("refused", gpusPerWorker=0))
+    applied = time.monotonic()
+    status = job_watcher.wait(cluster_namespace, "refused", lambda s: s.get("reason") == "QuotaExceeded", 30)
+    assert time.monotonic() - applied <= 10, time.monotonic() - applied
+    assert status["phase"] == "Pending" and "exceeded quota" in status["message"], status
+    scheduled = next(c for c in status["conditions"] if c["type"] == "Scheduled")
+    assert (scheduled["status"], scheduled["reason"]) == ("False", "QuotaExceeded"), scheduled

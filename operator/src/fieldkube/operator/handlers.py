@@ -3,8 +3,8 @@
 One event handler feeds each TrainingJob event to the reconciler's queue; kopf writes nothing to the
 objects (no finalizer, no annotations), so with the operator stopped or uninstalled a TrainingJob and its
 namespace still delete at once (the MPIJob follows by its owner reference). On startup: the MPIJob and pod
-watches (server-side label selector), the worker threads, the MLflow progress loop and, unless standalone,
-the Lease election that lets only one replica act.
+watches (server-side label selector), the Warning events watch, the worker threads, the MLflow progress
+loop and, unless standalone, the Lease election that lets only one replica act.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import Any
 import kopf
 
 from fieldkube.operator import metrics, spec
-from fieldkube.operator.informer import Informer, trim_mpijob, trim_pod
+from fieldkube.operator.informer import Informer, event_key, trim_event, trim_mpijob, trim_pod
 from fieldkube.operator.kube import Cluster, load_config
 from fieldkube.operator.leader import LeaderElector
 from fieldkube.operator.mpijob_builder import MlflowCredentials
@@ -76,6 +76,16 @@ def configure(settings: kopf.OperatorSettings, logger: kopf.Logger, **_: Any) ->
                 namespace,
             ),
             Informer("pods", cluster.pod_lister(namespace), rec.pods, trim_pod, rec.child_changed, namespace),
+            Informer(
+                "events",
+                cluster.event_lister(namespace),
+                rec.events,
+                trim_event,
+                rec.child_changed,
+                namespace,
+                selector={"field_selector": "type=Warning"},
+                key=event_key,
+            ),
         ]
     for informer in controller.informers:
         informer.start()

@@ -1,16 +1,19 @@
-"""A watch-fed cache of the objects a TrainingJob owns (MPIJobs, pods), selected on the server by label.
+"""A watch-fed cache of the objects a TrainingJob owns (MPIJobs, pods), selected on the server by label,
+and of the Warning events that explain why its pods do not start.
 
 Why not kopf for these: kopf watches a resource cluster-wide and filters labels in memory, so every pod of
-the cluster passes through the operator. Here the API server sends only objects carrying the job label,
-each stored trimmed to the fields the status function reads, keyed by (namespace, job). One thread per
-watched resource and namespace: list, then watch from the list's resourceVersion; on a dropped or expired
-watch, list again and replace the cache (objects deleted meanwhile are noticed then).
+the cluster passes through the operator. Here the API server sends only objects carrying the job label
+(events: only Warnings), each stored trimmed to the fields the status function reads, keyed by
+(namespace, job). One thread per watched resource and namespace: list, then watch from the last
+resourceVersion; on an expired or broken watch, list again and replace the cache (objects deleted
+meanwhile are noticed then).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -21,7 +24,7 @@ from kubernetes import watch
 from kubernetes.client.exceptions import ApiException
 from urllib3.exceptions import HTTPError
 
-from fieldkube.operator import names
+from fieldkube.operator import names, pod_events
 
 log = logging.getLogger("fieldkube.operator.informer")
 Obj = dict[str, Any]
@@ -36,6 +39,38 @@ def job_key(obj: Obj) -> Key | None:
     meta = obj.get("metadata") or {}
     job = (meta.get("labels") or {}).get(names.JOB_LABEL)
     return (str(meta.get("namespace")), str(job)) if job else None
+
+
+# Events carry no labels: the job is read from the name of the object they are about (the MPIJob is named
+# like the job, its launcher Job <job>-launcher, its pods <job>-worker-<i> and <job>-launcher-<suffix>).
+_OWNED_NAME = re.compile(r"^(?P<job>.+?)-(worker-[0-9]+|launcher(-[a-z0-9]+)?)$")
+
+
+def event_key(event: Obj) -> Key | None:
+    """The job a Warning event that pod_events reads is about, or None for any other event."""
+    if event.get("reason") not in pod_events.EVENT_REASONS:
+        return None
+    involved = event.get("involvedObject") or {}
+    name, kind = str(involved.get("name", "")), involved.get("kind")
+    namespace = str(involved.get("namespace") or (event.get("metadata") or {}).get("namespace"))
+    if kind == "MPIJob":
+        return (namespace, name)
+    owned = _OWNED_NAME.match(name)
+    if kind in {"Job", "Pod"} and owned:
+        return (namespace, owned.group("job"))
+    return None
+
+
+def trim_event(event: Obj) -> Obj:
+    involved = event.get("involvedObject") or {}
+    return {
+        "reason": event.get("reason"),
+        "message": event.get("message"),
+        "type": event.get("type"),
+        "involvedObject": {"kind": involved.get("kind"), "name": involved.get("name")},
+        "lastTimestamp": event.get("lastTimestamp"),
+        "eventTime": event.get("eventTime"),
+    }
 
 
 def trim_pod(pod: Obj) -> Obj:
@@ -113,7 +148,8 @@ class Informer(threading.Thread):
     """Keeps ``cache`` equal to the API server's objects of one list call; calls ``changed(key)`` per change.
 
     ``list_call(resource_version=..., watch=..., ...)`` is a kubernetes-client list function with its
-    resource and namespace already bound (it must accept label_selector and _preload_content).
+    resource and namespace already bound; ``selector`` its server-side selection (label_selector or
+    field_selector); ``key`` maps an object to its job (None: not kept).
     """
 
     def __init__(
@@ -124,10 +160,13 @@ class Informer(threading.Thread):
         trim: Callable[[Obj], Obj],
         changed: Callable[[Key], None],
         namespace: str | None = None,
+        selector: dict[str, str] | None = None,
+        key: Callable[[Obj], Key | None] = job_key,
     ) -> None:
         super().__init__(name=f"informer-{what}-{namespace or 'all'}", daemon=True)
         self.what, self.list_call, self.cache, self.trim = what, list_call, cache, trim
-        self.changed, self.namespace = changed, namespace
+        self.changed, self.namespace, self.key = changed, namespace, key
+        self.selector = selector if selector is not None else {"label_selector": names.JOB_LABEL}
         self.synced = threading.Event()
         self._stop = threading.Event()
         self._watch: watch.Watch | None = None
@@ -154,11 +193,11 @@ class Informer(threading.Thread):
                     self._stop.wait(RETRY_S)
 
     def _relist(self) -> str:
-        response = self.list_call(label_selector=names.JOB_LABEL, _preload_content=False)
+        response = self.list_call(**self.selector, _preload_content=False)
         listing = json.loads(response.data)
         objs: dict[Key, dict[str, Obj]] = {}
         for item in listing.get("items") or []:
-            key = job_key(item)
+            key = self.key(item)
             if key is not None:
                 objs.setdefault(key, {})[item["metadata"]["name"]] = self.trim(item)
         for key in self.cache.replace(self.namespace, objs):
@@ -169,7 +208,7 @@ class Informer(threading.Thread):
         self._watch = watch.Watch()
         yield from self._watch.stream(
             self.list_call,
-            label_selector=names.JOB_LABEL,
+            **self.selector,
             resource_version=version,
             allow_watch_bookmarks=True,
             timeout_seconds=WATCH_TIMEOUT_S,
@@ -185,7 +224,7 @@ class Informer(threading.Thread):
             version = str((obj.get("metadata") or {}).get("resourceVersion") or version)
             if kind == "BOOKMARK":
                 continue
-            key = job_key(obj)
+            key = self.key(obj)
             if key is None:
                 continue
             name = obj["metadata"]["name"]

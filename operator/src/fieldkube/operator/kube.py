@@ -56,6 +56,11 @@ class Cluster:
             return self.core.list_pod_for_all_namespaces
         return functools.partial(self.core.list_namespaced_pod, namespace)
 
+    def event_lister(self, namespace: str | None) -> Callable[..., Any]:
+        if namespace is None:
+            return self.core.list_event_for_all_namespaces
+        return functools.partial(self.core.list_namespaced_event, namespace)
+
     def mpijob_lister(self, namespace: str | None) -> Callable[..., Any]:
         args = (names.MPIJOB_GROUP, names.MPIJOB_VERSION)
         if namespace is None:

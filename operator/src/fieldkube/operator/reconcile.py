@@ -99,6 +99,8 @@ class Reconciler:
     jobs: TrainingJobs = field(default_factory=TrainingJobs)
     mpijobs: Cache = field(default_factory=Cache)
     pods: Cache = field(default_factory=Cache)
+    events: Cache = field(default_factory=Cache)
+    """Warning events that say why a job's pods are not created or do not start (pod_events)."""
     queue: WorkQueue[Key] = field(default_factory=WorkQueue)
     leading: threading.Event = field(default_factory=threading.Event)
     _tracking: dict[str, Tracking] = field(default_factory=dict)
@@ -266,17 +268,20 @@ class Reconciler:
         meta = tj["metadata"]
         previous = previous_status(tj)
         pods = self.pods.get(key)
+        events = self.events.get(key)
         with self._guard:
             tracking = self._tracking.get(meta["uid"])
-        status = compute_status(tj, tj_spec, mpijob, pods, [], now, tracking)
+        status = compute_status(tj, tj_spec, mpijob, pods, events, now, tracking)
         if status.phase in {"Pending", "Failed"} and status.reason in {"Starting", "NotStarted"}:
-            status = self._with_scheduling_events(key, tj, tj_spec, mpijob, pods, now, tracking, status)
+            status = self._with_scheduling_events(
+                key, tj, tj_spec, mpijob, pods, events, now, tracking, status
+            )
         newly_terminal = is_terminal(status.as_patch()) and not is_terminal(tj.get("status"))
         if newly_terminal:
             final = self._find_tracking(tj, tj_spec)
             if final is not None:
                 tracking = final
-                status = compute_status(tj, tj_spec, mpijob, pods, [], now, tracking)
+                status = compute_status(tj, tj_spec, mpijob, pods, events, now, tracking)
         tail_pod = log_tail_pod(tj_spec, previous, status)
         if tail_pod is not None and status.diagnosis is not None:  # only for jobs that opt in
             lines = tj_spec.diagnostics.logTailLines
@@ -306,6 +311,7 @@ class Reconciler:
         tj_spec: TrainingJobSpec,
         mpijob: Obj | None,
         pods: list[Obj],
+        known: list[Obj],
         now: datetime,
         tracking: Tracking | None,
         status: TrainingJobStatus,
@@ -323,7 +329,7 @@ class Reconciler:
         events = [event for pod in due for event in self.cluster.list_scheduling_events(key[0], pod)]
         if not events:
             return status
-        return compute_status(tj, tj_spec, mpijob, pods, events, now, tracking)
+        return compute_status(tj, tj_spec, mpijob, pods, [*known, *events], now, tracking)
 
     def _write_status(self, key: Key, tj: Obj, new: Obj) -> None:
         patch = merge_patch(tj.get("status") or {}, new)
