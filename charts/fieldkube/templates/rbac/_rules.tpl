@@ -16,8 +16,8 @@ Namespaced rules: granted cluster-wide, or in each of operator.watchNamespaces. 
 - apiGroups: [kubeflow.org]
   resources: [mpijobs]
   verbs: [list, watch, create, patch]
-# Status and diagnosis: pods, their logs (when a job asks for log tails), scheduling events; kopf posts
-# warnings as events.
+# Status and diagnosis: pods, their logs (when a job asks for log tails), Warning events (pods refused at
+# admission, volume errors, scheduling); kopf posts its warnings as events.
 - apiGroups: [""]
   resources: [pods]
   verbs: [list, watch]
@@ -26,7 +26,7 @@ Namespaced rules: granted cluster-wide, or in each of operator.watchNamespaces. 
   verbs: [get]
 - apiGroups: [""]
   resources: [events]
-  verbs: [list, create]
+  verbs: [list, watch, create]
 {{- end -}}
 
 {{/* Cluster-scoped rules: always a ClusterRole. */}}
