@@ -67,7 +67,15 @@ def wait_healthy(port: int, proc: subprocess.Popen[bytes], log: Path, timeout: f
 
 
 def job_spec() -> dict[str, Any]:
-    return {"dataset": {"path": "prepared/x"}, "workers": 1, "gpusPerWorker": 1, "pendingTimeoutSeconds": 0}
+    """One GPU worker; the launcher runs for a day (kwok), so jobs that start keep running and the rest stay
+    pending: with the jobs live and nothing changing, the idle window measures the operator alone."""
+    return {
+        "dataset": {"path": "prepared/x"},
+        "workers": 1,
+        "gpusPerWorker": 1,
+        "pendingTimeoutSeconds": 0,
+        "podMetadata": {"launcher": {"annotations": {"fieldkube.io/simulate-run-seconds": "86400"}}},
+    }
 
 
 def trainingjobs(n: int) -> list[dict[str, Any]]:
@@ -138,15 +146,23 @@ def idle_usage(pid: int, seconds: float) -> tuple[float, float]:
 
 
 def wait_empty(cluster: Any, kind: str, namespace: str, timeout: float) -> float:
-    """Seconds until no object of ``kind`` is left in ``namespace``."""
-    start = time.monotonic()
+    """The monotonic time at which no object of ``kind`` is left in ``namespace``."""
     cluster.wait_for(
         f"every {kind} of {namespace} gone",
         lambda: not cluster.get_json(kind, namespace=namespace)["items"],
         timeout=timeout,
         interval=0.5,
     )
-    return time.monotonic() - start
+    return time.monotonic()
+
+
+def syncs_done(metrics_port: int) -> float:
+    """The operator's count of job syncs, from its /metrics."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as answer:
+        for line in answer.read().decode().splitlines():
+            if line.startswith('fieldkube_operator_reconcile_total{handler="sync"}'):
+                return float(line.rsplit(" ", 1)[1])
+    return 0.0
 
 
 def wait_all(watcher: Watcher, names: list[str], timeout: float) -> float:
@@ -176,7 +192,13 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def run_one(
-    cluster: Any, api: client.CustomObjectsApi, n: int, operator_pid: int, run_id: str, idle_s: float
+    cluster: Any,
+    api: client.CustomObjectsApi,
+    n: int,
+    operator_pid: int,
+    metrics_port: int,
+    run_id: str,
+    idle_s: float,
 ) -> dict[str, Any]:
     direct_ns, operator_ns = f"direct-{run_id}", f"operator-{run_id}"
     for ns in (direct_ns, operator_ns):
@@ -210,11 +232,13 @@ def run_one(
     print(
         f"[{n} jobs] all MPIJobs in {all_s:.1f}s (direct {direct_s:.1f}s); idle for {idle_s:.0f}s", flush=True
     )
+    syncs_before = syncs_done(metrics_port)
     idle_cpu, idle_rss = idle_usage(operator_pid, idle_s)
+    idle_syncs = syncs_done(metrics_port) - syncs_before
     t0 = time.monotonic()
     cluster.kubectl("delete", "trainingjobs", "--all", "-n", operator_ns, "--wait=false", timeout=1800)
-    delete_s = wait_empty(cluster, "trainingjobs", operator_ns, 1800)
-    mpijobs_gone_s = wait_empty(cluster, "mpijobs", operator_ns, 1800) + delete_s
+    delete_s = wait_empty(cluster, "trainingjobs", operator_ns, 1800) - t0
+    mpijobs_gone_s = wait_empty(cluster, "mpijobs", operator_ns, 1800) - t0
     print(f"[{n} jobs] deleted in {delete_s:.1f}s (MPIJobs gone after {mpijobs_gone_s:.1f}s)", flush=True)
     settle(cluster, "trainingjobs", operator_ns)  # and their pods: the next round starts on an idle cluster
     return {
@@ -229,6 +253,7 @@ def run_one(
         "idle_seconds": idle_s,
         "idle_operator_cpu_percent_of_one_core": round(100 * idle_cpu, 2),
         "idle_operator_rss_mb": round(idle_rss, 1),
+        "idle_operator_syncs": int(idle_syncs),
         "delete_all_trainingjobs_seconds": round(delete_s, 3),
         "delete_until_mpijobs_gone_seconds": round(mpijobs_gone_s, 3),
     }
@@ -252,14 +277,14 @@ def main() -> int:
         sa = cluster.service_account_kubeconfig("fieldkube-system", "fieldkube-operator", create=False)
         log = (state / "operator.log").open("w")
         env = {**os.environ, "KUBECONFIG": str(sa)}
-        health_port = free_port()
+        health_port, metrics_port = free_port(), free_port()
         operator = subprocess.Popen(
             [
                 str(BIN / "fieldkube-operator"),
                 "run",
                 "--standalone",
                 "--metrics-port",
-                str(free_port()),
+                str(metrics_port),
                 "--health-port",
                 str(health_port),
                 "--bind-address",
@@ -273,9 +298,9 @@ def main() -> int:
         wait_healthy(health_port, operator, state / "operator.log")
         config.load_kube_config(str(cluster.kubeconfig))
         api = client.CustomObjectsApi()
-        rounds = [run_one(cluster, api, args.jobs, operator.pid, "a", args.idle)]
+        rounds = [run_one(cluster, api, args.jobs, operator.pid, metrics_port, "a", args.idle)]
         if args.jobs_large:
-            rounds.append(run_one(cluster, api, args.jobs_large, operator.pid, "b", args.idle))
+            rounds.append(run_one(cluster, api, args.jobs_large, operator.pid, metrics_port, "b", args.idle))
         result = {
             **rounds[0],
             "rounds": rounds,

@@ -114,3 +114,14 @@ def test_a_relist_reports_the_jobs_whose_objects_changed_or_went() -> None:
     assert cache.get(("b", "three")) == [{"v": 1}]  # another namespace's informer owns it
     cache.remove(("a", "four"), "p4")
     assert len(cache) == 2
+
+
+def test_urgent_keys_are_served_first_in_their_own_order() -> None:
+    queue: WorkQueue[str] = WorkQueue()
+    queue.add("status-1")
+    queue.add("status-2")
+    queue.add("new-1", urgent=True)
+    queue.add("new-2", urgent=True)
+    queue.add("status-2", urgent=True)  # already queued: moved ahead, still once
+    assert [queue.get() for _ in range(4)] == ["new-1", "new-2", "status-2", "status-1"]
+    assert len(queue) == 0

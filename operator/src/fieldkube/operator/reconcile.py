@@ -120,7 +120,9 @@ class Reconciler:
                 self._deleted[key] = body
         else:
             key = self.jobs.put(body)
-        self.queue.add(key)
+        # A job that has no MPIJob yet and has not ended goes first (it has nothing running to report).
+        urgent = not self.mpijobs.get(key) and not is_terminal(body.get("status"))
+        self.queue.add(key, urgent=urgent)
 
     def child_changed(self, key: Key) -> None:
         """An MPIJob or pod of the job changed (informer callback)."""

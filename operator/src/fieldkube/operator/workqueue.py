@@ -1,9 +1,10 @@
 """The reconciler's work queue: job keys to sync, each at most once in the queue and never in two workers.
 
 Events only name a job; the sync reads the caches, so ten events for one job while it waits cost one sync.
-A key added while a worker holds it is queued again when that worker is done. Keys can also be added for
-later (pending timeouts, TTLs, retries after an error): one heap of deadlines serves every job, instead of
-a timer per job.
+A key added while a worker holds it is queued again when that worker is done. Urgent keys (a job without
+its MPIJob yet) are served before the others, so a burst of new jobs gets its MPIJobs before the status
+updates of the jobs already started. Keys can also be added for later (pending timeouts, TTLs, retries
+after an error): one heap of deadlines serves every job, instead of a timer per job.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ class WorkQueue(Generic[K]):
     def __init__(self) -> None:
         self._cond = threading.Condition()
         self._queue: deque[K] = deque()
+        self._urgent: deque[K] = deque()
         self._queued: set[K] = set()
         self._active: set[K] = set()
         self._again: set[K] = set()
@@ -28,17 +30,20 @@ class WorkQueue(Generic[K]):
         self._sequence = 0
         self._closed = False
 
-    def add(self, key: K) -> None:
+    def add(self, key: K, urgent: bool = False) -> None:
         with self._cond:
-            self._add(key)
+            self._add(key, urgent)
 
-    def _add(self, key: K) -> None:
+    def _add(self, key: K, urgent: bool = False) -> None:
         if key in self._active:
             self._again.add(key)
         elif key not in self._queued:
             self._queued.add(key)
-            self._queue.append(key)
+            (self._urgent if urgent else self._queue).append(key)
             self._cond.notify()
+        elif urgent and key in self._queue:  # queued as ordinary, now urgent: move it ahead
+            self._queue.remove(key)
+            self._urgent.append(key)
 
     def add_after(self, key: K, seconds: float) -> None:
         """Add ``key`` once ``seconds`` have passed (at once when not positive)."""
@@ -59,8 +64,8 @@ class WorkQueue(Generic[K]):
                 now = time.monotonic()
                 while self._later and self._later[0][0] <= now:
                     self._add(heapq.heappop(self._later)[2])
-                if self._queue:
-                    key = self._queue.popleft()
+                if self._urgent or self._queue:
+                    key = (self._urgent or self._queue).popleft()
                     self._queued.discard(key)
                     self._active.add(key)
                     return key
@@ -80,4 +85,4 @@ class WorkQueue(Generic[K]):
 
     def __len__(self) -> int:
         with self._cond:
-            return len(self._queue)
+            return len(self._queue) + len(self._urgent)
