@@ -106,5 +106,6 @@ def test_an_unknown_counter_head_is_one_line_naming_model_params_and_the_choices
     with pytest.raises(ConfigError) as caught:
         build_task_model(config)
     assert str(caught.value) == (
-        "model.params for counter-fcrn: counter-fcrn: head must be one of linear, relu, softplus, got 'exp'"
+        "model.params for counter-fcrn: counter-fcrn: head must be one of linear, relu, softplus, clamp, "
+        "got 'exp'"
     )

@@ -13,6 +13,7 @@ from torch import nn
 
 from fieldkube.vision.bundle import load_bundle, read_spec, save_bundle
 from fieldkube.vision.models import DENSITY_HEADS, build_model, model_params
+from fieldkube.vision.models.heads import density_activation
 from fieldkube.vision.predict import predict_tiled
 
 SMALL = {"counter-mcnn": {"width": 0.25}, "counter-fcrn": {"base_channels": 4}}
@@ -71,9 +72,24 @@ def test_every_head_has_the_same_weights(name: str) -> None:
 @pytest.mark.parametrize("head", ["sigmoid", "", None, 1])
 def test_an_unknown_head_is_one_error_naming_the_parameter_and_the_choices(name: str, head: object) -> None:
     with pytest.raises(
-        ValueError, match=rf"^{name}: head must be one of linear, relu, softplus, got {head!r}$"
+        ValueError, match=rf"^{name}: head must be one of linear, relu, softplus, clamp, got {head!r}$"
     ):
         build_model(name, head=head)
+
+
+def test_clamp_counts_like_relu_but_passes_the_gradient_where_relu_has_none() -> None:
+    x = torch.tensor([-2.0, -0.5, 0.0, 1.5])
+    target = torch.tensor([0.0, 1.0, 0.0, 1.0])
+    grads = {}
+    for head in ("relu", "clamp"):
+        leaf = x.clone().requires_grad_()
+        out = density_activation("counter-fcrn", head)(leaf)
+        assert out.tolist() == [0.0, 0.0, 0.0, 1.5]
+        ((out - target) ** 2).sum().backward()
+        assert leaf.grad is not None
+        grads[head] = leaf.grad.tolist()
+    assert grads["relu"] == [0.0, 0.0, 0.0, 1.0]
+    assert grads["clamp"] == [0.0, -2.0, 0.0, 1.0]  # the flower pixel at -0.5 is pulled up
 
 
 @pytest.mark.parametrize("name", SMALL)

@@ -6,7 +6,10 @@ values, and a field's count (the map's sum) can then fall below zero on an image
 
 - ``linear``: nothing (the counters before this parameter existed; bundles without it load as this);
 - ``relu``: max(0, x), exactly zero wherever the layer is negative;
-- ``softplus``: log(1 + e^x), positive and smooth everywhere.
+- ``softplus``: log(1 + e^x), positive and smooth everywhere;
+- ``clamp``: max(0, x) as ``relu``, but trained as if linear: the gradient passes through where the layer
+  is negative (straight through), so a pixel that should hold a flower but starts or falls below zero is
+  pulled back up instead of staying dead. Where the target is zero too, the loss has no gradient anyway.
 
 The activation has no weights, so a model's state dict is the same for every head: weights trained with
 one load into the others (their outputs then differ).
@@ -14,15 +17,34 @@ one load into the others (their outputs then differ).
 
 from __future__ import annotations
 
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
+import torch
 from torch import nn
 
-DensityHead = Literal["linear", "relu", "softplus"]
+DensityHead = Literal["linear", "relu", "softplus", "clamp"]
 DENSITY_HEADS: tuple[str, ...] = get_args(DensityHead)
 DEFAULT_DENSITY_HEAD: DensityHead = "linear"
 # What a bundle written before `head` existed was built with.
 LEGACY_DENSITY_HEAD: DensityHead = "linear"
+
+
+class _ClampStraightThrough(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        return x.clamp(min=0)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        return grad
+
+
+class ClampStraightThrough(nn.Module):
+    """max(0, x) forward, identity backward. Shapes: any -> the same."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = _ClampStraightThrough.apply(x)
+        return out
 
 
 def density_activation(model: str, head: object) -> nn.Module:
@@ -33,4 +55,6 @@ def density_activation(model: str, head: object) -> nn.Module:
         return nn.ReLU()
     if head == "softplus":
         return nn.Softplus()
+    if head == "clamp":
+        return ClampStraightThrough()
     raise ValueError(f"{model}: head must be one of {', '.join(DENSITY_HEADS)}, got {head!r}")
