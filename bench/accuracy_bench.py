@@ -267,11 +267,11 @@ def main() -> None:
     parser.add_argument("--counter-lr", type=float, default=1e-3)
     parser.add_argument("--counter-loss", default="pixel_mse")
     parser.add_argument(
-        "--counter-heads", nargs="+", default=["linear", "relu", "softplus"],
+        "--counter-heads", nargs="+", default=["linear", "relu", "softplus", "clamp"],
         help="output activations compared side by side (model parameter head)",
     )  # fmt: skip
     parser.add_argument(
-        "--seeds", nargs="+", type=int, default=[0],
+        "--seeds", nargs="+", type=int, default=[0, 1],
         help="training seeds (weights, data order) each head is trained with; MAEs averaged",
     )  # fmt: skip
     parser.add_argument("--no-segmenter", action="store_true", help="counter heads only")

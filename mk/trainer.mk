@@ -1,5 +1,6 @@
 # Trainer targets: benchmarks (`make bench-train`, `make bench-accuracy`, `make bench-adapt`,
-# `make bench-profile`, `make bench-scale`) and the trainer's own tests.
+# `make bench-profile`, `make bench-scale`) and the trainer's own tests. Extra flags for bench-accuracy:
+# ACCURACY_BENCH_ARGS="--counter-heads linear clamp --seeds 0 1 2 --no-segmenter".
 .PHONY: test-trainer bench-train bench-accuracy bench-adapt bench-profile bench-scale
 
 test-trainer:  ## unit + integration tests of fieldkube-train / -prepare / -profile / -scale and fieldkube.vision
@@ -8,8 +9,8 @@ test-trainer:  ## unit + integration tests of fieldkube-train / -prepare / -prof
 bench-train:  ## images/s of fieldkube-train vs a bare loop, Horovod vs DDP, loader wait -> bench/results/train.json
 	$(PY) bench/train_bench.py --out bench/results/train.json
 
-bench-accuracy:  ## counter MAE (CNN vs classical, per bin) and segmenter IoU on held-out synthetic data
-	$(PY) bench/accuracy_bench.py --out bench/results/accuracy.json
+bench-accuracy:  ## counter MAE per head (model.params.head) vs classical, per bin; segmenter IoU on held-out synthetic data
+	$(PY) bench/accuracy_bench.py --out bench/results/accuracy.json $(ACCURACY_BENCH_ARGS)
 
 bench-adapt:  ## champion MAE on a shifted field, then fine-tuned vs from scratch on 4-32 images -> bench/results/adapt.{json,png}
 	$(PY) bench/adapt_bench.py --out bench/results/adapt.json --plot bench/results/adapt.png $(ADAPT_BENCH_ARGS)

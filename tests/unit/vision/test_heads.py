@@ -13,7 +13,7 @@ from torch import nn
 
 from fieldkube.vision.bundle import load_bundle, read_spec, save_bundle
 from fieldkube.vision.models import DENSITY_HEADS, build_model, model_params
-from fieldkube.vision.models.heads import density_activation
+from fieldkube.vision.models.heads import SOFTPLUS_INITIAL_BIAS, density_activation
 from fieldkube.vision.predict import predict_tiled
 
 SMALL = {"counter-mcnn": {"width": 0.25}, "counter-fcrn": {"base_channels": 4}}
@@ -66,6 +66,20 @@ def test_every_head_has_the_same_weights(name: str) -> None:
         for head in DENSITY_HEADS
     }
     assert all(keys == shapes["linear"] for keys in shapes.values())
+
+
+@pytest.mark.parametrize("name", SMALL)
+def test_only_softplus_starts_its_bias_low_and_every_other_weight_is_as_linear(name: str) -> None:
+    initial = {}
+    for head in DENSITY_HEADS:
+        torch.manual_seed(3)
+        initial[head] = build_model(name, **SMALL[name], head=head).state_dict()
+    bias = f"{'fuse' if name == 'counter-mcnn' else 'head'}.bias"
+    assert initial["softplus"][bias].tolist() == [SOFTPLUS_INITIAL_BIAS]
+    for head, state in initial.items():
+        for key, value in state.items():
+            if not (head == "softplus" and key == bias):
+                assert torch.equal(value, initial["linear"][key]), (head, key)
 
 
 @pytest.mark.parametrize("name", SMALL)

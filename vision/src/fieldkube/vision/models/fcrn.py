@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fieldkube.vision.models.heads import DEFAULT_DENSITY_HEAD, density_activation
+from fieldkube.vision.models.heads import DEFAULT_DENSITY_HEAD, density_activation, init_head_bias
 from fieldkube.vision.models.padding import crop_to, pad_to_multiple
 
 
@@ -60,6 +60,7 @@ class FCRN(nn.Module):
             ]
         )
         self.head = nn.Conv2d(c, 1, kernel_size=1)
+        init_head_bias(self.head, head)
         self.activation = activation
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

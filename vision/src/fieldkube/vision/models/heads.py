@@ -6,7 +6,10 @@ values, and a field's count (the map's sum) can then fall below zero on an image
 
 - ``linear``: nothing (the counters before this parameter existed; bundles without it load as this);
 - ``relu``: max(0, x), exactly zero wherever the layer is negative;
-- ``softplus``: log(1 + e^x), positive and smooth everywhere;
+- ``softplus``: log(1 + e^x), positive and smooth everywhere; the last layer's bias starts at
+  ``SOFTPLUS_INITIAL_BIAS`` (0.05 per pixel) rather than near 0 (0.69 per pixel, ~64 flowers on a 96 px
+  tile at density scale 100), an over-count whose first steps drove every pixel deep below zero, where
+  softplus has almost no gradient, in bench-accuracy;
 - ``clamp``: max(0, x) as ``relu``, but trained as if linear: the gradient passes through where the layer
   is negative (straight through), so a pixel that should hold a flower but starts or falls below zero is
   pulled back up instead of staying dead. Where the target is zero too, the loss has no gradient anyway.
@@ -24,7 +27,9 @@ from torch import nn
 
 DensityHead = Literal["linear", "relu", "softplus", "clamp"]
 DENSITY_HEADS: tuple[str, ...] = get_args(DensityHead)
+# No head that cannot count below zero matched linear's MAE in bench-accuracy (bench/README.md).
 DEFAULT_DENSITY_HEAD: DensityHead = "linear"
+SOFTPLUS_INITIAL_BIAS = -3.0
 # What a bundle written before `head` existed was built with.
 LEGACY_DENSITY_HEAD: DensityHead = "linear"
 
@@ -45,6 +50,12 @@ class ClampStraightThrough(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out: torch.Tensor = _ClampStraightThrough.apply(x)
         return out
+
+
+def init_head_bias(layer: nn.Conv2d, head: str) -> None:
+    """Start the last layer's bias where `head` has a small output and a gradient (softplus only)."""
+    if head == "softplus" and layer.bias is not None:
+        nn.init.constant_(layer.bias, SOFTPLUS_INITIAL_BIAS)
 
 
 def density_activation(model: str, head: object) -> nn.Module:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from fieldkube.vision.models.heads import DEFAULT_DENSITY_HEAD, density_activation
+from fieldkube.vision.models.heads import DEFAULT_DENSITY_HEAD, density_activation, init_head_bias
 from fieldkube.vision.models.padding import crop_to, pad_to_multiple
 
 
@@ -98,6 +98,7 @@ class MCNN(nn.Module):
         columns = [MCNNColumn(in_channels, first_kernel, spec, width) for first_kernel, spec in SEED_COLUMNS]
         self.columns = nn.ModuleList(columns)
         self.fuse = nn.Conv2d(sum(column.out_channels for column in columns), 1, kernel_size=1)
+        init_head_bias(self.fuse, head)
         self.activation = activation
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
