@@ -98,6 +98,7 @@ def _counter_arm(
     from fieldkube.trainer.evaluate import evaluate_counter
     from fieldkube.trainer.loader import PreparedDataset
     from fieldkube.vision.bundle import load_bundle
+    from fieldkube.vision.models import build_model
 
     params: dict[str, Any] = {"head": head}
     if args.counter_model == "counter-fcrn":
@@ -110,9 +111,16 @@ def _counter_arm(
     held_out = PreparedDataset(root / "field-eval", "test", DataConfig(), seed=0, augment=False)
     torch.set_num_threads(args.threads)
     report, rows = evaluate_counter(loaded.model, held_out, torch.device("cpu"), loaded.spec.density_scale)
+    served_as = {}
+    for other in args.serve_as:  # the same weights counted through another head (it has no weights)
+        model = build_model(loaded.spec.name, **{**loaded.spec.params, "head": other})
+        model.load_state_dict(loaded.model.state_dict())
+        served, _ = evaluate_counter(model, held_out, torch.device("cpu"), loaded.spec.density_scale,
+                                     classical=False)  # fmt: skip
+        served_as[other] = served["cnn"]["overall"]["mae"]
     train_tiles = len(PreparedDataset(root / "field-train", "train", DataConfig(), 0, augment=False))
     budget.update(seed=seed, tile=args.counter_tile, train_tiles=train_tiles)
-    return {"report": report, "budget": budget}, rows
+    return {"report": report, "budget": budget, "served_as": served_as}, rows
 
 
 def _mean(values: list[float]) -> float:
@@ -137,6 +145,11 @@ def _head_summary(arms: list[tuple[dict[str, Any], list[Any]]]) -> dict[str, Any
         "tiles_rounded_below_zero": sum(round(count) < 0 for count in counts),
         "lowest_count": min(counts),
         "training": [arm["budget"] for arm, _ in arms],
+        "served_as": {
+            other: {"mae": _mean(maes), "mae_by_seed": maes}
+            for other in arms[0][0]["served_as"]
+            for maes in [[arm["served_as"][other] for arm, _ in arms]]
+        },
     }
 
 
@@ -245,6 +258,9 @@ def _print(results: dict[str, Any]) -> None:
         print(f"  {head}: MAE by seed {by_seed}; R² {summary['r2']:.3f}; tiles counted below zero "
               f"{summary['tiles_below_zero']} (rounded {summary['tiles_rounded_below_zero']}), lowest count "
               f"{summary['lowest_count']:.3f}")  # fmt: skip
+        for other, served in summary["served_as"].items():
+            by_seed = ", ".join(f"{mae:.3f}" for mae in served["mae_by_seed"])
+            print(f"  {head} weights counted with head {other}: MAE {served['mae']:.3f} (by seed {by_seed})")
     if "segmenter_iou" in results:
         iou, accuracy = results["segmenter_iou"], results["segmenter_pixel_accuracy"]
         print(f"segmenter ({results['segmenter_eval_tiles']} held-out tiles): IoU {iou:.3f} (seed 0.66), "
@@ -273,6 +289,10 @@ def main() -> None:
     parser.add_argument(
         "--seeds", nargs="+", type=int, default=[0, 1],
         help="training seeds (weights, data order) each head is trained with; MAEs averaged",
+    )  # fmt: skip
+    parser.add_argument(
+        "--serve-as", nargs="+", default=[],
+        help="also count with each trained counter's weights behind these heads (e.g. clamp)",
     )  # fmt: skip
     parser.add_argument("--no-segmenter", action="store_true", help="counter heads only")
     parser.add_argument("--aerial-images", type=int, default=24)

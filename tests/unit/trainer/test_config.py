@@ -107,5 +107,5 @@ def test_an_unknown_counter_head_is_one_line_naming_model_params_and_the_choices
         build_task_model(config)
     assert str(caught.value) == (
         "model.params for counter-fcrn: counter-fcrn: head must be one of linear, relu, softplus, clamp, "
-        "got 'exp'"
+        "eval-clamp, got 'exp'"
     )

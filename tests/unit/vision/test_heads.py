@@ -86,7 +86,8 @@ def test_only_softplus_starts_its_bias_low_and_every_other_weight_is_as_linear(n
 @pytest.mark.parametrize("head", ["sigmoid", "", None, 1])
 def test_an_unknown_head_is_one_error_naming_the_parameter_and_the_choices(name: str, head: object) -> None:
     with pytest.raises(
-        ValueError, match=rf"^{name}: head must be one of linear, relu, softplus, clamp, got {head!r}$"
+        ValueError,
+        match=rf"^{name}: head must be one of linear, relu, softplus, clamp, eval-clamp, got {head!r}$",
     ):
         build_model(name, head=head)
 
@@ -104,6 +105,18 @@ def test_clamp_counts_like_relu_but_passes_the_gradient_where_relu_has_none() ->
         grads[head] = leaf.grad.tolist()
     assert grads["relu"] == [0.0, 0.0, 0.0, 1.0]
     assert grads["clamp"] == [0.0, -2.0, 0.0, 1.0]  # the flower pixel at -0.5 is pulled up
+
+
+@pytest.mark.parametrize("name", SMALL)
+def test_eval_clamp_trains_as_linear_and_counts_without_negative_pixels(name: str) -> None:
+    torch.manual_seed(0)
+    linear = _force_negative(build_model(name, **SMALL[name], head="linear"))
+    clamped = build_model(name, **SMALL[name], head="eval-clamp")
+    clamped.load_state_dict(linear.state_dict())
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(clamped.train()(x), linear.train()(x))
+        assert (clamped.eval()(x) == 0).all()
 
 
 @pytest.mark.parametrize("name", SMALL)

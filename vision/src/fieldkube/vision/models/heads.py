@@ -12,7 +12,9 @@ values, and a field's count (the map's sum) can then fall below zero on an image
   softplus has almost no gradient, in bench-accuracy;
 - ``clamp``: max(0, x) as ``relu``, but trained as if linear: the gradient passes through where the layer
   is negative (straight through), so a pixel that should hold a flower but starts or falls below zero is
-  pulled back up instead of staying dead. Where the target is zero too, the loss has no gradient anyway.
+  pulled back up instead of staying dead. Where the target is zero too, the loss has no gradient anyway;
+- ``eval-clamp``: ``linear`` while training, max(0, x) in eval mode (validation, evaluation, serving):
+  trains exactly as ``linear`` and counts without the negative pixels a linear map keeps.
 
 The activation has no weights, so a model's state dict is the same for every head: weights trained with
 one load into the others (their outputs then differ).
@@ -25,7 +27,7 @@ from typing import Any, Literal, get_args
 import torch
 from torch import nn
 
-DensityHead = Literal["linear", "relu", "softplus", "clamp"]
+DensityHead = Literal["linear", "relu", "softplus", "clamp", "eval-clamp"]
 DENSITY_HEADS: tuple[str, ...] = get_args(DensityHead)
 # No head that cannot count below zero matched linear's MAE in bench-accuracy (bench/README.md).
 DEFAULT_DENSITY_HEAD: DensityHead = "linear"
@@ -52,6 +54,13 @@ class ClampStraightThrough(nn.Module):
         return out
 
 
+class ClampWhenCounting(nn.Module):
+    """x while training, max(0, x) in eval mode. Shapes: any -> the same."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.training else x.clamp(min=0)
+
+
 def init_head_bias(layer: nn.Conv2d, head: str) -> None:
     """Start the last layer's bias where `head` has a small output and a gradient (softplus only)."""
     if head == "softplus" and layer.bias is not None:
@@ -68,4 +77,6 @@ def density_activation(model: str, head: object) -> nn.Module:
         return nn.Softplus()
     if head == "clamp":
         return ClampStraightThrough()
+    if head == "eval-clamp":
+        return ClampWhenCounting()
     raise ValueError(f"{model}: head must be one of {', '.join(DENSITY_HEADS)}, got {head!r}")
