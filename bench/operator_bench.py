@@ -158,13 +158,21 @@ def wait_empty(cluster: Any, kind: str, namespace: str, timeout: float) -> float
     return time.monotonic()
 
 
-def syncs_done(metrics_port: int) -> float:
-    """The operator's count of job syncs, from its /metrics."""
+def operator_metric(metrics_port: int, sample: str) -> float:
+    """One sample of the operator's /metrics (0 when absent)."""
     with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as answer:
         for line in answer.read().decode().splitlines():
-            if line.startswith('fieldkube_operator_reconcile_total{handler="sync"}'):
+            if line.rsplit(" ", 1)[0] == sample:
                 return float(line.rsplit(" ", 1)[1])
     return 0.0
+
+
+def syncs_done(metrics_port: int) -> float:
+    return operator_metric(metrics_port, 'fieldkube_operator_reconcile_total{handler="sync"}')
+
+
+def status_writes(metrics_port: int) -> float:
+    return operator_metric(metrics_port, "fieldkube_operator_status_writes_total")
 
 
 def settle_statuses(metrics_port: int, quiet_s: float = 5.0, timeout: float = 600.0) -> float:
@@ -237,6 +245,7 @@ def run_one(
     for w in (tj_watch, mj_watch):
         w.start()
         w.ready.wait()
+    writes_before = status_writes(metrics_port)
     sampler = RssSampler(operator_pid)
     sampler.start()
     docs = trainingjobs(n)
@@ -252,6 +261,7 @@ def run_one(
         f"[{n} jobs] all MPIJobs in {all_s:.1f}s (direct {direct_s:.1f}s); idle for {idle_s:.0f}s", flush=True
     )
     settled_s = settle_statuses(metrics_port) - t0
+    writes = status_writes(metrics_port) - writes_before
     print(f"[{n} jobs] statuses settled {settled_s:.1f}s after the create", flush=True)
     syncs_before = syncs_done(metrics_port)
     idle_cpu, idle_rss = idle_usage(operator_pid, idle_s)
@@ -274,6 +284,7 @@ def run_one(
         "direct_kubectl_create_seconds": round(direct_kubectl_s, 3),
         "trainingjobs_kubectl_create_seconds": round(tj_kubectl_s, 3),
         "statuses_settled_seconds": round(settled_s, 3),
+        "status_writes_per_job": round(writes / n, 2),
         "overhead_ratio": round(all_s / direct_s, 2) if direct_s > 0 else None,
         "idle_seconds": idle_s,
         "idle_operator_cpu_percent_of_one_core": round(100 * idle_cpu, 2),

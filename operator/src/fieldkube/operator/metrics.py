@@ -24,6 +24,11 @@ RECONCILE_SECONDS = Histogram(
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
     registry=REGISTRY,
 )
+STATUS_WRITES = Counter(
+    "fieldkube_operator_status_writes_total",
+    "TrainingJob status patches sent (a sync that changes nothing writes none).",
+    registry=REGISTRY,
+)
 JOBS_BY_PHASE = Gauge(
     "fieldkube_trainingjobs", "TrainingJobs known to this operator, by phase.", ["phase"], registry=REGISTRY
 )

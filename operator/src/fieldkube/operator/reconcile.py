@@ -49,6 +49,10 @@ EVENT_LOOKUP_AFTER_S = 5.0
 LEGACY_FINALIZER = "fieldkube.io/cleanup"
 RETRY_BASE_S, RETRY_MAX_S = 0.5, 60.0
 CONFLICT_RETRY_S = 2.0
+# A job's status is written at most this often unless its phase changes: while its pods start, a job passes
+# through several short-lived states (pods not created, pending, scheduled, ready), and writing each costs
+# the API server a write and every watcher an event. The last state is written when the interval is over.
+STATUS_INTERVAL_S = 2.0
 
 
 @dataclass
@@ -106,6 +110,7 @@ class Reconciler:
     _tracking: dict[str, Tracking] = field(default_factory=dict)
     _deleted: dict[Key, Obj] = field(default_factory=dict)
     _failures: dict[Key, int] = field(default_factory=dict)
+    _written: dict[Key, float] = field(default_factory=dict)
     _guard: threading.Lock = field(default_factory=threading.Lock)
 
     # ---- inputs -----------------------------------------------------------------------------------
@@ -334,9 +339,16 @@ class Reconciler:
         return compute_status(tj, tj_spec, mpijob, pods, [*known, *events], now, tracking)
 
     def _write_status(self, key: Key, tj: Obj, new: Obj) -> None:
-        patch = merge_patch(tj.get("status") or {}, new)
+        old = tj.get("status") or {}
+        patch = merge_patch(old, new)
         if not patch:
             return
+        since = time.monotonic() - self._written.get(key, float("-inf"))
+        if new.get("phase") == old.get("phase") and since < STATUS_INTERVAL_S:
+            self.queue.add_after(key, STATUS_INTERVAL_S - since)  # the state then, not every one between
+            return
+        self._written[key] = time.monotonic()
+        metrics.STATUS_WRITES.inc()
         try:
             stored = self.cluster.patch_trainingjob_status(key[0], key[1], patch)
         except ApiException as exc:
@@ -459,6 +471,7 @@ class Reconciler:
         meta, status = body["metadata"], body.get("status") or {}
         with self._guard:
             self._tracking.pop(meta["uid"], None)
+        self._written.pop((str(meta["namespace"]), str(meta["name"])), None)
         metrics.forget_job(meta["uid"])
         if is_terminal(status):
             return
