@@ -110,7 +110,7 @@ class Job:
         self.proc = subprocess.Popen(
             self.command, stdout=self.log.open("w"), stderr=subprocess.STDOUT, env=env
         )
-        self.move("Pending", "create")
+        self.move("Pending")
 
     def reconcile(self) -> bool:
         """The operator's timer: advance the phase from what the process shows; True while not finished."""
@@ -119,15 +119,15 @@ class Job:
         if code is None:
             if self.phase == "Pending" and http_ok(self.metrics_url):
                 self.started = now_iso()
-                self.move("Running", "timer")
+                self.move("Running")
             else:
-                self.move(self.phase or "Pending", "timer")
+                self.move(self.phase or "Pending")
             return True
-        self.move("Succeeded" if code == 0 else "Failed", "timer", "" if code == 0 else "Error")
+        self.move("Succeeded" if code == 0 else "Failed", "" if code == 0 else "Error")
         return False
 
-    def move(self, phase: str, handler: str, reason: str = "") -> None:
-        with timed(handler):
+    def move(self, phase: str, reason: str = "") -> None:
+        with timed("sync"):  # as the operator counts its syncs
             operator_metrics.record_phase(
                 self.name, "fieldkube", self.phase, phase, self.created, self.started,
                 now_iso() if phase in {"Succeeded", "Failed"} else None, 0, reason, datetime.now(UTC),
