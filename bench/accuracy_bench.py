@@ -171,7 +171,8 @@ def counter_benchmark(root: Path, args: argparse.Namespace) -> dict[str, Any]:
         heads[head] = _head_summary(arms)
         report = report or arms[0][0]["report"]
     default_head = model_params(args.counter_model)["head"]
-    shipped = heads[default_head] if default_head in heads else heads[args.counter_heads[0]]
+    first = heads[args.counter_heads[0]]
+    shipped = heads.get(default_head) or first["served_as"].get(default_head) or first
     return {
         "counter_mae_cnn": shipped["mae"],
         "counter_mae_classical": report["classical"]["overall"]["mae"],
@@ -283,15 +284,15 @@ def main() -> None:
     parser.add_argument("--counter-lr", type=float, default=1e-3)
     parser.add_argument("--counter-loss", default="pixel_mse")
     parser.add_argument(
-        "--counter-heads", nargs="+", default=["linear", "relu", "softplus", "clamp"],
+        "--counter-heads", nargs="+", default=["linear"],
         help="output activations compared side by side (model parameter head)",
     )  # fmt: skip
     parser.add_argument(
-        "--seeds", nargs="+", type=int, default=[0, 1],
+        "--seeds", nargs="+", type=int, default=[0, 1, 2],
         help="training seeds (weights, data order) each head is trained with; MAEs averaged",
     )  # fmt: skip
     parser.add_argument(
-        "--serve-as", nargs="+", default=[],
+        "--serve-as", nargs="*", default=["eval-clamp"],
         help="also count with each trained counter's weights behind these heads (e.g. clamp)",
     )  # fmt: skip
     parser.add_argument("--no-segmenter", action="store_true", help="counter heads only")

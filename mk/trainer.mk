@@ -1,6 +1,6 @@
 # Trainer targets: benchmarks (`make bench-train`, `make bench-accuracy`, `make bench-adapt`,
 # `make bench-profile`, `make bench-scale`) and the trainer's own tests. Extra flags for bench-accuracy:
-# ACCURACY_BENCH_ARGS="--counter-heads linear clamp --seeds 0 1 2 --no-segmenter".
+# ACCURACY_BENCH_ARGS="--counter-heads linear clamp relu softplus --seeds 0 1 --no-segmenter".
 .PHONY: test-trainer bench-train bench-accuracy bench-adapt bench-profile bench-scale
 
 test-trainer:  ## unit + integration tests of fieldkube-train / -prepare / -profile / -scale and fieldkube.vision

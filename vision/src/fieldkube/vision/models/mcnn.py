@@ -87,7 +87,8 @@ class MCNN(nn.Module):
     """Modified MCNN density regressor (seed 000). `width` scales every column's channel count (1.0 = seed).
 
     Shapes: (B, 3, H, W) -> (B, 1, H, W); counts are the sum of the map. `head` is the activation after
-    the fusion (`linear`: none, as in the seed, so that training starts with a gradient everywhere).
+    the fusion; the default `eval-clamp` trains linear, as in the seed, so that training starts with a
+    gradient everywhere, and counts with max(0, x).
     """
 
     def __init__(self, in_channels: int = 3, width: float = 1.0, head: str = DEFAULT_DENSITY_HEAD) -> None:
