@@ -738,7 +738,7 @@ class LocalCluster:
         )
 
     def _start_mpi_operator(self, ports: Mapping[str, int]) -> None:
-        self.kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd/mpijobs.kubeflow.org")
+        self.wait_crds_established(["mpijobs.kubeflow.org"])
         self._spawn(
             "mpi-operator",
             [
@@ -777,7 +777,8 @@ class LocalCluster:
                 self.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(path))
                 applied.append(path)
             if sub == "crd" and files:
-                self.kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd", "--all")
+                crds = [d for path in files for d in yaml.safe_load_all(path.read_text()) if d]
+                self.wait_crds_established(d["metadata"]["name"] for d in crds)
         if applied:
             self._progress("applied " + ", ".join(str(p.relative_to(self.manifests_dir)) for p in applied))
         return applied
@@ -862,6 +863,24 @@ class LocalCluster:
         config["contexts"][0]["context"]["namespace"] = namespace
         write_file(target, yaml.safe_dump(config, sort_keys=False))
         return target
+
+    def wait_crds_established(self, names: Iterable[str], timeout: float = 60.0) -> None:
+        """Until every named CRD is Established. Polled rather than `kubectl wait`, which fails at once
+        ("status.conditions accessor error") on a CRD so new that it has no status yet."""
+        wanted = list(names)
+
+        def established() -> bool:
+            items = self.get_json("crd", *wanted)
+            found = items.get("items", [items]) if items.get("kind") == "List" else [items]
+            return len(found) == len(wanted) and all(
+                any(
+                    c.get("type") == "Established" and c.get("status") == "True"
+                    for c in (crd.get("status") or {}).get("conditions") or []
+                )
+                for crd in found
+            )
+
+        self.wait_for(f"CRDs {', '.join(wanted)} established", established, timeout=timeout, interval=0.2)
 
     def wait_for(
         self,

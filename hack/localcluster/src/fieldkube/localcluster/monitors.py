@@ -225,12 +225,7 @@ def install_crds(cluster: LocalCluster) -> None:
         raise ClusterError(f"no prometheus-operator CRDs in {directory}: run hack/build-cluster-bins.sh")
     for path in files:
         cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(path))
-    cluster.kubectl(
-        "wait",
-        "--for=condition=Established",
-        "--timeout=60s",
-        *(f"crd/{kind}.monitoring.coreos.com" for kind in MONITORING_KINDS),
-    )
+    cluster.wait_crds_established(f"{kind}.monitoring.coreos.com" for kind in MONITORING_KINDS)
 
 
 def prometheus_rules(cluster: LocalCluster, namespace: str) -> dict[str, Any]:
