@@ -69,26 +69,6 @@ class Cluster:
             self.custom.list_namespaced_custom_object, *args, namespace, names.MPIJOB_PLURAL
         )
 
-    def _get_custom(self, group: str, version: str, plural: str, namespace: str, name: str) -> Obj | None:
-        try:
-            return _json(
-                self.custom.get_namespaced_custom_object(
-                    group, version, namespace, plural, name, _preload_content=False
-                )
-            )
-        except ApiException as exc:
-            if exc.status == 404:
-                return None
-            raise
-
-    def get_trainingjob(self, namespace: str, name: str) -> Obj | None:
-        return self._get_custom(spec.GROUP, spec.VERSION, spec.PLURAL, namespace, name)
-
-    def get_mpijob(self, namespace: str, name: str) -> Obj | None:
-        return self._get_custom(
-            names.MPIJOB_GROUP, names.MPIJOB_VERSION, names.MPIJOB_PLURAL, namespace, name
-        )
-
     def create_mpijob(self, body: Obj) -> Obj:
         """Create and return the stored object; raises ApiException (409 when it already exists)."""
         return _json(
@@ -106,26 +86,6 @@ class Cluster:
         self.custom.patch_namespaced_custom_object(
             names.MPIJOB_GROUP, names.MPIJOB_VERSION, namespace, names.MPIJOB_PLURAL, name, patch
         )
-
-    def delete_mpijob(self, namespace: str, name: str) -> None:
-        try:
-            self.custom.delete_namespaced_custom_object(
-                names.MPIJOB_GROUP,
-                names.MPIJOB_VERSION,
-                namespace,
-                names.MPIJOB_PLURAL,
-                name,
-                propagation_policy="Background",
-            )
-        except ApiException as exc:
-            if exc.status != 404:
-                raise
-
-    def list_job_pods(self, namespace: str, job: str) -> list[Obj]:
-        response = self.core.list_namespaced_pod(
-            namespace, label_selector=f"{names.JOB_LABEL}={job}", _preload_content=False
-        )
-        return list(_json(response).get("items") or [])
 
     def list_scheduling_events(self, namespace: str, pod: str) -> list[Obj]:
         """FailedScheduling events of one pod (a field selector: cost independent of the namespace size)."""
