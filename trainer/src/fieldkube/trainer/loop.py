@@ -25,6 +25,7 @@ from torch.utils.data import Dataset
 from fieldkube.trainer import checkpoint as ckpt
 from fieldkube.trainer.backends import AnyBackend, create_backend, pin_device
 from fieldkube.trainer.config import TrainingConfig
+from fieldkube.trainer.dataset_format import write_json_atomic
 from fieldkube.trainer.errors import ConfigError, DataError
 from fieldkube.trainer.freezing import frozen_factor, split_frozen
 from fieldkube.trainer.init_source import (
@@ -366,6 +367,8 @@ def _train(config: TrainingConfig, backend: AnyBackend, device: torch.device) ->
     # steady-state throughput of this run (first step excluded: it pays for lazy initialisation)
     steady_images, steady_seconds, steady_wait = 0, 0.0, 0.0
     images_window = 0
+    # (seconds since start, global step, global-batch loss) at every log point: time to a target loss
+    loss_curve: list[list[float]] = []
     window_start = time.perf_counter()
     wait_window = 0.0
     model.train()
@@ -434,6 +437,7 @@ def _train(config: TrainingConfig, backend: AnyBackend, device: torch.device) ->
                     rate = images_window / max(now - window_start, 1e-9)
                     wait_share = wait_window / max(now - window_start, 1e-9)
                     elapsed = now - started
+                    loss_curve.append([round(elapsed, 3), state.global_step, loss_value])
                     eta = elapsed / steps_this_run * (total_steps - state.global_step)
                     percent = 100.0 * state.global_step / total_steps
                     if chief:
@@ -534,6 +538,8 @@ def _train(config: TrainingConfig, backend: AnyBackend, device: torch.device) ->
     registered = None
     if chief:
         from fieldkube.trainer.finish import finish_run
+
+        write_json_atomic(output_dir / "loss_curve.json", loss_curve)
 
         elapsed = time.perf_counter() - started
         report, registered = finish_run(
