@@ -383,6 +383,28 @@ def created_mpijobs(*replicas: Any) -> Counter[str]:
     return Counter(line.rsplit("created MPIJob ", 1)[1].split()[0] for line in lines)
 
 
+LEADING = re.compile(r"leading: lease \S+ held by (\S+)")
+AGENT_IDENTITY = re.compile(r"^fieldkube-operator/\S+ \((?P<identity>[^)]+)\)$")
+
+
+def operator_writes(local_cluster: Any, namespace: str) -> list[tuple[str, str, str]]:
+    """(identity, verb, object) of each write the operator made in ``namespace``, in the API server's order.
+
+    From the API server's audit log (the local cluster logs writes to MPIJobs and TrainingJob statuses), so
+    a write counts when the API server answered it, whether or not its replica lived to log it. Rejected
+    writes count too (a 409 for an MPIJob that exists is a replica acting on a job another one handles).
+    """
+    writes = []
+    for event in local_cluster.audit_events(namespace):
+        agent = AGENT_IDENTITY.match(event.get("userAgent", ""))
+        if agent is None:
+            continue
+        ref = event["objectRef"]
+        what = f"{ref['resource']}/{ref.get('subresource', '')}/{ref.get('name', '')}"
+        writes.append((event["stageTimestamp"], agent["identity"], event["verb"], what))
+    return [(identity, verb, what) for _, identity, verb, what in sorted(writes)]
+
+
 def test_replicas_killed_and_restarted_reconcile_every_job_exactly_once(
     local_cluster: Any, cluster_namespace: str, operator_factory: Any, tmp_path: Path, operator: Any
 ) -> None:
@@ -446,6 +468,21 @@ def test_replicas_killed_and_restarted_reconcile_every_job_exactly_once(
         names = created_mpijobs(*replicas)
         assert set(names) <= set(tjs) and set(names.values()) <= {1}, names
         assert not any(RBAC_DENIAL.search(r.log_text()) for r in replicas)
+        # Never two at once: the writes, in the order the API server took them, come in one run per
+        # replica process (a process that lost the Lease is dead here, and a new one has a new identity),
+        # each run from a process that logged winning the Lease, and no more runs than Lease holders.
+        writes = operator_writes(local_cluster, cluster_namespace)
+        assert {w[2].split("/")[0] for w in writes} == {"mpijobs", "trainingjobs"}, writes[:5]
+        runs = [
+            identity for i, (identity, _, _) in enumerate(writes) if i == 0 or writes[i - 1][0] != identity
+        ]
+        assert len(runs) == len(set(runs)), f"replicas took turns writing: {len(runs)} runs, {runs[:6]}"
+        leaders = {m for r in replicas for m in LEADING.findall(r.log_text())}
+        assert set(runs) <= leaders, (runs, leaders)
+        lease = local_cluster.get_json(
+            "lease", f"test-{cluster_namespace}"[:63], namespace="fieldkube-system"
+        )
+        assert len(runs) <= lease["spec"].get("leaseTransitions", 0) + 1, (runs, lease["spec"])
     finally:
         for replica in replicas:
             replica.stop()

@@ -10,6 +10,7 @@ loop and, unless standalone, the Lease election that lets only one replica act.
 from __future__ import annotations
 
 import copy
+import importlib.metadata
 import logging
 import os
 import socket
@@ -30,6 +31,7 @@ from fieldkube.operator.reconcile import OperatorConfig, Reconciler, run_every
 TJ = (spec.GROUP, spec.VERSION, spec.PLURAL)
 PROGRESS_INTERVAL_S = float(os.environ.get("FIELDKUBE_SYNC_INTERVAL_SECONDS", "10"))
 INFORMER_SYNC_TIMEOUT_S = 120.0
+USER_AGENT = f"fieldkube-operator/{importlib.metadata.version('fieldkube-operator')}"
 
 
 @dataclass
@@ -62,7 +64,12 @@ def configure(settings: kopf.OperatorSettings, logger: kopf.Logger, **_: Any) ->
         if secret
         else None,
     )
-    cluster = Cluster(load_config())
+    # One identity per process: it holds the Lease and signs every request (the user agent), so the API
+    # server's audit log tells which replica wrote what.
+    identity = f"{os.environ.get('HOSTNAME') or socket.gethostname()}_{uuid.uuid4().hex[:8]}"
+    api = load_config()
+    api.user_agent = f"{USER_AGENT} ({identity})"
+    cluster = Cluster(api)
     rec = Reconciler(cluster, config)
     controller = Controller(rec)
     for namespace in _namespaces():
@@ -99,7 +106,6 @@ def configure(settings: kopf.OperatorSettings, logger: kopf.Logger, **_: Any) ->
     if os.environ.get("FIELDKUBE_LEADER_ELECTION", "1") == "0":
         rec.start_leading()
     else:
-        identity = f"{os.environ.get('HOSTNAME') or socket.gethostname()}_{uuid.uuid4().hex[:8]}"
         controller.elector = LeaderElector(
             cluster.coordination,
             os.environ.get("FIELDKUBE_LEASE_NAMESPACE", "fieldkube-system"),

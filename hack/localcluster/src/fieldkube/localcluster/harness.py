@@ -96,6 +96,25 @@ def default_state_dir(name: str = "local") -> Path:
     return default_cache_dir() / "clusters" / name
 
 
+# What the API server's audit log keeps: only writes to the objects the fieldkube operator owns (an MPIJob's
+# creation, patch or deletion; a TrainingJob's status), at Metadata level (who, which user agent, when, the
+# answer's code). Tests read it to check that of several operator replicas only the Lease's holder writes.
+AUDIT_POLICY = """\
+apiVersion: audit.k8s.io/v1
+kind: Policy
+omitStages: [RequestReceived]
+rules:
+  - level: Metadata
+    verbs: [create, patch, update, delete]
+    resources:
+      - group: kubeflow.org
+        resources: [mpijobs]
+      - group: fieldkube.io
+        resources: [trainingjobs/status]
+  - level: None
+"""
+
+
 @dataclass(frozen=True)
 class Versions:
     """The pinned component versions (hack/cluster/versions.env)."""
@@ -243,6 +262,20 @@ class LocalCluster:
 
     def log_path(self, component: str) -> Path:
         return self.logs_dir / f"{component}.log"
+
+    @property
+    def audit_log(self) -> Path:
+        """The API server's audit log (JSON lines): who wrote the operator's objects, and when."""
+        return self.logs_dir / "audit.log"
+
+    def audit_events(self, namespace: str | None = None) -> list[dict[str, Any]]:
+        """The audit log's events (ResponseComplete stage), of one namespace when given, in log order."""
+        if not self.audit_log.exists():
+            return []
+        events = [json.loads(line) for line in self.audit_log.read_text().splitlines() if line.strip()]
+        return [
+            e for e in events if namespace is None or (e.get("objectRef") or {}).get("namespace") == namespace
+        ]
 
     def _info(self) -> dict[str, Any]:
         path = self.state_dir / "cluster.json"
@@ -576,6 +609,11 @@ class LocalCluster:
                 "--max-requests-inflight=1600",
                 "--max-mutating-requests-inflight=800",
                 "--profiling=false",
+                f"--audit-policy-file={write_file(self.state_dir / 'audit-policy.yaml', AUDIT_POLICY)}",
+                f"--audit-log-path={self.audit_log}",
+                "--audit-log-format=json",
+                "--audit-log-maxsize=100",
+                "--audit-log-maxbackup=1",
                 "--v=1" if self.verbose else "--v=0",
             ],
         )
