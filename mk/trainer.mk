@@ -18,5 +18,5 @@ bench-adapt:  ## champion MAE on a shifted field, then fine-tuned vs from scratc
 bench-profile:  ## per-layer profiling overhead and coverage (plain vs hooked iterations) -> bench/profile_bench.json
 	$(PY) bench/profile_bench.py --out bench/profile_bench.json
 
-bench-scale:  ## fieldkube-scale over 1 and 2 workers, Horovod and DDP -> bench/scale_bench.json
+bench-scale:  ## fieldkube-scale over 1 and 2 workers: allreduce (DDP), ps-sync, ps-async -> bench/scale_bench.{json,png}
 	$(PY) bench/scale_bench.py --out bench/scale_bench.json
