@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -38,6 +39,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3, help="alternating rounds (median per run)")
     parser.add_argument("--batch", type=int, default=8)
     args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
     began = time.perf_counter()
     load_before = os.getloadavg()
     data = args.work / "data"

@@ -310,6 +310,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     # other work on a shared machine falls on every run alike; each run reports the median of its rounds.
     plan = [(strategy, workers) for strategy in strategies for workers in counts]
     samples: dict[tuple[str, int], list[dict[str, Any]]] = {key: [] for key in plan}
+    sweep_began, done, total = time.perf_counter(), 0, args.repeat * len(plan)
     for round_index in range(args.repeat):
         for strategy, workers in plan:
             name = f"{label(strategy)} with {workers} worker(s)"
@@ -332,13 +333,18 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
             )
             trained.update(test_quality(out / "model", config))
             samples[(strategy, workers)].append(trained)
+            done += 1
+            eta = (time.perf_counter() - sweep_began) / done * (total - done)
             log.info(
-                "%s: %.2f images/s (%.0fs wall), final loss %.4g, test loss %.4g",
+                "%s: %.2f images/s (%.0fs wall), final loss %.4g, test loss %.4g | run %d/%d, ETA %.0fs",
                 name,
                 trained["train_images_per_second"],
                 trained["wall_seconds"],
                 final_loss(trained["loss_curve"]) or float("nan"),
                 trained.get("test_loss", float("nan")),
+                done,
+                total,
+                eta,
             )
     runs = []
     for (strategy, workers), trials in samples.items():
