@@ -3,7 +3,7 @@ SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
-PKGS := vision/src trainer/src serving/src operator/src hack/localcluster/src
+PKGS := contract/src vision/src trainer/src serving/src operator/src hack/localcluster/src
 # Scripts of hack/ that are not in a package but are type-checked like one.
 TYPED_SCRIPTS := hack/dashboards.py hack/render_dashboards.py hack/dashboards_example.py
 

@@ -56,7 +56,7 @@ WANT=$(cat constraints.txt requirements-dev.txt */pyproject.toml hack/localclust
 if [ "$(cat "$STAMP" 2>/dev/null)" != "$WANT" ]; then
   "$VENV/bin/python" -m pip install -q --upgrade "pip==25.3"
   "$VENV/bin/python" -m pip install --progress-bar off -c constraints.txt \
-    -e vision -e trainer -e serving -e operator -e hack/localcluster -r requirements-dev.txt \
+    -e contract -e vision -e trainer -e serving -e operator -e hack/localcluster -r requirements-dev.txt \
     | { grep -vE "^(Requirement already satisfied|  Using cached|Collecting|Using cached|  Downloading|Downloading)" || true; }
   [ "${PIPESTATUS[0]}" -eq 0 ] || die "pip install failed (see the messages above)"
   "$VENV/bin/python" -m pip check >/dev/null || { "$VENV/bin/python" -m pip check; die "pip check failed"; }

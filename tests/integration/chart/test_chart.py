@@ -19,9 +19,9 @@ from typing import Any
 import pytest
 import yaml
 
+from fieldkube.contract import names as contract
 from fieldkube.localcluster import chart
 from fieldkube.localcluster.procs import free_port, wait_until
-from fieldkube.operator import names
 from fieldkube.operator.cli import _parser as operator_parser
 from fieldkube.operator.mpijob_builder import build_mpijob
 from fieldkube.operator.spec import parse_spec
@@ -231,7 +231,7 @@ def test_the_pod_monitor_scrapes_every_rank_of_the_pods_the_operator_builds() ->
     assert all(labels.get(k) == v for k, v in selector["matchLabels"].items())
     assert all(e["key"] in labels for e in selector["matchExpressions"])
     ports = {p["name"] for p in worker["spec"]["containers"][0]["ports"]}
-    assert ports == {f"metrics-{i}" for i in range(4)} and names.METRICS_PORT == 9400
+    assert ports == {f"metrics-{i}" for i in range(4)} and contract.METRICS_PORT == 9400
     assert ports <= {e["port"] for e in monitor["spec"]["podMetricsEndpoints"]}
 
 

@@ -1,5 +1,5 @@
-"""The repository layout keeps its promises: one `fieldkube` namespace over four distributions, an operator
-that never pulls in torch, and no directory that shadows a standard-library module."""
+"""The repository layout keeps its promises: one `fieldkube` namespace over five distributions, an operator
+and a contract that never pull in torch, and no directory that shadows a standard-library module."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[3]
-DISTRIBUTIONS = ("vision", "trainer", "serving", "operator")
+DISTRIBUTIONS = ("contract", "vision", "trainer", "serving", "operator")
 
 
 def _python(code: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
@@ -18,8 +18,8 @@ def _python(code: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
     )
 
 
-def test_fieldkube_is_a_namespace_package_shared_by_four_distributions() -> None:
-    """The four product distributions, plus the development-only local cluster (hack/localcluster)."""
+def test_fieldkube_is_a_namespace_package_shared_by_five_distributions() -> None:
+    """The five product distributions, plus the development-only local cluster (hack/localcluster)."""
     for dist in DISTRIBUTIONS:
         assert (ROOT / dist / "src" / "fieldkube" / dist).is_dir(), dist
         assert not (ROOT / dist / "src" / "fieldkube" / "__init__.py").exists(), (
@@ -43,6 +43,18 @@ def test_importing_the_operator_does_not_import_torch() -> None:
         "    importlib.import_module(name)\n"
         "heavy = sorted(m for m in sys.modules if m.split('.')[0] in {'torch', 'torchvision', 'horovod'})\n"
         "print(len(mods), heavy)\n"
+        "assert not heavy, heavy\n"
+    )
+    proc = _python(code)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_the_contract_imports_neither_torch_nor_the_kubernetes_client() -> None:
+    """Both sides import it: the trainer image has no Kubernetes client, the operator image no torch."""
+    code = (
+        "import sys\n"
+        "import fieldkube.contract.names\n"
+        "heavy = sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'kubernetes', 'kopf', 'mlflow'})\n"
         "assert not heavy, heavy\n"
     )
     proc = _python(code)

@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from fieldkube.operator import mlflow_client
 from fieldkube.operator.kube import merge_patch
-
-ROOT = Path(__file__).resolve().parents[3]
 
 
 def test_progress_and_registered_model_are_read_from_a_run() -> None:
@@ -40,21 +36,6 @@ def test_a_run_without_metrics_has_no_progress_and_non_http_uris_are_not_queried
     tracking = mlflow_client.tracking_from_run("http://m", {"info": {"run_id": "x"}, "data": {}}, None)
     assert tracking.progress is None and tracking.registered_model is None
     assert mlflow_client.find_run("sqlite:///mlflow.db", "exp", "uid") is None
-
-
-def test_tag_and_metric_names_match_the_trainer() -> None:
-    from fieldkube.trainer.tracking import JOB_TAG_ENV
-
-    assert JOB_TAG_ENV[mlflow_client.JOB_UID_TAG] == "FIELDKUBE_JOB_UID"
-    trainer_sources = (ROOT / "trainer/src/fieldkube/trainer/loop.py").read_text() + (
-        ROOT / "trainer/src/fieldkube/trainer/tracking.py"
-    ).read_text()
-    for name in (
-        *mlflow_client.PROGRESS_METRICS,
-        mlflow_client.REGISTERED_MODEL_TAG,
-        mlflow_client.MODEL_VERSION_TAG,
-    ):
-        assert f'"{name}"' in trainer_sources, name
 
 
 def test_merge_patch_sets_changes_and_nulls_removed_keys() -> None:

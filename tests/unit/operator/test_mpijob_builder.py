@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+from fieldkube.contract import names as contract
 from fieldkube.operator import names, trainer_pod
 from fieldkube.operator.mpijob_builder import MlflowCredentials, backend_of, build_mpijob, trainer_config
 from fieldkube.operator.spec import parse_spec
@@ -170,7 +171,7 @@ def test_trainer_config_maps_spec_sections_and_is_valid_for_the_trainer() -> Non
     assert config.checkpoint.dir == "/checkpoints/runs/flowers" and config.checkpoint.every_steps == 50
     assert config.tracking.uri == "http://mlflow:5000" and config.tracking.experiment == "exp"
     assert (config.tracking.registered_name, config.tracking.alias) == ("buildings", "champion")
-    assert config.metrics.port == names.METRICS_PORT and config.tracking.run_name == "flowers"
+    assert config.metrics.port == contract.METRICS_PORT and config.tracking.run_name == "flowers"
 
 
 def test_every_example_builds_a_config_the_trainer_accepts() -> None:

@@ -2,7 +2,7 @@
 
 The trainer tags its run with the TrainingJob's uid (`fieldkube.job.uid`) and logs progress metrics
 (`progress_epoch`, `progress_step`, `progress_percent`, `train_loss`, `images_per_second`); on success it
-tags the registered model name and version. Names kept equal to fieldkube.trainer.tracking by a unit test.
+tags the registered model name and version. The names are the contract's (`fieldkube.contract.names`).
 """
 
 from __future__ import annotations
@@ -13,13 +13,20 @@ from typing import Any
 
 import httpx
 
+from fieldkube.contract.names import (
+    IMAGES_PER_SECOND,
+    JOB_UID_TAG,
+    MODEL_VERSION_TAG,
+    PROGRESS_EPOCH,
+    PROGRESS_METRICS,
+    PROGRESS_PERCENT,
+    PROGRESS_STEP,
+    REGISTERED_MODEL_TAG,
+    TRAIN_LOSS,
+)
 from fieldkube.operator.status import Tracking
 from fieldkube.operator.status_model import MlflowStatus, Progress, RegisteredModelStatus
 
-JOB_UID_TAG = "fieldkube.job.uid"
-REGISTERED_MODEL_TAG = "fieldkube.registered_model"
-MODEL_VERSION_TAG = "fieldkube.model_version"
-PROGRESS_METRICS = ("progress_epoch", "progress_step", "progress_percent", "train_loss", "images_per_second")
 TIMEOUT = httpx.Timeout(5.0)
 SEARCH_PAGE = 1000
 
@@ -120,14 +127,14 @@ def tracking_from_run(uri: str, run: dict[str, Any], planned_epochs: int | None)
     progress = None
     if any(key in metrics for key in PROGRESS_METRICS):
         latest = max(int(m.get("timestamp", 0)) for m in metrics.values())
-        step = value("progress_step")
+        step = value(PROGRESS_STEP)
         progress = Progress(
-            epoch=value("progress_epoch"),
+            epoch=value(PROGRESS_EPOCH),
             epochs=planned_epochs,
             step=int(step) if step is not None else None,
-            percent=value("progress_percent"),
-            loss=value("train_loss"),
-            imagesPerSecond=value("images_per_second"),
+            percent=value(PROGRESS_PERCENT),
+            loss=value(TRAIN_LOSS),
+            imagesPerSecond=value(IMAGES_PER_SECOND),
             updatedAt=datetime.fromtimestamp(latest / 1000, UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         )
     registered = None

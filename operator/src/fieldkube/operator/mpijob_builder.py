@@ -13,6 +13,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from fieldkube.contract import names as contract
 from fieldkube.operator import names, trainer_pod
 from fieldkube.operator.spec import DEFAULT_MODEL, TrainingJobSpec, effective_training
 from fieldkube.operator.training_schema import training_schema
@@ -71,7 +72,7 @@ def trainer_config(name: str, spec: TrainingJobSpec, tracking_uri: str | None) -
         "registered_name": spec.mlflow.registeredModel,
         "alias": spec.mlflow.alias,
     }
-    config["metrics"] = {"port": names.METRICS_PORT}
+    config["metrics"] = {"port": contract.METRICS_PORT}
     config["output_dir"] = f"{checkpoint_dir}/output" if checkpoint_dir else names.OUTPUT_DIR
     return config
 
@@ -153,7 +154,7 @@ def launcher_command(
     mpirun = _mpirun(forwarded)
     train = trainer_args(config)
     if config["runtime"]["backend"] == "ddp":
-        endpoint = f"{names.worker_host(names.mpijob_name(name), namespace, 0)}:{names.RDZV_PORT}"
+        endpoint = f"{names.worker_host(names.mpijob_name(name), namespace, 0)}:{contract.RDZV_PORT}"
         torchrun = [
             "torchrun",
             f"--nnodes={spec.workers}",
@@ -170,9 +171,9 @@ def launcher_command(
 def _env(name: str, namespace: str, uid: str, tracking_uri: str | None) -> list[dict[str, Any]]:
     """The containers' env; the launcher's mpirun forwards every one of these names to the ranks."""
     env = [
-        {"name": "FIELDKUBE_JOB_NAMESPACE", "value": namespace},
-        {"name": "FIELDKUBE_JOB_NAME", "value": name},
-        {"name": "FIELDKUBE_JOB_UID", "value": uid},
+        {"name": contract.JOB_NAMESPACE_ENV, "value": namespace},
+        {"name": contract.JOB_NAME_ENV, "value": name},
+        {"name": contract.JOB_UID_ENV, "value": uid},
         *trainer_pod.runtime_env(),
     ]
     if tracking_uri:
@@ -251,11 +252,11 @@ def _worker_template(
     annotations = {
         **spec.podMetadata.worker.annotations,
         "prometheus.io/scrape": "true",
-        "prometheus.io/port": str(names.METRICS_PORT),
+        "prometheus.io/port": str(contract.METRICS_PORT),
         "prometheus.io/path": "/metrics",
     }
     ports = [
-        {"name": f"metrics-{i}", "containerPort": names.METRICS_PORT + i, "protocol": "TCP"}
+        {"name": f"metrics-{i}", "containerPort": contract.METRICS_PORT + i, "protocol": "TCP"}
         for i in range(spec.slots_per_worker)
     ]
     return {

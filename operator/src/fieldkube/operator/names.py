@@ -15,8 +15,6 @@ KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 MPI_JOB_NAME_LABEL = "training.kubeflow.org/job-name"
 MPI_ROLE_LABEL = "training.kubeflow.org/job-role"
 
-METRICS_PORT = 9400
-RDZV_PORT = 29400
 OUTPUT_DIR = "/fieldkube/output"
 DATASET_MOUNT = "/data"
 CHECKPOINT_MOUNT = "/checkpoints"

@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from fieldkube.contract.names import BUILTIN_MODELS, DEFAULT_MODEL
 from fieldkube.operator import rules
 from fieldkube.operator.quantity import format_bytes, parse_quantity
 from fieldkube.operator.training_schema import training_defaults
@@ -28,12 +29,7 @@ PLURAL = "trainingjobs"
 SINGULAR = "trainingjob"
 SHORT_NAMES = ("tj",)
 
-# Kept equal to the trainer's BUILTIN_MODELS by a unit test (the operator must not import the trainer).
-BUILTIN_MODELS = ("counter-mcnn", "counter-fcrn", "segmenter-unet")
-MODEL_NAME_PATTERN = (
-    r"^(counter-mcnn|counter-fcrn|segmenter-unet|[A-Za-z_][A-Za-z0-9_.]*:[A-Za-z_][A-Za-z0-9_]*)$"
-)
-DEFAULT_MODEL = "counter-mcnn"
+MODEL_NAME_PATTERN = rf"^({'|'.join(BUILTIN_MODELS)}|[A-Za-z_][A-Za-z0-9_.]*:[A-Za-z_][A-Za-z0-9_]*)$"
 MAX_NAME_LENGTH = rules.MAX_NAME_LENGTH
 MAX_WORKERS = 512
 MAX_GPUS_PER_WORKER = 16

@@ -18,6 +18,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from fieldkube.contract.names import JOB_NAMESPACE_ENV
+
 log = logging.getLogger("fieldkube.metrics")
 
 STEP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -36,7 +38,7 @@ class GpuCollector(Collector):
             "gpu": str(device_index),
             "UUID": str(pynvml.nvmlDeviceGetUUID(self.handle)),
             "pod": os.environ.get("POD_NAME", socket.gethostname()),
-            "namespace": os.environ.get("FIELDKUBE_JOB_NAMESPACE", os.environ.get("POD_NAMESPACE", "")),
+            "namespace": os.environ.get(JOB_NAMESPACE_ENV, os.environ.get("POD_NAMESPACE", "")),
         }
 
     def collect(self) -> Iterator[GaugeMetricFamily]:

@@ -1,9 +1,9 @@
 """MLflow tracking from rank 0: run lifecycle, params, step/epoch/progress metrics, artifacts, model registry.
 
 The run carries the TrainingJob's identity as tags (from FIELDKUBE_JOB_NAMESPACE / _NAME / _UID) and
-progress metrics (`progress_epoch`, `progress_step`, `progress_percent`, `train_loss`,
-`images_per_second`) that the operator reads. On success the model bundle is logged as artifact path
-`model`, registered as a new version of `fieldkube-counter` / `fieldkube-segmenter` and given the alias.
+progress metrics that the operator reads (names from `fieldkube.contract.names`). On success the model
+bundle is logged as artifact path `model`, registered as a new version of `fieldkube-counter` /
+`fieldkube-segmenter` and given the alias.
 A resumed job continues its previous run (the run id travels in the checkpoint).
 """
 
@@ -15,25 +15,25 @@ import os
 from pathlib import Path
 from typing import Any
 
+from fieldkube.contract.names import (
+    INIT_FROM_TAG_PREFIX,
+    JOB_NAME_ENV,
+    JOB_TAG_ENV,
+    MODEL_VERSION_TAG,
+    REGISTERED_MODEL_TAG,
+)
 from fieldkube.trainer.config import TrackingConfig, TrainingConfig
 from fieldkube.trainer.dataset_format import write_json_atomic
 from fieldkube.trainer.errors import ConfigError
 
 log = logging.getLogger("fieldkube.tracking")
 
-JOB_TAG_ENV = {
-    "fieldkube.job.namespace": "FIELDKUBE_JOB_NAMESPACE",
-    "fieldkube.job.name": "FIELDKUBE_JOB_NAME",
-    "fieldkube.job.uid": "FIELDKUBE_JOB_UID",
-}
 REGISTERED_NAMES = {"counter": "fieldkube-counter", "segmenter": "fieldkube-segmenter"}
-# Lineage of a fine-tuned model (model.init_from): `<prefix>.source`, `.registered_model`, `.version`,
-# `.run_id`, on the run and on the registry version it creates.
-INIT_FROM_TAG_PREFIX = "fieldkube.init_from"
 
 
 def lineage_tags(lineage: dict[str, str]) -> dict[str, str]:
-    """MLflow tags that name the model a run started from; empty for a run trained from scratch."""
+    """MLflow tags that name the model a run started from (`<prefix>.source`, `.registered_model`,
+    `.version`, `.run_id`, on the run and on the registry version it creates); empty from scratch."""
     return {f"{INIT_FROM_TAG_PREFIX}.{key}": str(value) for key, value in lineage.items()}
 
 
@@ -95,7 +95,7 @@ class Tracker:
         else:
             experiment_id = experiment.experiment_id
         tags = {tag: os.environ[env] for tag, env in JOB_TAG_ENV.items() if os.environ.get(env)}
-        run_name = self.config.run_name or os.environ.get("FIELDKUBE_JOB_NAME") or None
+        run_name = self.config.run_name or os.environ.get(JOB_NAME_ENV) or None
         if resume_run_id:
             run = mlflow.start_run(run_id=resume_run_id, log_system_metrics=self.config.system_metrics)
             log.info("continuing MLflow run %s", resume_run_id)
@@ -152,9 +152,7 @@ class Tracker:
             name, source=source, run_id=self.run_id, tags=lineage_tags(lineage or {})
         )
         self._client.set_registered_model_alias(name, self.config.alias, version.version)
-        self._mlflow.set_tags(
-            {"fieldkube.registered_model": name, "fieldkube.model_version": str(version.version)}
-        )
+        self._mlflow.set_tags({REGISTERED_MODEL_TAG: name, MODEL_VERSION_TAG: str(version.version)})
         log.info("registered %s version %s as @%s", name, version.version, self.config.alias)
         return {"name": name, "version": str(version.version), "alias": self.config.alias, "source": source}
 
