@@ -2,7 +2,7 @@
 
 The argv and env the builder gives the launcher container, with these differences: the hostfile (the
 mpi-operator writes /etc/mpi/hostfile in the pod; here it lists localhost with the job's slots), the
-ranks' metrics servers, moved by two trailing `--set` flags from the pod's fixed port 9400 on every
+ranks' metrics servers, moved by two trailing `--set` overrides from the pod's fixed port 9400 on every
 interface to free loopback ports (this machine is shared), and, when the tests run as root, OpenMPI's
 opt-in to run as root (the pod runs as uid 1000, so the command has no `--allow-run-as-root`). The ranks
 start on localhost, so the command's ssh options (port 2222) are not exercised here. Paths in the spec

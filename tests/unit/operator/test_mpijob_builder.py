@@ -37,12 +37,15 @@ def _mounts(container: dict[str, Any]) -> dict[str, str]:
     return {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
 
 
-def _set_flags(command: list[str]) -> dict[str, Any]:
-    flags = {}
-    for i, arg in enumerate(command):
-        if arg == "--set":
-            section, _, value = command[i + 1].partition("=")
-            flags[section] = json.loads(value)
+def _config_document(mpijob: dict[str, Any]) -> str:
+    """The trainer's configuration as the launcher carries it: one JSON document in its environment."""
+    env = {e["name"]: e.get("value") for e in _containers(mpijob, "Launcher")["env"]}
+    document: str = env[contract.CONFIG_ENV]
+    return document
+
+
+def _config_of(mpijob: dict[str, Any]) -> dict[str, Any]:
+    flags: dict[str, Any] = json.loads(_config_document(mpijob))
     return flags
 
 
@@ -141,17 +144,18 @@ def test_auto_backend_is_ddp_on_gpus_and_horovod_on_cpu(gpus: int, requested: st
     assert backend_of(parse_spec({"dataset": {"path": "d"}, **overrides})) == expected
     command = _containers(mpijob, "Launcher")["command"]
     assert ("torchrun" in command) == (expected == "ddp")
-    # The resolved name is what the trainer gets, so the command alone says which backend runs.
-    assert _set_flags(command)["runtime"]["backend"] == expected
+    # The resolved name is what the trainer gets, so the MPIJob alone says which backend runs.
+    assert _config_of(mpijob)["runtime"]["backend"] == expected
 
 
 def test_auto_is_the_default_backend_and_a_gpu_job_gets_ddp() -> None:
-    command = _containers(_build(), "Launcher")["command"]
-    assert "torchrun" in command and _set_flags(command)["runtime"]["backend"] == "ddp"
+    mpijob = _build()
+    command = _containers(mpijob, "Launcher")["command"]
+    assert "torchrun" in command and _config_of(mpijob)["runtime"]["backend"] == "ddp"
 
 
 def test_trainer_config_maps_spec_sections_and_is_valid_for_the_trainer() -> None:
-    from fieldkube.trainer.config import load_config
+    from fieldkube.trainer.config import load_config_document
 
     mpijob = _build(
         {
@@ -162,9 +166,14 @@ def test_trainer_config_maps_spec_sections_and_is_valid_for_the_trainer() -> Non
         }
     )
     command = _containers(mpijob, "Launcher")["command"]
-    train_args = command[command.index("fieldkube-train") + 1 :]
-    overrides = [train_args[i + 1] for i, a in enumerate(train_args) if a == "--set"]
-    config = load_config(None, overrides)  # the trainer's own parser and validator
+    assert command[command.index("fieldkube-train") :] == [
+        "fieldkube-train",
+        "--config-env",
+        contract.CONFIG_ENV,
+    ]
+    # the trainer's own parser and validator; mpirun forwards the variable to every rank
+    assert command[command.index(contract.CONFIG_ENV) - 1] == "-x"
+    config = load_config_document(_config_document(mpijob), "test")
     assert config.model.name == "segmenter-unet" and config.model.params == {"base_channels": 16}
     assert config.data.path == "/data/prepared/canola"
     assert config.train.epochs == 3 and config.train.lr == 0.001 and config.train.batch_size == 8
@@ -390,11 +399,9 @@ def test_without_credentials_no_pod_reads_a_secret() -> None:
 
 
 def _trainer_config_of(mpijob: dict[str, Any]) -> Any:
-    from fieldkube.trainer.config import load_config
+    from fieldkube.trainer.config import load_config_document
 
-    command = _containers(mpijob, "Launcher")["command"]
-    train_args = command[command.index("fieldkube-train") + 1 :]
-    return load_config(None, [train_args[i + 1] for i, a in enumerate(train_args) if a == "--set"])
+    return load_config_document(_config_document(mpijob), "test")
 
 
 def test_fine_tuning_fields_reach_the_trainers_model_section() -> None:
@@ -408,7 +415,7 @@ def test_fine_tuning_fields_reach_the_trainers_model_section() -> None:
             }
         }
     )
-    assert _set_flags(_containers(mpijob, "Launcher")["command"])["model"] == {
+    assert _config_of(mpijob)["model"] == {
         "name": "counter-fcrn",
         "params": {},
         "init_from": "models:/fieldkube-counter@champion",
@@ -421,16 +428,14 @@ def test_fine_tuning_fields_reach_the_trainers_model_section() -> None:
 
 
 def test_without_fine_tuning_fields_the_model_section_is_name_and_params_only() -> None:
-    flags = _set_flags(
-        _containers(_build({"model": {"params": {"base_channels": 8}}}), "Launcher")["command"]
-    )
+    flags = _config_of(_build({"model": {"params": {"base_channels": 8}}}))
     assert flags["model"] == {"name": "counter-mcnn", "params": {"base_channels": 8}}
     assert "density_scale" in flags["data"]
 
 
 def test_init_from_with_the_default_name_leaves_architecture_and_density_scale_to_the_source() -> None:
     mpijob = _build({"model": {"initFrom": "runs:/0a1b/model"}})
-    flags = _set_flags(_containers(mpijob, "Launcher")["command"])
+    flags = _config_of(mpijob)
     assert flags["model"] == {"init_from": "runs:/0a1b/model"}
     assert "density_scale" not in flags["data"]
     config = _trainer_config_of(mpijob)
@@ -438,4 +443,4 @@ def test_init_from_with_the_default_name_leaves_architecture_and_density_scale_t
     set_scale = _build(
         {"model": {"initFrom": "runs:/0a1b/model"}, "training": {"data": {"density_scale": 50}}}
     )
-    assert _set_flags(_containers(set_scale, "Launcher")["command"])["data"]["density_scale"] == 50
+    assert _config_of(set_scale)["data"]["density_scale"] == 50

@@ -1,7 +1,9 @@
 """Pure builder: a TrainingJob (metadata + typed spec) → the Kubeflow MPIJob that runs it. No API calls.
 
-The launcher runs `mpirun` (Horovod: one rank per slot; DDP: one torchrun per worker) with the trainer's
-whole configuration passed as `--set section=<json>` flags, so the command line alone reproduces the run.
+The launcher runs `mpirun` (Horovod: one rank per slot; DDP: one torchrun per worker) of
+`fieldkube-train --config-env FIELDKUBE_TRAINING_CONFIG`: the trainer's whole configuration is one JSON
+document in that variable of the launcher (mpirun forwards it to every rank), parsed by the trainer's own
+configuration model, so a number stays a number and the MPIJob alone reproduces the run.
 The launcher requests no GPU; each worker requests `gpusPerWorker` GPUs and gets as many MPI slots.
 Both roles run as the image's non-root user on a read-only root; workers run their own sshd
 (`trainer_pod.py` holds that contract).
@@ -102,12 +104,14 @@ def model_section(spec: TrainingJobSpec) -> dict[str, Any]:
     return section
 
 
-def trainer_args(config: dict[str, Any]) -> list[str]:
-    """`fieldkube-train` argv: one `--set section=<json>` per section, in a stable order."""
-    args = ["fieldkube-train"]
-    for section in sorted(config):
-        args += ["--set", f"{section}={json.dumps(config[section], sort_keys=True, separators=(',', ':'))}"]
-    return args
+def trainer_args() -> list[str]:
+    """`fieldkube-train` argv: the configuration is the launcher's CONFIG_ENV variable (`config_env`)."""
+    return ["fieldkube-train", "--config-env", contract.CONFIG_ENV]
+
+
+def config_env(config: dict[str, Any]) -> dict[str, str]:
+    """The configuration as one JSON document in an environment variable, keys in a stable order."""
+    return {"name": contract.CONFIG_ENV, "value": json.dumps(config, sort_keys=True, separators=(",", ":"))}
 
 
 def backend_of(spec: TrainingJobSpec) -> str:
@@ -115,8 +119,8 @@ def backend_of(spec: TrainingJobSpec) -> str:
 
     The trainer image's Horovod is built where there is no CUDA toolkit, so it has no NCCL and would move
     every GPU allreduce through host memory; DDP uses NCCL. On CPU, Horovod (MPI/Gloo) is the launch path
-    the project tests most. The resolved name is written into the trainer's `--set runtime=...`, and the
-    launcher follows it (torchrun for ddp, mpirun ranks for horovod), which is also what the trainer's own
+    the project tests most. The resolved name is written into the configuration's `runtime.backend`, and
+    the launcher follows it (torchrun for ddp, mpirun ranks for horovod), which is also what the trainer's own
     `auto` would pick under that launcher (`fieldkube.trainer.backends.resolve_backend_name`).
     """
     requested = str(effective_training(spec).get("runtime", {}).get("backend", "auto"))
@@ -148,12 +152,11 @@ def launcher_command(
     credentials: MlflowCredentials | None = None,
 ) -> list[str]:
     """The launcher's argv: mpirun over the hostfile the mpi-operator writes, running the trainer."""
-    config = trainer_config(name, spec, tracking_uri)
     forwarded = [e["name"] for e in _env(name, namespace, uid, tracking_uri)]
-    forwarded += list(credentials.env_names) if credentials else []
+    forwarded += [contract.CONFIG_ENV, *(credentials.env_names if credentials else ())]
     mpirun = _mpirun(forwarded)
-    train = trainer_args(config)
-    if config["runtime"]["backend"] == "ddp":
+    train = trainer_args()
+    if backend_of(spec) == "ddp":
         endpoint = f"{names.worker_host(names.mpijob_name(name), namespace, 0)}:{contract.RDZV_PORT}"
         torchrun = [
             "torchrun",
@@ -307,7 +310,10 @@ def _launcher_template(
                     "image": spec.image,
                     "imagePullPolicy": spec.imagePullPolicy,
                     "command": launcher_command(name, namespace, uid, spec, tracking_uri, credentials),
-                    "env": _env(name, namespace, uid, tracking_uri),
+                    "env": [
+                        *_env(name, namespace, uid, tracking_uri),
+                        config_env(trainer_config(name, spec, tracking_uri)),
+                    ],
                     **_env_from(credentials),
                     "resources": LAUNCHER_RESOURCES,
                     "securityContext": trainer_pod.container_security_context(),

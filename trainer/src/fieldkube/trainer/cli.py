@@ -2,6 +2,7 @@
 
     fieldkube-train --config job.yaml --set train.epochs=5 --set tracking.alias=champion
     fieldkube-train --config job.yaml --init-from models:/fieldkube-counter@champion
+    fieldkube-train --config-env FIELDKUBE_TRAINING_CONFIG     (one JSON document: how the operator runs it)
     horovodrun -np 2 -H localhost:2 --gloo fieldkube-train --config job.yaml
     torchrun --nproc-per-node 2 -m fieldkube.trainer.cli --config job.yaml --set runtime.backend=ddp
 
@@ -16,8 +17,8 @@ import logging
 import os
 import sys
 
-from fieldkube.trainer.config import load_config, training_config_json_schema
-from fieldkube.trainer.errors import TrainerError
+from fieldkube.trainer.config import load_config, load_config_document, training_config_json_schema
+from fieldkube.trainer.errors import ConfigError, TrainerError
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 143
@@ -25,8 +26,14 @@ EXIT_INTERRUPTED = 143
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fieldkube-train", description="Train a fieldkube model.")
-    parser.add_argument(
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument(
         "--config", help="YAML file with sections model, data, train, checkpoint, tracking, ..."
+    )
+    source.add_argument(
+        "--config-env",
+        metavar="VAR",
+        help="environment variable holding the whole configuration as one JSON document",
     )
     parser.add_argument(
         "--set",
@@ -78,7 +85,13 @@ def train_main(argv: list[str] | None = None) -> None:
         if value is not None:
             overrides.append(f"{key}={value}")
     try:
-        config = load_config(args.config, overrides)
+        if args.config_env:
+            document = os.environ.get(args.config_env)
+            if document is None:
+                raise ConfigError(f"--config-env {args.config_env}: the environment variable is not set")
+            config = load_config_document(document, f"${args.config_env}", overrides)
+        else:
+            config = load_config(args.config, overrides)
         if args.print_config:
             print(json.dumps(config.model_dump(), indent=2))
             return

@@ -271,3 +271,19 @@ def training_config_json_schema() -> dict[str, Any]:
     schema = TrainingConfig.model_json_schema()
     result: dict[str, Any] = _inline_refs(schema, schema.get("$defs", {}))
     return result
+
+
+def load_config_document(text: str, source: str, overrides: list[str] | None = None) -> TrainingConfig:
+    """The whole configuration as one JSON document (how the operator passes a job's), then overrides.
+
+    JSON, not YAML: a YAML 1.1 reader turns `1e-6` into a string, JSON keeps every number a number.
+    """
+    try:
+        tree = json.loads(text)
+    except ValueError as exc:
+        raise ConfigError(f"{source}: not a JSON document: {exc}") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{source}: expected a JSON object of sections (model, data, train, ...)")
+    for assignment in overrides or []:
+        apply_override(tree, assignment)
+    return validate_config(tree, source + (" (with --set overrides)" if overrides else ""))
