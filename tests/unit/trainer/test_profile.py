@@ -11,7 +11,7 @@ import pytest
 
 from fieldkube.trainer.profile import main
 from fieldkube.trainer.profile_hooks import leaf_layers
-from fieldkube.trainer.profile_report import PHASES
+from fieldkube.trainer.profile_report import ACCOUNT_ROWS, FUNCTION_KINDS, PHASES
 from fieldkube.vision.models import build_model
 
 TINY = ["--model", "counter-mcnn", "--tile", "32", "--batch", "2", "--iterations", "4", "--warmup", "1",
@@ -43,10 +43,17 @@ def test_each_repetition_and_rank_gets_its_own_directory_with_csvs_and_plots(pro
 
 
 def test_every_layer_has_forward_backward_and_optimizer_times(profiled: Path) -> None:
-    rows = _rows(profiled / "rep-000" / "rank-0" / "layers.csv")
+    all_rows = _rows(profiled / "rep-000" / "rank-0" / "layers.csv")
+    rows = [r for r in all_rows if r["kind"] not in FUNCTION_KINDS]
     expected = {name for name, _ in leaf_layers(build_model("counter-mcnn"))}
     assert {r["layer"] for r in rows} == expected
     assert {int(r["iteration"]) for r in rows} == {0, 1, 2, 3}
+    # MCNN concatenates its columns outside any module; the loss is arithmetic on tensors: both are rows
+    functions = {
+        r["layer"]: r for r in all_rows if r["kind"] in ("between", "loss") and r["iteration"] == "0"
+    }
+    assert float(functions["between:cat"]["forward_s"]) > 0 < float(functions["between:cat"]["backward_s"])
+    assert any(name.startswith("loss:") and float(r["backward_s"]) > 0 for name, r in functions.items())
     for row in rows:
         assert float(row["forward_s"]) > 0, row
         assert float(row["backward_s"]) > 0, row  # conv, relu and transposed conv all have a grad node
@@ -60,6 +67,8 @@ def test_layer_sums_fit_inside_the_measured_phases_and_iteration(profiled: Path)
     directory = profiled / "rep-000" / "rank-0"
     sums: dict[int, list[float]] = defaultdict(lambda: [0.0, 0.0, 0.0])
     for row in _rows(directory / "layers.csv"):
+        if row["kind"] in FUNCTION_KINDS:
+            continue
         acc = sums[int(row["iteration"])]
         for i, key in enumerate(("forward_s", "backward_s", "optimizer_s")):
             acc[i] += float(row[key])
@@ -78,6 +87,9 @@ def test_layer_sums_fit_inside_the_measured_phases_and_iteration(profiled: Path)
         coverage = float(row["coverage"])
         assert 0.3 < coverage <= 1.0
         assert float(row["error_percent"]) == pytest.approx(100 * (1 - coverage), abs=1e-4)
+        # the accounting rows (named rows and the gaps between timers) tile the iteration exactly
+        assert sum(float(row[key]) for key in ACCOUNT_ROWS) == pytest.approx(total, rel=1e-6)
+        assert float(row["accounted"]) >= coverage
 
 
 def test_summary_has_config_total_time_and_the_quarter_marks(profiled: Path) -> None:

@@ -4,12 +4,16 @@
     horovodrun -np 2 -H localhost:2 --gloo fieldkube-profile run --repetitions 3 --out profiles/mcnn-2
     fieldkube-profile run --no-profiling ...      # the same iterations without hooks (overhead baseline)
     fieldkube-profile parse profiles/mcnn         # rebuild totals, summaries, plots and overview.csv
+    torchrun --nproc-per-node 2 -m fieldkube.trainer.profile allreduce --out profiles/ar   # cost vs size
+    fieldkube-profile predict profiles/ --batch 6 --workers 2   # iteration time of an unseen config
 
 Each repetition and rank writes its own directory `<out>/rep-<k>/rank-<r>/` (see profile_report for the
 files). Inputs are synthetic tensors made before timing starts, so the figures are about the model and
 the framework; the host-to-device copy of each batch is timed as the `data` phase. The gradient
 allreduce of a multi-rank run is one explicit phase between backward and the optimizer (training
 overlaps it with backward), so it is measured instead of hiding inside the layers' backward times.
+Besides the registry's models, `--model vgg11` profiles seed 001's VGG-11 (profile_models) as a
+10-class classifier (cross-entropy on synthetic labels).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import logging
 import sys
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field
 from itertools import pairwise
 from pathlib import Path
@@ -32,12 +37,20 @@ from fieldkube.trainer.dataset_format import write_json_atomic
 from fieldkube.trainer.errors import ConfigError, TrainerError
 from fieldkube.trainer.launch_env import detect_launch_env
 from fieldkube.trainer.losses import resolve_loss
-from fieldkube.trainer.profile_hooks import Clock, LayerProfiler, clock_for, per_layer_optimizers
+from fieldkube.trainer.profile_hooks import (
+    Clock,
+    LayerProfiler,
+    clock_for,
+    per_layer_optimizers,
+)
+from fieldkube.trainer.profile_models import PROFILE_MODELS
 from fieldkube.trainer.profile_report import (
     ITERATION_FIELDS,
     LAYER_FIELDS,
     PHASES,
+    accounting,
     aggregate,
+    row_group,
     summarise_directory,
     write_csv,
 )
@@ -63,6 +76,7 @@ class ProfileSettings:
     device: str = "auto"
     backend: str = "auto"
     profiling: bool = True
+    clock: str = "wall"
 
 
 @dataclass
@@ -74,15 +88,19 @@ class IterationRecord:
 
 
 def synthetic_batches(
-    task: str, batch: int, tile: int, count: int, seed: int, pin: bool
+    task: str, batch: int, tile: int, count: int, seed: int, pin: bool, classes: int = 10
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """`count` host batches: normalised-looking images and density maps (counter) or masks (segmenter)."""
+    """`count` host batches: normalised-looking images and density maps (counter), masks (segmenter) or
+    class labels (classifier)."""
     generator = torch.Generator().manual_seed(seed)
     batches = []
     for _ in range(count):
         inputs = torch.randn(batch, 3, tile, tile, generator=generator)
         noise = torch.rand(batch, 1, tile, tile, generator=generator)
-        targets = (noise > 0.7).float() if task == "segmenter" else noise * 0.01
+        if task == "classifier":
+            targets = torch.randint(0, classes, (batch,), generator=generator)
+        else:
+            targets = (noise > 0.7).float() if task == "segmenter" else noise * 0.01
         if pin:
             inputs, targets = inputs.pin_memory(), targets.pin_memory()
         batches.append((inputs, targets))
@@ -104,25 +122,44 @@ class IterationRunner:
     def __init__(self, settings: ProfileSettings, backend: AnyBackend, device: torch.device) -> None:
         from fieldkube.vision.models import UnknownModelError, build_model, task_of
 
+        if settings.clock not in ("wall", "thread"):
+            raise ConfigError(f"--clock {settings.clock!r}: expected wall or thread")
+        if settings.clock == "thread" and device.type == "cpu" and torch.get_num_threads() != 1:
+            raise ConfigError(
+                f"--clock thread: needs one torch thread (--threads 1), not {torch.get_num_threads()}: "
+                "other threads' work would be in no row"
+            )
         self.settings = settings
         self.backend = backend
         self.device = device
         torch.manual_seed(settings.seed)
         try:
-            self.model: nn.Module = build_model(settings.model, **settings.params).to(device)
-            task = task_of(settings.model)
+            if settings.model in PROFILE_MODELS:
+                self.model: nn.Module = PROFILE_MODELS[settings.model](**settings.params).to(device)
+                task = "classifier"
+            else:
+                self.model = build_model(settings.model, **settings.params).to(device)
+                task = task_of(settings.model)
         except UnknownModelError as exc:
-            raise ConfigError(f"--model/--param: {exc}") from None
+            raise ConfigError(f"--model/--param: {exc} (or {', '.join(PROFILE_MODELS)})") from None
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"--param for {settings.model}: {exc}") from None
         self.task = task
-        if settings.loss not in ("auto", "l2_per_image", "pixel_mse", "bce", "bce_dice"):
+        self.loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+        if task == "classifier":
+            if settings.loss not in ("auto", "cross_entropy"):
+                raise ConfigError(
+                    f"--loss {settings.loss!r}: expected auto or cross_entropy for {settings.model}"
+                )
+            self.loss_name, self.loss_fn = "cross_entropy", nn.functional.cross_entropy
+        elif settings.loss not in ("auto", "l2_per_image", "pixel_mse", "bce", "bce_dice"):
             raise ConfigError(
                 f"--loss {settings.loss!r}: expected auto, l2_per_image, pixel_mse, bce, bce_dice"
             )
-        self.loss_name, self.loss_fn = resolve_loss(settings.loss, task)
+        else:
+            self.loss_name, self.loss_fn = resolve_loss(settings.loss, task)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.clock: Clock = clock_for(device)
+        self.clock: Clock = clock_for(device, settings.clock)
         factory = _optimizer_factory(settings)
         self.profiler: LayerProfiler | None = None
         if settings.profiling:
@@ -134,8 +171,15 @@ class IterationRunner:
         else:
             self.optimizers = [("(all)", factory(self.params))]
         self.batches = synthetic_batches(
-            task, settings.batch, settings.tile, 4, settings.seed + backend.rank, device.type == "cuda"
+            task,
+            settings.batch,
+            settings.tile,
+            4,
+            settings.seed + backend.rank,
+            device.type == "cuda",
+            classes=int(getattr(self.model, "num_classes", 10)),
         )
+        self.gradient_bytes = sum(p.numel() * p.element_size() for p in self.params)
         self.model.train()
 
     def step(self, index: int) -> IterationRecord:
@@ -149,9 +193,11 @@ class IterationRunner:
         for _, optimizer in self.optimizers:
             optimizer.zero_grad(set_to_none=True)
         marks.append(clock.mark())
-        output = self.model(inputs)
+        with self._functions("between"):
+            output = self.model(inputs)
         marks.append(clock.mark())
-        loss = self.loss_fn(output.float(), targets)
+        with self._functions("loss"):
+            loss = self.loss_fn(output.float(), targets)
         marks.append(clock.mark())
         loss.backward()
         marks.append(clock.mark())
@@ -166,13 +212,28 @@ class IterationRunner:
         marks.append(clock.mark())
         clock.synchronize()
         phases = {phase: clock.seconds(a, b) for phase, (a, b) in zip(PHASES, pairwise(marks), strict=True)}
-        layers = profiler.take() if profiler is not None else None
+        layers = profiler.take(backward=(marks[4], marks[5])) if profiler is not None else None
         return IterationRecord(index, clock.seconds(marks[0], marks[-1]), phases, layers)
+
+    def _functions(self, label: str) -> AbstractContextManager[Any]:
+        """Times torch functions outside the layers (profiling on); nothing otherwise."""
+        return self.profiler.functions(label) if self.profiler is not None else nullcontext()
 
     def run(self, iterations: int, warmup: int) -> list[IterationRecord]:
         for index in range(warmup):
             self.step(-warmup + index)
         return [self.step(index) for index in range(iterations)]
+
+    def accounting(self, record: IterationRecord) -> dict[str, float]:
+        """The record's accounting rows and shares (profile_report.accounting); profiling must be on."""
+        if self.profiler is None or record.layers is None:
+            raise TrainerError("accounting needs a profiled iteration (profiling on)")
+        groups: dict[str, tuple[float, float, float]] = {}
+        for name, times in record.layers.items():
+            group = row_group(self.profiler.kinds[name])
+            old = groups.get(group, (0.0, 0.0, 0.0))
+            groups[group] = (old[0] + times[0], old[1] + times[1], old[2] + times[2])
+        return accounting(record.iteration_s, record.phases, groups)
 
     def close(self) -> None:
         if self.profiler is not None:
@@ -190,6 +251,7 @@ def write_profile(
         "loss_resolved": runner.loss_name,
         "rank": rank,
         "world_size": runner.backend.size,
+        "gradient_bytes": runner.gradient_bytes,
         "backend_resolved": runner.backend.name,
         "device_resolved": str(runner.device),
         "torch": torch.__version__,
@@ -273,6 +335,73 @@ def run_profile(settings: ProfileSettings, out: Path, repetitions: int) -> list[
     return summaries
 
 
+def measure_allreduce(
+    out: Path, sizes: list[int], repeats: int, warmup: int, device_name: str, backend_name: str
+) -> Path | None:
+    """Time the gradient allreduce (the backend's own `average_gradients`, as in a profiled iteration)
+    for messages of `sizes` bytes; rank 0 writes out/allreduce.csv, the predictor's alpha-beta input."""
+    from fieldkube.trainer.profile_predict import ALLREDUCE_FIELDS, ALLREDUCE_FILE
+
+    env = detect_launch_env()
+    device = pin_device(device_name, env.local_rank, f"--device {device_name}")
+    backend = create_backend(backend_name, env, device)  # type: ignore[arg-type]
+    try:
+        if backend.size < 2:
+            raise ConfigError(
+                "allreduce: needs >= 2 ranks; run it under a launcher "
+                "(torchrun --nproc-per-node 2 -m fieldkube.trainer.profile allreduce ...)"
+            )
+        clock = clock_for(device)
+        rows: list[dict[str, Any]] = []
+        for size in sizes:
+            param = nn.Parameter(torch.zeros(max(1, size // 4), device=device))
+            param.grad = torch.ones_like(param)
+            for repeat in range(-warmup, repeats):
+                backend.barrier()
+                start = clock.mark()
+                backend.average_gradients([param])
+                end = clock.mark()
+                clock.synchronize()
+                if repeat >= 0:
+                    seconds = clock.seconds(start, end)
+                    rows.append(
+                        {
+                            "rank": backend.rank,
+                            "world_size": backend.size,
+                            "backend": backend.name,
+                            "bytes": param.numel() * param.element_size(),
+                            "repeat": repeat,
+                            "seconds": seconds,
+                        }
+                    )
+            if backend.rank == 0:
+                nbytes = param.numel() * param.element_size()
+                median = sorted(float(r["seconds"]) for r in rows if r["bytes"] == nbytes)[repeats // 2]
+                log.info(
+                    "allreduce of %d bytes over %d ranks: median %.3f ms", size, backend.size, 1000 * median
+                )
+        backend.barrier()
+        if backend.rank != 0:
+            return None
+        path = out / ALLREDUCE_FILE
+        write_csv(path, ALLREDUCE_FIELDS, rows)
+        return path
+    finally:
+        backend.shutdown()
+
+
+def _sizes(text: str) -> list[int]:
+    try:
+        sizes = [int(float(part)) for part in text.split(",") if part]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated byte counts (e.g. 4096,1e6), got {text}"
+        ) from None
+    if not sizes or min(sizes) < 4:
+        raise argparse.ArgumentTypeError(f"expected byte counts >= 4, got {text}")
+    return sizes
+
+
 def _params(values: list[str]) -> dict[str, Any]:
     from fieldkube.trainer.config import parse_value
 
@@ -299,7 +428,11 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="train a few iterations and record per-layer times")
     run.add_argument("--out", type=Path, required=True, help="output root (rep-<k>/rank-<r>/ below it)")
-    run.add_argument("--model", default="counter-mcnn", help="counter-mcnn, counter-fcrn or segmenter-unet")
+    run.add_argument(
+        "--model",
+        default="counter-mcnn",
+        help="counter-mcnn, counter-fcrn, segmenter-unet or vgg11 (seed 001)",
+    )
     run.add_argument("--param", action="append", default=[], metavar="NAME=VALUE", help="model parameter")
     run.add_argument("--tile", type=_positive, default=224, help="input height = width (pixels)")
     run.add_argument("--batch", type=_positive, default=8, help="images per rank per iteration")
@@ -314,6 +447,13 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     run.add_argument("--backend", choices=["auto", "single", "horovod", "ddp"], default="auto")
     run.add_argument(
+        "--clock",
+        choices=["wall", "thread"],
+        default="wall",
+        help="CPU: wall time (default) or the training thread's CPU time (--threads 1; "
+        "leaves out time other processes take on a shared machine). GPU: CUDA events either way",
+    )
+    run.add_argument(
         "--profiling",
         action=argparse.BooleanOptionalAction,
         default=True,
@@ -322,6 +462,30 @@ def _parser() -> argparse.ArgumentParser:
     parse = sub.add_parser("parse", help="re-derive totals, summaries, plots and overview.csv from CSVs")
     parse.add_argument("directory", type=Path, help="a profile output root")
     parse.add_argument("--no-plots", action="store_true", help="only the CSV files")
+    allreduce = sub.add_parser(
+        "allreduce", help="time the gradient allreduce against message size (under a launcher, >= 2 ranks)"
+    )
+    allreduce.add_argument("--out", type=Path, required=True, help="directory for allreduce.csv")
+    allreduce.add_argument(
+        "--sizes",
+        type=_sizes,
+        default=[4096, 65536, 262144, 1048576, 4194304, 16777216],
+        help="message sizes in bytes, comma-separated",
+    )
+    allreduce.add_argument("--repeats", type=_positive, default=10, help="timed allreduces per size")
+    allreduce.add_argument("--warmup", type=int, default=2, help="untimed allreduces per size first")
+    allreduce.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    allreduce.add_argument("--backend", choices=["auto", "horovod", "ddp"], default="auto")
+    allreduce.add_argument("--threads", type=_positive, default=None, help="torch CPU threads per process")
+    predict = sub.add_parser(
+        "predict", help="predict the iteration time of a batch size and worker count from profiles"
+    )
+    predict.add_argument("directories", type=Path, nargs="+", help="profile output roots (and allreduce.csv)")
+    predict.add_argument("--batch", type=_positive, required=True, help="images per worker per iteration")
+    predict.add_argument("--workers", type=_positive, default=1, help="data-parallel workers")
+    predict.add_argument("--model", default=None, help="which model, when the profiles hold several")
+    predict.add_argument("--tile", type=_positive, default=None, help="which tile size, when several")
+    predict.add_argument("--json", type=Path, default=None, help="also write the prediction as JSON")
     return parser
 
 
@@ -337,8 +501,25 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"{row['directory']}: {row['mean_iteration_s'] * 1000:.2f} ms/iteration{shown}")
             print(f"wrote {args.directory / 'overview.csv'}")
             return
+        if args.command == "predict":
+            from fieldkube.trainer.profile_predict import describe, predict
+
+            prediction = predict(args.directories, args.batch, args.workers, args.model, args.tile)
+            print("\n".join(describe(prediction)))
+            if args.json is not None:
+                write_json_atomic(args.json, prediction.as_dict())
+            return
         if args.warmup < 0:
             raise ConfigError(f"--warmup {args.warmup}: expected >= 0")
+        if args.command == "allreduce":
+            if args.threads:
+                torch.set_num_threads(args.threads)
+            path = measure_allreduce(
+                args.out, args.sizes, args.repeats, args.warmup, args.device, args.backend
+            )
+            if path is not None:
+                print(f"wrote {path}")
+            return
         settings = ProfileSettings(
             model=args.model,
             params=_params(args.param),
@@ -354,6 +535,7 @@ def main(argv: list[str] | None = None) -> None:
             device=args.device,
             backend=args.backend,
             profiling=args.profiling,
+            clock=args.clock,
         )
         run_profile(settings, args.out, args.repetitions)
     except TrainerError as exc:

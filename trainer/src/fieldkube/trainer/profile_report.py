@@ -2,19 +2,27 @@
 
 A profile directory (one per repetition and rank) holds what was measured, nothing derived:
 
-    config.json       the settings of the run (model, tile, batch, world size, device, profiling on/off)
-    layers.csv        iteration, rank, layer, kind, forward_s, backward_s, optimizer_s   (profiling on)
+    config.json       the settings of the run (model, tile, batch, world size, device, profiling on/off,
+                      gradient bytes)
+    layers.csv        iteration, rank, layer, kind, forward_s, backward_s, optimizer_s   (profiling on);
+                      besides the layers, rows of kind `between` (torch functions run outside every
+                      layer, e.g. `between:interpolate`) and `loss` (the loss's functions)
     iterations.csv    iteration, rank, iteration_s and one column per phase (data, zero_grad, forward,
-                      loss, backward, allreduce, optimizer)
+                      loss, backward, allreduce, optimizer); the phases tile the iteration exactly
 
 and what `summarise_directory` derives from them (also the re-parse subcommand, so the figures can be
 rebuilt or changed without training again):
 
-    totals.csv        per iteration: iteration time, the sums of the profiled layer times, the
-                      unattributed rest, coverage (layer sum / iteration) and the seed's percentage error
+    totals.csv        per iteration: the accounting of the iteration (ACCOUNT_ROWS below, which sum to
+                      iteration_s exactly), coverage (layer sum / iteration, seed 001's figure), its
+                      percentage error, and `accounted` (the named rows without the gaps / iteration)
     summary.csv       the config, total time, time and missing time at 25/50/75/100 % of iterations,
-                      mean coverage and error, images/s
+                      mean coverage, accounted share and error, mean of each accounting row, images/s
     layers.png, iterations.png, error.png
+
+The accounting: an iteration is its phases; inside forward, backward and optimizer, the layers' and the
+functions' own marks leave gaps (the autograd engine between nodes, gradient accumulation, hook and loop
+overhead), which are rows of their own (`gap_*`), so what no timer brackets is shown, not hidden.
 """
 
 from __future__ import annotations
@@ -31,6 +39,22 @@ from fieldkube.trainer.errors import DataError
 PHASES = ("data", "zero_grad", "forward", "loss", "backward", "allreduce", "optimizer")
 LAYER_FIELDS = ["iteration", "rank", "layer", "kind", "forward_s", "backward_s", "optimizer_s"]
 ITERATION_FIELDS = ["iteration", "rank", "iteration_s", *(f"{p}_s" for p in PHASES)]
+# Rows that sum to the iteration: layers, functions between them, the loss (its phase and its backward),
+# the named phases, the profiler's own bookkeeping, and the gaps no timer brackets inside forward,
+# backward and the optimizer phase.
+NAMED_ROWS = (
+    "layers_total_s",
+    "between_s",
+    "loss_s",
+    "data_s",
+    "zero_grad_s",
+    "allreduce_s",
+    "autograd_s",
+    "profiler_s",
+)
+GAP_ROWS = ("gap_forward_s", "gap_backward_s", "gap_optimizer_s")
+ACCOUNT_ROWS = (*NAMED_ROWS, *GAP_ROWS)
+FUNCTION_KINDS = ("between", "loss", "profiler", "autograd")
 TOTAL_FIELDS = [
     "iteration",
     "rank",
@@ -38,10 +62,14 @@ TOTAL_FIELDS = [
     "layers_forward_s",
     "layers_backward_s",
     "layers_optimizer_s",
-    "layers_total_s",
+    "between_forward_s",
+    "between_backward_s",
+    "loss_backward_s",
+    *ACCOUNT_ROWS,
     "unattributed_s",
     "coverage",
     "error_percent",
+    "accounted",
 ]
 MARKS = (25, 50, 75, 100)
 
@@ -77,16 +105,62 @@ def _float(row: dict[str, str], key: str, path: Path) -> float:
         raise DataError(f"{path}: column {key!r} missing or not a number in row {row}") from None
 
 
+def accounting(
+    iteration_s: float, phases: dict[str, float], groups: dict[str, tuple[float, float, float]]
+) -> dict[str, float]:
+    """One iteration's ACCOUNT_ROWS (they sum to `iteration_s`) and shares, from its phase times and the
+    (forward, backward, optimizer) sums of its rows per group: `layer`, `between`, `loss`, `profiler`,
+    `autograd` (the backward pass's start and end)."""
+    zero = (0.0, 0.0, 0.0)
+    forward, backward, optimizer = groups.get("layer", zero)
+    between_forward, between_backward, _ = groups.get("between", zero)
+    loss_backward = groups.get("loss", zero)[1]
+    bookkeeping = groups.get("profiler", zero)[0]
+    autograd = groups.get("autograd", zero)[1]
+    layer_sum = forward + backward + optimizer
+    out = {
+        "layers_forward_s": forward,
+        "layers_backward_s": backward,
+        "layers_optimizer_s": optimizer,
+        "between_forward_s": between_forward,
+        "between_backward_s": between_backward,
+        "loss_backward_s": loss_backward,
+        "layers_total_s": layer_sum,
+        "between_s": between_forward + between_backward,
+        "loss_s": phases["loss"] + loss_backward,
+        "data_s": phases["data"],
+        "zero_grad_s": phases["zero_grad"],
+        "allreduce_s": phases["allreduce"],
+        "autograd_s": autograd,
+        "profiler_s": bookkeeping,
+        "gap_forward_s": phases["forward"] - forward - between_forward - bookkeeping,
+        "gap_backward_s": phases["backward"] - backward - between_backward - loss_backward - autograd,
+        "gap_optimizer_s": phases["optimizer"] - optimizer,
+    }
+    named = sum(out[key] for key in NAMED_ROWS)
+    positive = iteration_s > 0
+    out["unattributed_s"] = iteration_s - named
+    out["coverage"] = layer_sum / iteration_s if positive else math.nan
+    out["error_percent"] = 100.0 * (iteration_s - layer_sum) / iteration_s if positive else math.nan
+    out["accounted"] = named / iteration_s if positive else math.nan
+    return out
+
+
+def row_group(kind: str) -> str:
+    """The accounting group of a layers.csv row: its kind when a function/profiler kind, else `layer`."""
+    return kind if kind in FUNCTION_KINDS else "layer"
+
+
 def per_iteration_totals(directory: Path) -> list[dict[str, Any]]:
-    """iterations.csv joined with the per-iteration sums of layers.csv (when profiled)."""
+    """iterations.csv joined with the per-iteration sums of layers.csv (when profiled): the accounting."""
     iterations_path = directory / "iterations.csv"
     iterations = read_csv(iterations_path)
     layers_path = directory / "layers.csv"
-    sums: dict[int, list[float]] = defaultdict(lambda: [0.0, 0.0, 0.0])
+    sums: dict[int, dict[str, list[float]]] = defaultdict(dict)
     profiled = layers_path.is_file()
     if profiled:
         for row in read_csv(layers_path):
-            acc = sums[int(row["iteration"])]
+            acc = sums[int(row["iteration"])].setdefault(row_group(row["kind"]), [0.0, 0.0, 0.0])
             for i, key in enumerate(("forward_s", "backward_s", "optimizer_s")):
                 acc[i] += _float(row, key, layers_path)
     totals = []
@@ -95,17 +169,9 @@ def per_iteration_totals(directory: Path) -> list[dict[str, Any]]:
         total = _float(row, "iteration_s", iterations_path)
         out: dict[str, Any] = {"iteration": iteration, "rank": int(row["rank"]), "iteration_s": total}
         if profiled:
-            forward, backward, optimizer = sums[iteration]
-            layer_sum = forward + backward + optimizer
-            out.update(
-                layers_forward_s=forward,
-                layers_backward_s=backward,
-                layers_optimizer_s=optimizer,
-                layers_total_s=layer_sum,
-                unattributed_s=total - layer_sum,
-                coverage=layer_sum / total if total > 0 else math.nan,
-                error_percent=100.0 * (total - layer_sum) / total if total > 0 else math.nan,
-            )
+            phases = {p: _float(row, f"{p}_s", iterations_path) for p in PHASES}
+            groups = {group: (f, b, o) for group, (f, b, o) in sums[iteration].items()}
+            out.update(accounting(total, phases, groups))
         totals.append(out)
     return totals
 
@@ -140,7 +206,11 @@ def summarise_directory(directory: Path, plots: bool = True) -> dict[str, Any]:
     if profiled:
         for key in ("layers_forward_s", "layers_backward_s", "layers_optimizer_s", "layers_total_s"):
             summary[f"mean_{key}"] = _mean([t[key] for t in totals])
+        for key in ACCOUNT_ROWS:
+            summary[f"mean_{key}"] = _mean([t[key] for t in totals])
         summary["coverage_mean"] = _mean([t["coverage"] for t in totals])
+        summary["accounted_mean"] = _mean([t["accounted"] for t in totals])
+        summary["accounted_min"] = min(t["accounted"] for t in totals)
         errors = [t["error_percent"] for t in totals]
         summary["error_percent_mean"] = _mean(errors)
         summary["error_percent_min"] = min(errors)
@@ -270,6 +340,7 @@ def aggregate(root: Path, plots: bool = True) -> list[dict[str, Any]]:
         "mean_iteration_s",
         "images_per_second",
         "coverage_mean",
+        "accounted_mean",
         "error_percent_mean",
     ]
     rows = []
