@@ -8,6 +8,7 @@ from typing import Any
 
 from fieldkube.operator.informer import Cache, job_key, trim_mpijob, trim_pod
 from fieldkube.operator.names import JOB_LABEL, MPI_ROLE_LABEL
+from fieldkube.operator.reconcile import LAST_APPLIED, TrainingJobs
 from fieldkube.operator.workqueue import WorkQueue
 
 
@@ -125,3 +126,31 @@ def test_urgent_keys_are_served_first_in_their_own_order() -> None:
     queue.add("status-2", urgent=True)  # already queued: moved ahead, still once
     assert [queue.get() for _ in range(4)] == ["new-1", "new-2", "status-2", "status-1"]
     assert len(queue) == 0
+
+
+def test_cached_trainingjobs_drop_managed_fields_and_the_applied_copy_only() -> None:
+    jobs = TrainingJobs()
+    body = {
+        "metadata": {
+            "name": "a",
+            "namespace": "ns",
+            "uid": "u",
+            "finalizers": ["x"],
+            "managedFields": [{"manager": "kubectl"}],
+            "annotations": {LAST_APPLIED: '{"spec": {}}', "team": "plants"},
+        },
+        "spec": {"workers": 2},
+        "status": {"phase": "Running"},
+    }
+    key = jobs.put(body)
+    kept = jobs.get(key)
+    assert key == ("ns", "a") and kept is not None
+    assert kept["metadata"] == {
+        "name": "a",
+        "namespace": "ns",
+        "uid": "u",
+        "finalizers": ["x"],
+        "annotations": {"team": "plants"},
+    }
+    assert kept["spec"] == body["spec"] and kept["status"] == body["status"]
+    assert LAST_APPLIED in body["metadata"]["annotations"]  # the event's own body is left as it was
