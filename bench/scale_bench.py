@@ -35,7 +35,10 @@ def main() -> None:
     parser.add_argument("--launcher", default="ddp", help="allreduce's launcher")
     parser.add_argument("--staleness", type=int, default=2, help="ps-async's bound")
     parser.add_argument("--tile", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument(
+        "--lr", type=float, default=1e-3, help="train.lr: high enough that the loss falls within --steps"
+    )
     parser.add_argument("--repeat", type=int, default=3, help="alternating rounds (median per run)")
     parser.add_argument("--batch", type=int, default=8)
     args = parser.parse_args()
@@ -58,7 +61,7 @@ def main() -> None:
     sweep = scale(
         ["--data", str(data), "--out", str(sweep_dir), "--workers", args.workers, "--strategy", args.strategy,
          *flags, "--steps", str(args.steps), "--batch", str(args.batch), "--repeat", str(args.repeat),
-         "--threads-per-worker", "1", "--set", "data.loader_workers=0"]
+         "--threads-per-worker", "1", "--set", "data.loader_workers=0", "--set", f"train.lr={args.lr}"]
     )  # fmt: skip
     output = {
         "sweep": sweep,
