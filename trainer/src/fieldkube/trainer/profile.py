@@ -24,7 +24,7 @@ import sys
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from itertools import pairwise
 from pathlib import Path
 from typing import Any
@@ -241,7 +241,11 @@ class IterationRunner:
 
 
 def write_profile(
-    directory: Path, settings: ProfileSettings, runner: IterationRunner, records: list[IterationRecord]
+    directory: Path,
+    settings: ProfileSettings,
+    runner: IterationRunner,
+    records: list[IterationRecord],
+    plots: bool = True,
 ) -> dict[str, Any]:
     """config.json, iterations.csv and layers.csv of one run, then the derived summary and plots."""
     rank = runner.backend.rank
@@ -286,11 +290,34 @@ def write_profile(
         write_csv(directory / "layers.csv", LAYER_FIELDS, layer_rows)
     else:
         (directory / "layers.csv").unlink(missing_ok=True)
-    return summarise_directory(directory)
+    return summarise_directory(directory, plots=plots)
 
 
-def run_profile(settings: ProfileSettings, out: Path, repetitions: int) -> list[dict[str, Any]]:
-    """Profile `repetitions` fresh runs on this rank; returns each repetition's summary."""
+def run_interleaved(
+    runners: list[IterationRunner], iterations: int, warmup: int
+) -> list[list[IterationRecord]]:
+    """Iterations of several runners in turn (one step of each, then the next round), so that load
+    changing on a shared machine hits every configuration alike; the records of each runner."""
+    for index in range(-warmup, 0):
+        for runner in runners:
+            runner.step(index)
+    records: list[list[IterationRecord]] = [[] for _ in runners]
+    for index in range(iterations):
+        for runner, kept in zip(runners, records, strict=True):
+            kept.append(runner.step(index))
+    return records
+
+
+def run_profile(
+    settings: ProfileSettings,
+    out: Path,
+    repetitions: int,
+    plots: bool = True,
+    batches: list[int] | None = None,
+) -> list[dict[str, Any]]:
+    """Profile `repetitions` fresh runs on this rank; returns each repetition's summary. With several
+    `batches`, their iterations alternate (run_interleaved) and each batch size writes below
+    `<out>/batch-<b>/`, as the predictor's input."""
     env = detect_launch_env()
     if settings.threads:
         torch.set_num_threads(settings.threads)
@@ -298,35 +325,37 @@ def run_profile(settings: ProfileSettings, out: Path, repetitions: int) -> list[
     if settings.backend not in ("auto", "single", "horovod", "ddp"):
         raise ConfigError(f"--backend {settings.backend!r}: expected auto, single, horovod or ddp")
     backend = create_backend(settings.backend, env, device)  # type: ignore[arg-type]
+    sizes = batches or [settings.batch]
+    variants = [replace(settings, batch=b) for b in sizes]
     summaries = []
     try:
         for repetition in range(repetitions):
-            runner = IterationRunner(settings, backend, device)
+            runners = [IterationRunner(variant, backend, device) for variant in variants]
             began = time.perf_counter()
-            records = runner.run(settings.iterations, settings.warmup)
-            runner.close()
-            directory = out / f"rep-{repetition:03d}" / f"rank-{backend.rank}"
-            summary = write_profile(directory, settings, runner, records)
-            summary["repetition"] = repetition
-            summaries.append(summary)
-            if summary.get("coverage_mean") is not None and settings.profiling:
-                log.info(
-                    "rep %d rank %d: %d iterations in %.2fs, mean %.1f ms, layers cover %.1f%% -> %s",
-                    repetition,
-                    backend.rank,
-                    settings.iterations,
-                    time.perf_counter() - began,
-                    1000 * summary["mean_iteration_s"],
-                    100 * summary["coverage_mean"],
-                    directory,
+            all_records = run_interleaved(runners, settings.iterations, settings.warmup)
+            seconds = time.perf_counter() - began
+            for variant, runner, records in zip(variants, runners, all_records, strict=True):
+                runner.close()
+                base = out / f"batch-{variant.batch}" if len(sizes) > 1 else out
+                directory = base / f"rep-{repetition:03d}" / f"rank-{backend.rank}"
+                summary = write_profile(directory, variant, runner, records, plots)
+                summary["repetition"] = repetition
+                summaries.append(summary)
+                shown = (
+                    f", layers cover {100 * summary['coverage_mean']:.1f}%, timed rows "
+                    f"{100 * summary['accounted_mean']:.1f}%"
+                    if variant.profiling and summary.get("coverage_mean") is not None
+                    else " (profiling off)"
                 )
-            else:
                 log.info(
-                    "rep %d rank %d: %d iterations, mean %.1f ms (profiling off) -> %s",
+                    "rep %d rank %d batch %d: %d iterations (%.1fs for all), median %.1f ms%s -> %s",
                     repetition,
                     backend.rank,
+                    variant.batch,
                     settings.iterations,
-                    1000 * summary["mean_iteration_s"],
+                    seconds,
+                    1000 * summary["median_iteration_s"],
+                    shown,
                     directory,
                 )
             backend.barrier()
@@ -402,6 +431,18 @@ def _sizes(text: str) -> list[int]:
     return sizes
 
 
+def _batches(text: str) -> list[int]:
+    try:
+        values = [int(part) for part in text.split(",") if part]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected an integer or a comma-separated list, got {text}"
+        ) from None
+    if not values or min(values) < 1 or len(set(values)) != len(values):
+        raise argparse.ArgumentTypeError(f"expected distinct integers >= 1, got {text}")
+    return values
+
+
 def _params(values: list[str]) -> dict[str, Any]:
     from fieldkube.trainer.config import parse_value
 
@@ -435,7 +476,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--param", action="append", default=[], metavar="NAME=VALUE", help="model parameter")
     run.add_argument("--tile", type=_positive, default=224, help="input height = width (pixels)")
-    run.add_argument("--batch", type=_positive, default=8, help="images per rank per iteration")
+    run.add_argument(
+        "--batch",
+        type=_batches,
+        default=[8],
+        help="images per rank per iteration; several (e.g. 1,2,4,8) alternate iterations, one "
+        "directory each (batch-<b>/), as input for `predict`",
+    )
     run.add_argument("--iterations", type=_positive, default=20, help="recorded iterations")
     run.add_argument("--warmup", type=int, default=3, help="iterations run before recording")
     run.add_argument("--repetitions", type=_positive, default=1, help="fresh runs, one directory each")
@@ -459,6 +506,7 @@ def _parser() -> argparse.ArgumentParser:
         default=True,
         help="per-layer hooks on (default) or off (only iteration and phase times: the overhead baseline)",
     )
+    run.add_argument("--no-plots", action="store_true", help="only the CSV files (parse draws them later)")
     parse = sub.add_parser("parse", help="re-derive totals, summaries, plots and overview.csv from CSVs")
     parse.add_argument("directory", type=Path, help="a profile output root")
     parse.add_argument("--no-plots", action="store_true", help="only the CSV files")
@@ -524,7 +572,7 @@ def main(argv: list[str] | None = None) -> None:
             model=args.model,
             params=_params(args.param),
             tile=args.tile,
-            batch=args.batch,
+            batch=args.batch[0],
             iterations=args.iterations,
             warmup=args.warmup,
             optimizer=args.optimizer,
@@ -537,7 +585,7 @@ def main(argv: list[str] | None = None) -> None:
             profiling=args.profiling,
             clock=args.clock,
         )
-        run_profile(settings, args.out, args.repetitions)
+        run_profile(settings, args.out, args.repetitions, plots=not args.no_plots, batches=args.batch)
     except TrainerError as exc:
         print(f"fieldkube-profile: error: {exc}", file=sys.stderr)
         sys.exit(2)

@@ -17,7 +17,8 @@ Seed 001 left this as future work. The model is deliberately simple, so every fi
   message sizes; one worker needs none. Each worker is assumed to have its own compute (a GPU, or its
   own cores), so its compute time is that of one worker at the same per-worker batch.
 
-Each row is the median over a run's iterations (robust to the odd slow iteration on a shared machine).
+Each row is the median over a run's iterations (robust to the odd slow iteration on a shared machine),
+scaled so that the rows of a run sum to its median iteration.
 The configuration predicted is held out of the fit: profiles at the requested batch size are not used for
 the compute rows, so a measurement at that configuration, when present, gives an honest error.
 """
@@ -91,12 +92,25 @@ def load_run(directory: Path) -> ProfileRun:
                 per_row[f"{row['layer']}/{part}"].append(_float(row, f"{part}_s", path))
         for key in PHASE_ROWS:
             per_row[key] = [float(t[key]) for t in totals]
-        run.rows = {key: statistics.median(values) for key, values in per_row.items()}
+        medians = {key: statistics.median(values) for key, values in per_row.items()}
+        # A sum of medians falls short of the median sum (timing noise is skewed upwards): the medians
+        # give each row's share, the median iteration (without its allreduce) their total.
+        level = statistics.median(float(t["iteration_s"]) - float(t["allreduce_s"]) for t in totals)
+        scale = level / sum(medians.values()) if sum(medians.values()) > 0 else 1.0
+        run.rows = {key: value * scale for key, value in medians.items()}
     return run
 
 
 def load_runs(roots: list[Path]) -> list[ProfileRun]:
-    return [load_run(directory) for root in roots for directory in profile_directories(root)]
+    """Every profile under the roots (a root may hold only allreduce.csv)."""
+    for root in roots:
+        if not root.is_dir():
+            raise DataError(f"{root}: directory not found")
+    directories = [p.parent for root in roots for p in sorted(root.rglob("config.json"))]
+    directories = [d for d in directories if (d / "iterations.csv").is_file()]
+    if not directories:
+        profile_directories(roots[0])  # raises the error that names what is missing
+    return [load_run(directory) for directory in directories]
 
 
 @dataclass
