@@ -27,7 +27,6 @@ from fieldkube.operator.mpijob_builder import MlflowCredentials, build_mpijob
 from fieldkube.operator.spec import TrainingJobSpec, effective_training, parse_spec
 from fieldkube.operator.status import (
     PENDING_TIMEOUT_REASON,
-    TERMINAL_PHASES,
     Tracking,
     compute_status,
     is_terminal,
@@ -53,8 +52,6 @@ CONFLICT_RETRY_S = 2.0
 # A job's status is written at most this often unless its phase changes: while its pods start, a job passes
 # through several short-lived states (pods not created, pending, scheduled, ready), and writing each costs
 # the API server a write and every watcher an event. The last state is written when the interval is over.
-# The interval also runs from the MPIJob's creation: a new job's first status waits for the MPIJob's own
-# status and first pods instead of being written once without them and again with them.
 STATUS_INTERVAL_S = 2.0
 
 
@@ -249,7 +246,6 @@ class Reconciler:
             return None
         log.info("created MPIJob %s in namespace %s", created["metadata"]["name"], key[0])
         self.mpijobs.upsert(key, created["metadata"]["name"], created)  # until its watch event arrives
-        self._written[key] = time.monotonic()  # the first status waits an interval (STATUS_INTERVAL_S)
         return created
 
     def build(self, body: Obj, tj_spec: TrainingJobSpec) -> Obj:
@@ -357,8 +353,7 @@ class Reconciler:
         if not patch:
             return
         since = time.monotonic() - self._written.get(key, float("-inf"))
-        first = not old.get("phase") and new.get("phase") not in TERMINAL_PHASES
-        if (first or new.get("phase") == old.get("phase")) and since < STATUS_INTERVAL_S:
+        if new.get("phase") == old.get("phase") and since < STATUS_INTERVAL_S:
             self.queue.add_after(key, STATUS_INTERVAL_S - since)  # the state then, not every one between
             return
         self._written[key] = time.monotonic()
