@@ -49,7 +49,7 @@ def main() -> None:
     if not (data / "manifest.json").is_file():
         subprocess.run(
             [str(BIN / "fieldkube-prepare"), "--synthetic", "field", "--num-images", "16", "--image-size",
-             f"{2 * args.tile}x{3 * args.tile}", "--tile", str(args.tile), "--no-balance", "--split", "90/10",
+             f"{2 * args.tile}x{3 * args.tile}", "--tile", str(args.tile), "--no-balance", "--split", "80/20",
              "--workers", "2", "--out", str(data)],
             check=True, capture_output=True, env=launcher_env(1),
         )  # fmt: skip
