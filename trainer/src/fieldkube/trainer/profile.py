@@ -533,6 +533,12 @@ def _parser() -> argparse.ArgumentParser:
     predict.add_argument("--workers", type=_positive, default=1, help="data-parallel workers")
     predict.add_argument("--model", default=None, help="which model, when the profiles hold several")
     predict.add_argument("--tile", type=_positive, default=None, help="which tile size, when several")
+    predict.add_argument(
+        "--fit-batches",
+        type=_batches,
+        default=None,
+        help="fit only on these batch sizes (default: all others)",
+    )
     predict.add_argument("--json", type=Path, default=None, help="also write the prediction as JSON")
     return parser
 
@@ -544,15 +550,19 @@ def main(argv: list[str] | None = None) -> None:
         if args.command == "parse":
             rows = aggregate(args.directory, plots=not args.no_plots)
             for row in rows:
-                coverage = row.get("coverage_mean")
+                coverage, accounted = row.get("coverage_mean"), row.get("accounted_mean")
                 shown = f", layers cover {100 * coverage:.1f}%" if isinstance(coverage, float) else ""
+                if isinstance(accounted, float):
+                    shown += f", timed rows {100 * accounted:.1f}%"
                 print(f"{row['directory']}: {row['mean_iteration_s'] * 1000:.2f} ms/iteration{shown}")
             print(f"wrote {args.directory / 'overview.csv'}")
             return
         if args.command == "predict":
             from fieldkube.trainer.profile_predict import describe, predict
 
-            prediction = predict(args.directories, args.batch, args.workers, args.model, args.tile)
+            prediction = predict(
+                args.directories, args.batch, args.workers, args.model, args.tile, args.fit_batches
+            )
             print("\n".join(describe(prediction)))
             if args.json is not None:
                 write_json_atomic(args.json, prediction.as_dict())

@@ -242,9 +242,15 @@ def _select(runs: list[ProfileRun], model: str | None, tile: int | None) -> tupl
 
 
 def predict(
-    roots: list[Path], batch: int, workers: int, model: str | None = None, tile: int | None = None
+    roots: list[Path],
+    batch: int,
+    workers: int,
+    model: str | None = None,
+    tile: int | None = None,
+    fit_batches: list[int] | None = None,
 ) -> Prediction:
-    """Fit on the profiles under `roots` (the requested batch size held out) and predict one configuration."""
+    """Fit on the profiles under `roots` (the requested batch size held out; only `fit_batches` when
+    given) and predict one configuration."""
     if batch < 1:
         raise ConfigError(f"--batch {batch}: expected an integer >= 1")
     if workers < 1:
@@ -253,6 +259,8 @@ def predict(
     chosen = _select(runs, model, tile)
     same = [r for r in runs if (r.model, r.tile, r.params) == chosen]
     fit_on = [r for r in same if r.profiling and r.world_size == 1 and r.batch != batch and r.rows]
+    if fit_batches:
+        fit_on = [r for r in fit_on if r.batch in fit_batches]
     fitted_batches = sorted({r.batch for r in fit_on})
     if len(fitted_batches) < 2:
         raise DataError(

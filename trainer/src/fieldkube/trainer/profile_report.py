@@ -253,7 +253,8 @@ def layer_means(directory: Path) -> list[dict[str, Any]]:
 
 
 def plot_directory(directory: Path, totals: list[dict[str, Any]]) -> list[Path]:
-    """iterations.png (iteration time vs layer sum), error.png (% unattributed), layers.png (fwd/bwd/opt)."""
+    """iterations.png (iteration time vs layer sum and all timed rows), error.png (% not in a layer),
+    layers.png (fwd/bwd/opt)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -265,6 +266,8 @@ def plot_directory(directory: Path, totals: list[dict[str, Any]]) -> list[Path]:
     ax.plot(x, [1000 * t["iteration_s"] for t in totals], label="measured iteration")
     if "layers_total_s" in totals[0]:
         ax.plot(x, [1000 * t["layers_total_s"] for t in totals], label="sum of profiled layers")
+        timed = [1000 * (t["iteration_s"] - sum(t[key] for key in GAP_ROWS)) for t in totals]
+        ax.plot(x, timed, linestyle="--", label="all timed rows (layers, functions, loss, phases)")
     ax.set_xlabel("iteration")
     ax.set_ylabel("ms")
     ax.set_ylim(bottom=0)
