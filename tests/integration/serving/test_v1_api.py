@@ -104,6 +104,23 @@ def test_segment_json_fraction_matches_its_rle_mask(server, images) -> None:
     assert 0.0 <= body["building_fraction"] <= 1.0
 
 
+def test_segment_coco_rle_decodes_with_pycocotools_to_the_served_mask(server, images) -> None:
+    from pycocotools import mask as coco_mask
+
+    data = images.png(images.aerial(4, 120, 90))  # not square: a row-major RLE would decode scrambled
+    query = "threshold=0.1"  # the tiny test model's probabilities are low: this gives both classes
+    served = _png_image(
+        requests.post(f"{server.url}/v1/segment?output=png&{query}", data=data, timeout=60).content
+    )
+    body = requests.post(f"{server.url}/v1/segment?mask=coco-rle&{query}", data=data, timeout=60).json()
+    assert body["mask_rle"] is None
+    assert body["mask_coco_rle"]["size"] == [120, 90]
+    decoded = coco_mask.decode(body["mask_coco_rle"])
+    assert 0 < int(decoded.sum()) < decoded.size  # both classes present, so the order matters
+    np.testing.assert_array_equal(decoded * 255, served)
+    assert int(coco_mask.area(body["mask_coco_rle"])) == body["building_pixels"]
+
+
 def test_segment_threshold_moves_the_fraction(server, images) -> None:
     data = images.png(images.aerial(2, 96, 96))
     everything = requests.post(f"{server.url}/v1/segment?threshold=0&mask=none", data=data, timeout=60).json()

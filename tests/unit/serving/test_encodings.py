@@ -9,6 +9,7 @@ from fieldkube.serving.encodings import (
     decode_array,
     encode_array,
     heatmap,
+    mask_to_coco_rle,
     mask_to_rle,
     rle_to_mask,
     sum_pool,
@@ -24,6 +25,20 @@ def test_rle_round_trips_and_starts_with_a_zero_run(first: int) -> None:
     assert (rle["counts"][0] == 0) == (first == 1)
     assert sum(rle["counts"]) == mask.size
     np.testing.assert_array_equal(rle_to_mask(rle), mask)
+
+
+def test_coco_rle_is_column_major_and_pycocotools_decodes_it() -> None:
+    from pycocotools import mask as coco_mask
+
+    mask = np.zeros((5, 7), dtype=np.uint8)
+    mask[0, :] = 1  # one row: a single run row-major, seven runs column-major
+    rle = mask_to_coco_rle(mask)
+    assert rle["size"] == [5, 7]
+    assert isinstance(rle["counts"], str)
+    np.testing.assert_array_equal(coco_mask.decode(rle), mask)
+    uncompressed = coco_mask.frPyObjects({"size": [5, 7], "counts": [0] + [1, 4] * 7}, 5, 7)
+    assert coco_mask.decode(uncompressed).tolist() == mask.tolist()
+    assert rle["counts"] == uncompressed["counts"].decode("ascii")
 
 
 def test_sum_pool_keeps_the_total_count_with_partial_edge_blocks() -> None:

@@ -41,6 +41,21 @@ def rle_to_mask(rle: dict[str, Any]) -> np.ndarray:
     return flat.reshape(height, width)
 
 
+def mask_to_coco_rle(mask: np.ndarray) -> dict[str, Any]:
+    """COCO's compressed RLE of a 0/1 mask: column-major runs as COCO's LEB128-like string.
+
+    Encoded by pycocotools itself, so `pycocotools.mask.decode` (and every COCO tool) reads it back.
+    """
+    from pycocotools import mask as coco_mask
+
+    encoded = coco_mask.encode(np.asfortranarray(mask, dtype=np.uint8))
+    counts = encoded["counts"]
+    return {
+        "size": [int(s) for s in encoded["size"]],
+        "counts": counts.decode("ascii") if isinstance(counts, bytes) else str(counts),
+    }
+
+
 def sum_pool(density: np.ndarray, stride: int) -> np.ndarray:
     """Sum over stride x stride blocks (partial blocks at the edges included): keeps the total count."""
     if stride == 1:

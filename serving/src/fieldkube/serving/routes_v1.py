@@ -16,7 +16,14 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import Response
 from pydantic import BaseModel, Field
 
-from fieldkube.serving.encodings import data_url_png, encode_array, heatmap, mask_to_rle, sum_pool
+from fieldkube.serving.encodings import (
+    data_url_png,
+    encode_array,
+    heatmap,
+    mask_to_coco_rle,
+    mask_to_rle,
+    sum_pool,
+)
 from fieldkube.serving.inference import MAX_TILE, MIN_TILE, binary_mask, grid_counts, total_count
 from fieldkube.serving.served_model import ServedModel
 from fieldkube.serving.service import Service, get_service
@@ -115,6 +122,13 @@ class MaskRle(BaseModel):
     counts: list[int]
 
 
+class MaskCocoRle(BaseModel):
+    """COCO's compressed RLE (column-major runs as a string): `pycocotools.mask.decode` reads it as is."""
+
+    size: list[int] = Field(description="[H, W]")
+    counts: str
+
+
 class SegmentResponse(BaseModel):
     """Buildings found in one image."""
 
@@ -127,6 +141,7 @@ class SegmentResponse(BaseModel):
     tile: int
     overlap: int
     mask_rle: MaskRle | None = None
+    mask_coco_rle: MaskCocoRle | None = None
     mask_png: str | None = Field(default=None, description="0/255 mask PNG as a data: URL")
     overlay_png: str | None = Field(default=None, description="mask over the image, as a data: URL")
 
@@ -235,7 +250,8 @@ async def segment(
     overlap: OverlapQuery = None,
     threshold: Annotated[float, Query(ge=0.0, le=1.0, description="building probability cut-off")] = 0.5,
     mask: Annotated[
-        Literal["rle", "png", "none"], Query(description="how the JSON carries the mask")
+        Literal["rle", "coco-rle", "png", "none"],
+        Query(description="how the JSON carries the mask: row-major RLE, COCO RLE, PNG or not at all"),
     ] = "rle",
     overlay: Annotated[bool, Query(description="include the overlay PNG in the JSON")] = False,
 ) -> Any:
@@ -270,6 +286,8 @@ async def segment(
     )
     if mask == "rle":
         body.mask_rle = MaskRle(**mask_to_rle(building))
+    elif mask == "coco-rle":
+        body.mask_coco_rle = MaskCocoRle(**await asyncio.to_thread(mask_to_coco_rle, building))
     elif mask == "png":
         body.mask_png = data_url_png(await asyncio.to_thread(_encode_png, building * np.uint8(255)))
     if overlay_png is not None:
