@@ -43,7 +43,48 @@ def test_grey_rgba_and_16_bit_images_become_rgb8(tmp_path: Path, picture: np.nda
     Image.fromarray(rgba).save(tmp_path / "rgba.png")
     np.testing.assert_array_equal(read_image(tmp_path / "rgba.png"), picture)
     tifffile.imwrite(tmp_path / "deep.tif", picture.astype(np.uint16) * 257)
-    np.testing.assert_array_equal(read_image(tmp_path / "deep.tif"), picture)
+    assert picture.min() == 0 and picture.max() == 255  # so the full-range stretch is the identity
+    np.testing.assert_array_equal(read_image(tmp_path / "deep.tif", percentiles=(0, 100)), picture)
+
+
+@pytest.mark.parametrize("container", ["tiff", "png"])
+def test_12_bit_imagery_is_stretched_by_percentiles_not_shifted_to_black(
+    tmp_path: Path, picture: np.ndarray, container: str
+) -> None:
+    # 16-bit PNG through Pillow is greyscale (mode I;16); TIFF keeps three channels.
+    expected = picture[..., :1] if container == "png" else picture
+    deep = expected.astype(np.uint16) * 16 + 3  # 12-bit samples: 3 .. 4083
+    path = tmp_path / f"deep.{container}"
+    if container == "png":
+        Image.fromarray(deep[..., 0]).save(path)
+    else:
+        tifffile.imwrite(path, deep)
+    full = read_image(path, percentiles=(0, 100))
+    np.testing.assert_array_equal(full[..., : expected.shape[2]], expected)
+    stretched = read_image(path)[..., : expected.shape[2]].astype(int)  # default 0.5 / 99.5
+    assert stretched.min() == 0 and stretched.max() == 255
+    low, high = np.percentile(expected, [0.5, 99.5])
+    inside = (expected > low + 1) & (expected < high - 1)
+    want = (expected.astype(float) - low) * 255 / (high - low)
+    assert np.abs(stretched[inside] - want[inside]).max() <= 2
+
+
+def test_percentiles_are_checked_and_a_flat_deep_image_keeps_its_level(tmp_path: Path) -> None:
+    tifffile.imwrite(tmp_path / "flat.tif", np.full((8, 8), 65535, np.uint16))
+    assert (read_image(tmp_path / "flat.tif") == 255).all()
+    with pytest.raises(ValueError, match="percentiles"):
+        read_image(tmp_path / "flat.tif", percentiles=(50, 50))
+
+
+def test_exif_orientation_is_applied_only_when_asked(picture: np.ndarray) -> None:
+    image = Image.fromarray(picture)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation 6: the stored pixels must turn 90 degrees clockwise to stand upright
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", exif=exif)  # PNG (lossless) carries EXIF in its eXIf chunk
+    data = buffer.getvalue()
+    np.testing.assert_array_equal(read_image(data), picture)
+    np.testing.assert_array_equal(read_image(data, exif_orientation=True), np.rot90(picture, k=-1))
 
 
 @pytest.mark.parametrize("layout", ["plain", "tiled", "strips"])

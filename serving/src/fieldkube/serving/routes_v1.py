@@ -24,6 +24,7 @@ from fieldkube.serving.encodings import (
     mask_to_rle,
     sum_pool,
 )
+from fieldkube.serving.errors import ApiError
 from fieldkube.serving.inference import MAX_TILE, MIN_TILE, binary_mask, grid_counts, total_count
 from fieldkube.serving.served_model import ServedModel
 from fieldkube.serving.service import Service, get_service
@@ -166,9 +167,35 @@ def _png_response(png: bytes, model: ServedModel, extra: dict[str, str]) -> Resp
     return Response(png, media_type="image/png", headers={**_model_headers(model), **extra})
 
 
-async def _read(request: Request, service: Service) -> np.ndarray:
+StretchLowQuery = Annotated[
+    float,
+    Query(
+        ge=0.0,
+        lt=100.0,
+        description="12/16-bit images: this percentile of the samples becomes 0 (8-bit images are unchanged)",
+    ),
+]
+StretchHighQuery = Annotated[
+    float,
+    Query(
+        gt=0.0,
+        le=100.0,
+        description="12/16-bit images: this percentile of the samples becomes 255 (above stretch_low)",
+    ),
+]
+
+
+async def _read(request: Request, service: Service, stretch_low: float, stretch_high: float) -> np.ndarray:
+    if stretch_low >= stretch_high:
+        raise ApiError(
+            422,
+            f"query parameters 'stretch_low' ({stretch_low}) and 'stretch_high' ({stretch_high}): "
+            "stretch_low must be below stretch_high",
+        )
     data, declared = await read_image_bytes(request, service.settings.max_upload_bytes)
-    return await asyncio.to_thread(decode_image, data, declared, service.settings.max_pixels)
+    return await asyncio.to_thread(
+        decode_image, data, declared, service.settings.max_pixels, (stretch_low, stretch_high)
+    )
 
 
 def _encode_png(array: np.ndarray) -> bytes:
@@ -195,8 +222,10 @@ async def count(
         Literal["none", "array", "overlay"], Query(description="include the density map in the JSON")
     ] = "none",
     density_stride: Annotated[int, Query(ge=1, le=64, description="sum-pool the density array by this")] = 1,
+    stretch_low: StretchLowQuery = 0.5,
+    stretch_high: StretchHighQuery = 99.5,
 ) -> Any:
-    image = await _read(request, service)
+    image = await _read(request, service, stretch_low, stretch_high)
     density_map, plan, model = await service.predict("counter", image, tile, overlap)
     counted = total_count(density_map)
     service.metrics.predicted_count.observe(max(counted, 0.0))
@@ -254,8 +283,10 @@ async def segment(
         Query(description="how the JSON carries the mask: row-major RLE, COCO RLE, PNG or not at all"),
     ] = "rle",
     overlay: Annotated[bool, Query(description="include the overlay PNG in the JSON")] = False,
+    stretch_low: StretchLowQuery = 0.5,
+    stretch_high: StretchHighQuery = 99.5,
 ) -> Any:
-    image = await _read(request, service)
+    image = await _read(request, service, stretch_low, stretch_high)
     probability, plan, model = await service.predict("segmenter", image, tile, overlap)
     building = binary_mask(probability, threshold)
     pixels = int(building.sum(dtype=np.int64))

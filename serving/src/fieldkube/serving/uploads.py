@@ -112,8 +112,12 @@ def image_size(data: bytes, fmt: str) -> tuple[int, int]:
             return int(img.width), int(img.height)
 
 
-def decode_image(data: bytes, declared_type: str, max_pixels: int) -> np.ndarray:
-    """uint8 (H, W, 3) RGB; raises ApiError 400/413/415 for every bad input."""
+def decode_image(
+    data: bytes, declared_type: str, max_pixels: int, percentiles: tuple[float, float] = (0.5, 99.5)
+) -> np.ndarray:
+    """uint8 (H, W, 3) RGB, upright by its EXIF orientation, samples deeper than 8 bits stretched
+    between `percentiles`; raises ApiError 400/413/415 for every bad input.
+    """
     from PIL.Image import DecompressionBombError as ImageBombError
 
     from fieldkube.vision.imageio import ImageError, read_image
@@ -140,7 +144,9 @@ def decode_image(data: bytes, declared_type: str, max_pixels: int) -> np.ndarray
     if width == 0 or height == 0:
         raise ApiError(400, f"{fmt.upper()} image has no pixels ({width}x{height})")
     try:
-        image = read_image(data, name="uploaded image", max_pixels=max_pixels)
+        image = read_image(
+            data, name="uploaded image", max_pixels=max_pixels, percentiles=percentiles, exif_orientation=True
+        )
     except ImageError as error:
         raise ApiError(400, str(error)) from None
     except Exception as error:  # decoders raise many types for damaged files; all are the client's input

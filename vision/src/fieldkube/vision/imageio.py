@@ -1,8 +1,11 @@
 """Read field and aerial images (JPEG/PNG/TIFF) as uint8 RGB with clear errors, and large TIFFs by window.
 
 Every error is an `ImageError` naming the file and what was expected. Decoding is refused above a pixel
-limit before any pixel is decoded. `read_tiff_window` reads a window of a large (Geo)TIFF by
-memory-mapping uncompressed data or decoding only the strips/tiles the window touches.
+limit before any pixel is decoded. Samples deeper than 8 bits (12-bit data in 16-bit PNG/TIFF, 16-bit
+data) are stretched linearly between two percentiles of the image (default 0.5 and 99.5), because
+shifting them down by the container's width leaves 12-bit imagery near black. `read_tiff_window` reads
+a window of a large (Geo)TIFF by memory-mapping uncompressed data or decoding only the strips/tiles the
+window touches.
 """
 
 from __future__ import annotations
@@ -14,11 +17,13 @@ from pathlib import Path
 
 import numpy as np
 import tifffile
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from fieldkube.vision.tiling import Box
 
 MAX_PIXELS = 100_000_000
+DEFAULT_PERCENTILES: tuple[float, float] = (0.5, 99.5)
+"""Where deep (more than 8-bit) samples are cut: below the low percentile is 0, above the high one 255."""
 _TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 
 Source = str | os.PathLike[str] | bytes
@@ -58,8 +63,48 @@ def _check_pixels(label: str, height: int, width: int, max_pixels: int) -> None:
         raise ImageError(f"{label}: empty image ({width}x{height})")
 
 
-def to_rgb8(array: np.ndarray, label: str = "image") -> np.ndarray:
-    """Convert a decoded (H, W), (H, W, 1|2|3|4) array of any integer/float dtype to uint8 (H, W, 3)."""
+def _percentile_values(array: np.ndarray, percentiles: tuple[float, float]) -> tuple[float, float]:
+    """The two percentiles of all samples; uint16 through a histogram (linear time, no sorted copy)."""
+    low_q, high_q = percentiles
+    if array.dtype == np.uint16:
+        cdf = np.cumsum(np.bincount(array.ravel(), minlength=1 << 16))
+        total = int(cdf[-1])
+        low = int(np.searchsorted(cdf, low_q / 100 * total, side="right"))
+        high = int(np.searchsorted(cdf, high_q / 100 * total, side="left"))
+        return float(min(low, (1 << 16) - 1)), float(min(high, (1 << 16) - 1))
+    low_v, high_v = np.percentile(array, [low_q, high_q])
+    return float(low_v), float(high_v)
+
+
+def stretch_to_uint8(array: np.ndarray, percentiles: tuple[float, float] = DEFAULT_PERCENTILES) -> np.ndarray:
+    """Deep integer samples to uint8: linear from the low percentile (0) to the high one (255), clipped.
+
+    All channels share one stretch, so colours keep their balance. A flat image (both percentiles
+    equal) is scaled by its type's full range instead.
+    """
+    low_q, high_q = percentiles
+    if not 0.0 <= low_q < high_q <= 100.0:
+        raise ValueError(f"percentiles must satisfy 0 <= low < high <= 100, got {low_q}, {high_q}")
+    low, high = _percentile_values(array, percentiles)
+    if high <= low:
+        low, high = 0.0, float(np.iinfo(array.dtype).max)
+    if array.dtype == np.uint16:  # a lookup table: one uint8 per possible value, no float copy
+        levels = np.arange(1 << 16, dtype=np.float64)
+        table = np.clip((levels - low) * (255.0 / (high - low)), 0, 255).round().astype(np.uint8)
+        lut_out: np.ndarray = table[array]
+        return lut_out
+    scaled = (array.astype(np.float64) - low) * (255.0 / (high - low))
+    out: np.ndarray = np.clip(scaled, 0, 255).round().astype(np.uint8)
+    return out
+
+
+def to_rgb8(
+    array: np.ndarray, label: str = "image", percentiles: tuple[float, float] = DEFAULT_PERCENTILES
+) -> np.ndarray:
+    """Convert a decoded (H, W), (H, W, 1|2|3|4) array of any integer/float dtype to uint8 (H, W, 3).
+
+    Integer samples deeper than 8 bits are stretched between `percentiles` (see `stretch_to_uint8`).
+    """
     if array.ndim == 2:
         array = array[..., None]
     if array.ndim != 3 or array.shape[2] not in (1, 2, 3, 4):
@@ -72,16 +117,16 @@ def to_rgb8(array: np.ndarray, label: str = "image") -> np.ndarray:
     if array.dtype == np.bool_:
         return array.astype(np.uint8) * 255
     if np.issubdtype(array.dtype, np.integer):
-        bits = np.iinfo(array.dtype).bits
-        shifted = np.right_shift(array.astype(np.uint64), bits - 8) if bits > 8 else array
-        return shifted.astype(np.uint8)
+        if np.iinfo(array.dtype).bits <= 8:
+            return np.clip(array, 0, 255).astype(np.uint8)
+        return stretch_to_uint8(array, percentiles)
     if np.issubdtype(array.dtype, np.floating):
         scale = 255.0 if float(np.nanmax(array, initial=0.0)) <= 1.0 else 1.0
         return np.clip(np.nan_to_num(array) * scale, 0, 255).round().astype(np.uint8)
     raise ImageError(f"{label}: unsupported pixel type {array.dtype}")
 
 
-def _read_tiff(source: Source, label: str, max_pixels: int) -> np.ndarray:
+def _read_tiff(source: Source, label: str, max_pixels: int, percentiles: tuple[float, float]) -> np.ndarray:
     handle = io.BytesIO(source) if isinstance(source, bytes) else source
     try:
         with tifffile.TiffFile(handle) as tif:
@@ -95,10 +140,12 @@ def _read_tiff(source: Source, label: str, max_pixels: int) -> np.ndarray:
         raise
     except Exception as error:
         raise ImageError(f"{label}: not a readable TIFF ({type(error).__name__}: {error})") from None
-    return to_rgb8(array, label)
+    return to_rgb8(array, label, percentiles)
 
 
-def _read_pil(source: Source, label: str, max_pixels: int) -> np.ndarray:
+def _read_pil(
+    source: Source, label: str, max_pixels: int, percentiles: tuple[float, float], exif_orientation: bool
+) -> np.ndarray:
     handle = io.BytesIO(source) if isinstance(source, bytes) else source
     try:
         with warnings.catch_warnings():
@@ -111,9 +158,10 @@ def _read_pil(source: Source, label: str, max_pixels: int) -> np.ndarray:
                         f"{label}: unsupported format {image.format}; expected JPEG, PNG or TIFF"
                     )
                 image.load()
-                if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-                    return to_rgb8(np.asarray(image), label)
-                return np.asarray(image.convert("RGB"), dtype=np.uint8).copy()
+                upright = ImageOps.exif_transpose(image) if exif_orientation else image
+                if upright.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+                    return to_rgb8(np.asarray(upright), label, percentiles)
+                return np.asarray(upright.convert("RGB"), dtype=np.uint8).copy()
     except ImageError:
         raise
     except (UnidentifiedImageError, Image.DecompressionBombError) as error:
@@ -122,18 +170,29 @@ def _read_pil(source: Source, label: str, max_pixels: int) -> np.ndarray:
         raise ImageError(f"{label}: corrupt or truncated image ({error})") from None
 
 
-def read_image(source: Source, *, name: str | None = None, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+def read_image(
+    source: Source,
+    *,
+    name: str | None = None,
+    max_pixels: int = MAX_PIXELS,
+    percentiles: tuple[float, float] = DEFAULT_PERCENTILES,
+    exif_orientation: bool = False,
+) -> np.ndarray:
     """Decode a JPEG/PNG/TIFF file path or bytes into uint8 RGB (H, W, 3).
 
-    Grey, 16-bit and RGBA inputs are converted (alpha dropped). `name` labels bytes in error messages.
+    Grey, 16-bit and RGBA inputs are converted (alpha dropped); samples deeper than 8 bits are stretched
+    between `percentiles` of the image. `exif_orientation` turns JPEG/PNG pixels upright by their EXIF
+    Orientation tag: the service does, for photos straight from a camera or phone; dataset preparation
+    does not, because annotations (points, masks) are drawn on the stored pixels. `name` labels bytes
+    in error messages.
     """
     label = _name(source, name)
     head = _head(source, label)
     if len(head) == 0:
         raise ImageError(f"{label}: empty file, expected a JPEG, PNG or TIFF image")
     if head in _TIFF_MAGIC:
-        return _read_tiff(source, label, max_pixels)
-    return _read_pil(source, label, max_pixels)
+        return _read_tiff(source, label, max_pixels, percentiles)
+    return _read_pil(source, label, max_pixels, percentiles, exif_orientation)
 
 
 def image_size(path: str | os.PathLike[str]) -> tuple[int, int]:
@@ -198,7 +257,7 @@ def read_tiff_window(path: str | os.PathLike[str], box: Box, *, raw: bool = Fals
 
     Uncompressed contiguous data is memory-mapped; compressed images decode only the strips or tiles the
     window touches. Returns uint8 RGB (h, w, 3), or with `raw=True` the stored samples (h, w, samples),
-    e.g. for single-channel masks.
+    e.g. for single-channel masks. Deep samples are stretched by the window's own percentiles.
     """
     label = str(path)
     _head(path, label)
