@@ -4,14 +4,16 @@
     horovodrun -np 2 -H localhost:2 --gloo fieldkube-profile run --repetitions 3 --out profiles/mcnn-2
     fieldkube-profile run --no-profiling ...      # the same iterations without hooks (overhead baseline)
     fieldkube-profile parse profiles/mcnn         # rebuild totals, summaries, plots and overview.csv
+    fieldkube-profile run --batch 1,2,4,8 --out profiles/sweep   # alternating iterations, batch-<b>/ each
     torchrun --nproc-per-node 2 -m fieldkube.trainer.profile allreduce --out profiles/ar   # cost vs size
     fieldkube-profile predict profiles/ --batch 6 --workers 2   # iteration time of an unseen config
 
 Each repetition and rank writes its own directory `<out>/rep-<k>/rank-<r>/` (see profile_report for the
-files). Inputs are synthetic tensors made before timing starts, so the figures are about the model and
-the framework; the host-to-device copy of each batch is timed as the `data` phase. The gradient
-allreduce of a multi-rank run is one explicit phase between backward and the optimizer (training
-overlaps it with backward), so it is measured instead of hiding inside the layers' backward times.
+files and the accounting, whose rows sum to the iteration). Inputs are synthetic tensors made before
+timing starts, so the figures are about the model and the framework; the host-to-device copy of each
+batch is timed as the `data` phase. The gradient allreduce of a multi-rank run is one explicit phase
+between backward and the optimizer (training overlaps it with backward), so it is measured instead of
+hiding inside the layers' backward times.
 Besides the registry's models, `--model vgg11` profiles seed 001's VGG-11 (profile_models) as a
 10-class classifier (cross-entropy on synthetic labels).
 """
@@ -540,6 +542,9 @@ def _parser() -> argparse.ArgumentParser:
         help="fit only on these batch sizes (default: all others)",
     )
     predict.add_argument("--json", type=Path, default=None, help="also write the prediction as JSON")
+    predict.add_argument(
+        "--plot", type=Path, default=None, help="also draw it against the fitted profiles (PNG)"
+    )
     return parser
 
 
@@ -558,7 +563,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"wrote {args.directory / 'overview.csv'}")
             return
         if args.command == "predict":
-            from fieldkube.trainer.profile_predict import describe, predict
+            from fieldkube.trainer.profile_predict import describe, plot_predictions, predict
 
             prediction = predict(
                 args.directories, args.batch, args.workers, args.model, args.tile, args.fit_batches
@@ -566,6 +571,8 @@ def main(argv: list[str] | None = None) -> None:
             print("\n".join(describe(prediction)))
             if args.json is not None:
                 write_json_atomic(args.json, prediction.as_dict())
+            if args.plot is not None:
+                print(f"wrote {plot_predictions([prediction], args.plot)}")
             return
         if args.warmup < 0:
             raise ConfigError(f"--warmup {args.warmup}: expected >= 0")

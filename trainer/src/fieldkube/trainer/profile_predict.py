@@ -183,6 +183,8 @@ def fit_alpha_beta(points: list[tuple[int, int, float]]) -> AlphaBeta:
 
 @dataclass
 class Prediction:
+    """One configuration's predicted iteration (per-row breakdown), and the measurement when one exists."""
+
     model: str
     tile: int
     batch: int
@@ -196,6 +198,7 @@ class Prediction:
     measured_s: float | None = None
     measured_iterations: int = 0
     measured_runs: int = 0
+    fit_points: list[tuple[int, float]] = field(default_factory=list)  # (batch, median iteration) fitted on
 
     @property
     def iteration_s(self) -> float:
@@ -267,7 +270,8 @@ def predict(
             f"--batch {batch}: need single-worker profiles of {chosen[0]} at >= 2 other batch sizes "
             f"(found {fitted_batches or 'none'})"
         )
-    rows = {row.name: row.at(batch) for row in fit_rows(fit_on)}
+    fitted = fit_rows(fit_on)
+    rows = {row.name: row.at(batch) for row in fitted}
     gradient_bytes = next((r.gradient_bytes for r in same if r.gradient_bytes is not None), None)
     alpha_beta = None
     allreduce_s = 0.0
@@ -289,6 +293,7 @@ def predict(
         fitted_batches=fitted_batches,
         alpha_beta=alpha_beta,
         gradient_bytes=gradient_bytes,
+        fit_points=[(r.batch, sum(r.rows.values())) for r in fit_on],
     )
     measured = [r for r in same if r.batch == batch and r.world_size == workers]
     # Compare like with like: profiled runs when there are any (the fit is of profiled iterations).
@@ -335,3 +340,56 @@ def describe(prediction: Prediction, top: int = 5) -> list[str]:
     else:
         lines.append("  no measurement of this configuration under the given directories")
     return lines
+
+
+def plot_predictions(predictions: list[Prediction], path: Path) -> Path:
+    """Iteration time against batch size: the points fitted on, the fitted line, and each prediction with
+    its measurement (one colour per worker count)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    first = predictions[0]
+    xs = [b for b, _ in first.fit_points]
+    ax.scatter(
+        xs, [1000 * t for _, t in first.fit_points], color="#555", label="profiled (fitted on), 1 worker"
+    )
+    top = max([*xs, *(p.batch for p in predictions)])
+    if len(first.fit_points) >= 2:
+        design = np.stack([np.ones(len(xs)), np.array(xs, dtype=float)], axis=1)
+        (a, b), *_ = np.linalg.lstsq(design, np.array([t for _, t in first.fit_points]), rcond=None)
+        line = np.linspace(0, top * 1.05, 50)
+        ax.plot(line, 1000 * (a + b * line), color="#999", linestyle=":", label="fit: a + b * batch")
+    colours = {1: "#27a", 2: "#a33", 4: "#2a7", 8: "#a72"}
+    for p in predictions:
+        colour = colours.get(p.workers, "#333")
+        ax.scatter([p.batch], [1000 * p.iteration_s], marker="x", s=60, color=colour)
+        if p.measured_s is not None:
+            ax.scatter(
+                [p.batch], [1000 * p.measured_s], marker="o", facecolors="none", s=60, edgecolors=colour
+            )
+            offset = (6, -12 if p.workers > 1 else 6)
+            where = (p.batch, 1000 * p.iteration_s)
+            label = f"{p.error_percent:+.1f}%"
+            ax.annotate(label, where, textcoords="offset points", xytext=offset, fontsize=8, color=colour)
+    for workers in sorted({p.workers for p in predictions}):
+        colour = colours.get(workers, "#333")
+        ax.scatter([], [], marker="x", color=colour, label=f"predicted, {workers} worker(s)")
+        ax.scatter(
+            [], [], marker="o", facecolors="none", edgecolors=colour, label=f"measured, {workers} worker(s)"
+        )
+    ax.set_xlabel("batch per worker")
+    ax.set_ylabel("ms per iteration")
+    ax.set_xlim(left=0)
+    ax.set_ylim(bottom=0)
+    ax.set_title(
+        f"{first.model}, {first.tile} px: held-out configurations, predicted vs measured", fontsize=10
+    )
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

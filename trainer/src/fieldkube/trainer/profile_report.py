@@ -272,7 +272,7 @@ def plot_directory(directory: Path, totals: list[dict[str, Any]]) -> list[Path]:
     ax.set_ylabel("ms")
     ax.set_ylim(bottom=0)
     ax.legend()
-    ax.set_title("Iteration time vs sum of per-layer times")
+    ax.set_title("Iteration time vs sum of per-layer times and of all timed rows")
     fig.tight_layout()
     written.append(directory / "iterations.png")
     fig.savefig(written[-1], dpi=100)
