@@ -45,6 +45,8 @@ def test_yaml_file_and_set_overrides_combine(tmp_path: Path) -> None:
         ("train.loss=hinge", "train.loss"),
         ("model.name=resnet", "model.name"),
         ("runtime.backend=mpi", "runtime.backend"),
+        ("train.lr_schedule=step", "train.lr_schedule"),
+        ("train.lr_min_factor=1.5", "train.lr_min_factor"),
         ("train.unknown_field=1", "train.unknown_field"),
     ],
 )

@@ -1,14 +1,17 @@
 """model.freeze: layer groups are a model's top-level modules; frozen ones get an lr factor of 0 until the
-freeze ends, and a name the model lacks is an error listing the ones it has."""
+freeze ends, and a name the model lacks is an error listing the ones it has; the lr schedule
+(train.lr_schedule) applies to every group once it trains."""
 
 from __future__ import annotations
+
+import math
 
 import pytest
 
 from fieldkube.trainer.config import validate_config
 from fieldkube.trainer.errors import ConfigError
 from fieldkube.trainer.freezing import frozen_factor, layer_groups, split_frozen
-from fieldkube.trainer.loop import make_optimizer
+from fieldkube.trainer.loop import make_optimizer, make_scheduler
 from fieldkube.vision.models import build_model
 
 
@@ -48,3 +51,20 @@ def test_the_optimizer_holds_frozen_groups_apart() -> None:
     groups = make_optimizer(config, model).param_groups
     assert [g["frozen"] for g in groups] == [False, True]
     assert len(groups[1]["params"]) == len(list(model.encoder.parameters()))
+
+
+def test_the_schedule_holds_frozen_groups_at_zero_then_decays_every_group_by_the_cosine() -> None:
+    config = validate_config({"model": {"name": "counter-fcrn", "params": {"base_channels": 2},
+                                        "freeze": ["encoder"], "freeze_epochs": 2},
+                              "train": {"lr": 0.1, "lr_schedule": "cosine"}})  # fmt: skip
+    optimizer = make_optimizer(config, build_model("counter-fcrn", base_channels=2))
+    scheduler = make_scheduler(config, optimizer, steps_per_epoch=5, total_steps=20, scale=1.0)
+    rates = []
+    for _ in range(20):
+        rates.append([group["lr"] for group in optimizer.param_groups])
+        optimizer.step()
+        scheduler.step()
+    assert rates[0] == [pytest.approx(0.1), 0.0]
+    assert rates[9][1] == 0.0 and rates[10][1] == pytest.approx(rates[10][0])  # the freeze ends at step 10
+    assert rates[10][0] == pytest.approx(0.1 * 0.5 * (1 + math.cos(math.pi * 10 / 20)))
+    assert rates[19][0] == pytest.approx(0.1 * 0.5 * (1 + math.cos(math.pi * 19 / 20)))

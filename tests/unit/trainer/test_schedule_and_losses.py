@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -50,6 +52,17 @@ def test_warmup_ramps_linearly_to_the_scaled_rate() -> None:
     assert lr_factor(5, 4.0, 10) == pytest.approx(2.5)
     assert lr_factor(10, 4.0, 10) == 4.0
     assert lr_factor(0, 2.0, 0) == 2.0
+
+
+def test_cosine_decays_from_the_scaled_rate_after_warmup_to_the_floor_at_the_last_step() -> None:
+    factors = [lr_factor(s, 2.0, 10, "cosine", total_steps=110, min_factor=0.1) for s in range(111)]
+    assert factors[5] == pytest.approx(1.5)  # warm-up unchanged
+    assert factors[10] == pytest.approx(2.0)
+    assert factors[60] == pytest.approx(2.0 * (0.1 + 0.9 * 0.5))  # half-way: the midpoint
+    assert factors[110] == pytest.approx(0.2)
+    assert all(a >= b for a, b in itertools.pairwise(factors[10:]))
+    assert lr_factor(500, 2.0, 10, "cosine", 110, 0.1) == pytest.approx(0.2)  # past the end: the floor
+    assert lr_factor(60, 2.0, 10, "constant", 110, 0.1) == 2.0
 
 
 def test_seed_losses() -> None:

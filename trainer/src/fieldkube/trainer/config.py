@@ -119,6 +119,14 @@ class TrainConfig(_Section):
         "linear", description="linear: lr multiplied by the global batch / batch_size ratio (world size)."
     )
     warmup_epochs: float = Field(0.0, ge=0, le=1000, description="Linear warm-up from lr to the scaled lr.")
+    lr_schedule: Literal["constant", "cosine"] = Field(
+        "constant",
+        description="After warm-up: constant keeps the scaled lr; cosine decays it along a half cosine to "
+        "train.lr_min_factor times that at the last step (train.max_steps or train.epochs).",
+    )
+    lr_min_factor: float = Field(
+        0.0, ge=0, le=1, description="cosine only: the final lr as a fraction of the scaled lr."
+    )
     early_stopping_patience: int | None = Field(
         None, ge=1, description="Stop after this many epochs without validation improvement."
     )

@@ -163,11 +163,49 @@ def make_optimizer(config: TrainingConfig, model: nn.Module) -> torch.optim.Opti
     return torch.optim.Adam(params, lr=t.lr, weight_decay=t.weight_decay)
 
 
-def lr_factor(step: int, scale: float, warmup_steps: int) -> float:
-    """Multiplier of the base lr: linear warm-up from 1 to `scale` over `warmup_steps`, then `scale`."""
-    if warmup_steps <= 0 or step >= warmup_steps:
+def lr_factor(
+    step: int,
+    scale: float,
+    warmup_steps: int,
+    schedule: str = "constant",
+    total_steps: int = 0,
+    min_factor: float = 0.0,
+) -> float:
+    """Multiplier of the base lr: linear warm-up from 1 to `scale` over `warmup_steps`, then `scale`
+    (constant) or a half cosine from `scale` down to `min_factor * scale` at `total_steps` (cosine).
+
+    A decaying rate lets the last steps average out the noise of small batches instead of ending wherever
+    the last few updates threw the weights; with a handful of images this decides what a run ends at.
+    """
+    if warmup_steps > 0 and step < warmup_steps:
+        return 1.0 + (scale - 1.0) * step / warmup_steps
+    if schedule == "constant" or total_steps <= warmup_steps:
         return scale
-    return 1.0 + (scale - 1.0) * step / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / (total_steps - warmup_steps))
+    return scale * (min_factor + (1.0 - min_factor) * 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+def make_scheduler(
+    config: TrainingConfig,
+    optimizer: torch.optim.Optimizer,
+    steps_per_epoch: int,
+    total_steps: int,
+    scale: float,
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """The lr schedule of every parameter group (warm-up, constant or cosine; frozen groups at 0 until
+    model.freeze_epochs end); a function of the global step only, so a resumed run continues exactly."""
+    t = config.train
+    warmup_steps = round(t.warmup_epochs * steps_per_epoch)
+    freeze_steps = config.model.freeze_epochs * steps_per_epoch
+
+    def base_factor(step: int) -> float:
+        return lr_factor(step, scale, warmup_steps, t.lr_schedule, total_steps, t.lr_min_factor)
+
+    factors = [
+        frozen_factor(base_factor, freeze_steps) if group.get("frozen") else base_factor
+        for group in optimizer.param_groups
+    ]
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factors)
 
 
 def _user_loss(model: nn.Module) -> LossFn:
@@ -270,21 +308,11 @@ def _train(config: TrainingConfig, backend: AnyBackend, device: torch.device) ->
         )
     total_steps = t.epochs * spe if t.max_steps is None else min(t.max_steps, t.epochs * spe)
     scale = global_batch / t.batch_size if t.lr_scaling == "linear" else 1.0
-    warmup_steps = round(t.warmup_epochs * spe)
     loss_name, loss_fn = ("user", _user_loss(model)) if task == "custom" else resolve_loss(t.loss, task)
     # Wrap first: Horovod's DistributedOptimizer is a new optimizer object that takes the param groups but
     # not the state, so a checkpoint's optimizer state (Adam's moments) must be loaded into the wrapper.
     model, optimizer = backend.wrap(model, make_optimizer(config, model))
-    freeze_steps = config.model.freeze_epochs * spe
-
-    def base_factor(step: int) -> float:
-        return lr_factor(step, scale, warmup_steps)
-
-    factors = [
-        frozen_factor(base_factor, freeze_steps) if group.get("frozen") else base_factor
-        for group in optimizer.param_groups
-    ]
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factors)
+    scheduler = make_scheduler(config, optimizer, spe, total_steps, scale)
     scaler = torch.amp.GradScaler("cuda") if use_amp else None
 
     state = LoopState(init_lineage=dict(init.lineage) if init is not None else {})
@@ -327,7 +355,7 @@ def _train(config: TrainingConfig, backend: AnyBackend, device: torch.device) ->
     if chief:
         log.info(
             "training %s (%s, loss %s) on %d %s rank(s) [%s]: %d samples, global batch %d, %d steps/epoch, "
-            "%d steps total, lr %.3g x %.3g%s",
+            "%d steps total, lr %.3g x %.3g (%s)%s",
             config.model.name,
             task,
             loss_name,
@@ -340,6 +368,7 @@ def _train(config: TrainingConfig, backend: AnyBackend, device: torch.device) ->
             total_steps,
             t.lr,
             scale,
+            t.lr_schedule,
             f", resumed at step {state.global_step}" if resumed else "",
         )
 
