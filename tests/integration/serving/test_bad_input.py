@@ -22,7 +22,7 @@ def test_body_over_the_size_limit_is_413(start_server, bundles) -> None:
     server = start_server(counter=str(bundles.counter), max_upload_bytes=4096)
     response = _post(server.url, b"\xff\xd8\xff" + b"\x00" * 5000, "image/jpeg")
     assert response.status_code == 413
-    assert "limit is 4096 bytes" in response.json()["detail"]
+    assert "limit is 4096 bytes" in response.json()["error"]
 
 
 def _png_header_only(width: int, height: int) -> bytes:
@@ -41,13 +41,13 @@ def test_decompression_bomb_is_refused_before_decoding(server) -> None:
     Image.new("L", (8000, 8000)).save(buffer, format="PNG")  # ~64 MP that compresses to a few KB
     response = _post(server.url, buffer.getvalue(), "image/png")
     assert response.status_code == 413
-    assert "8000x8000 = 64000000 pixels" in response.json()["detail"]
+    assert "8000x8000 = 64000000 pixels" in response.json()["error"]
 
 
 def test_header_past_the_decoders_own_bomb_guard_is_413_too(server) -> None:
     response = _post(server.url, _png_header_only(30000, 30000), "image/png")
     assert response.status_code == 413, response.text
-    assert "the limit is 26000000 pixels" in response.json()["detail"]
+    assert "the limit is 26000000 pixels" in response.json()["error"]
 
 
 @pytest.mark.parametrize(
@@ -60,7 +60,7 @@ def test_header_past_the_decoders_own_bomb_guard_is_413_too(server) -> None:
 def test_unsupported_type_is_415(server, data: bytes, content_type: str, fragment: str) -> None:
     response = _post(server.url, data, content_type)
     assert response.status_code == 415
-    detail = response.json()["detail"]
+    detail = response.json()["error"]
     assert fragment in detail and "expected JPEG, PNG or TIFF" in detail
 
 
@@ -73,7 +73,7 @@ def test_truncated_images_are_400_with_a_clear_message(server, images) -> None:
     ):
         response = _post(server.url, data[: len(data) // 2])
         assert response.status_code == 400, (name, response.text)
-        detail = response.json()["detail"]
+        detail = response.json()["error"]
         assert any(words in detail for words in ("corrupt or truncated", "not a readable", "cannot read")), (
             detail
         )
@@ -82,23 +82,23 @@ def test_truncated_images_are_400_with_a_clear_message(server, images) -> None:
 def test_empty_body_is_400(server) -> None:
     response = _post(server.url, b"")
     assert response.status_code == 400
-    assert "empty" in response.json()["detail"]
+    assert "empty" in response.json()["error"]
 
 
 def test_bad_query_parameter_names_it(server, images) -> None:
     data = images.png(images.field(2, 64, 64, 2))
     response = requests.post(f"{server.url}/v1/count?tile=8", data=data, timeout=60)
     assert response.status_code == 422
-    assert "query parameter 'tile'" in response.json()["detail"]
+    assert "query parameter 'tile'" in response.json()["error"]
     response = requests.post(f"{server.url}/v1/count?tile=64&overlap=40", data=data, timeout=60)
     assert response.status_code == 400
-    assert "overlap must be between 0 and tile/2 = 32" in response.json()["detail"]
+    assert "overlap must be between 0 and tile/2 = 32" in response.json()["error"]
 
 
 def test_multipart_without_a_file_is_400(server) -> None:
     response = requests.post(f"{server.url}/v1/count", files={"other": (None, "x")}, timeout=60)
     assert response.status_code == 400
-    assert "form field named 'file'" in response.json()["detail"]
+    assert "form field named 'file'" in response.json()["error"]
 
 
 def test_corrupted_image_bytes_never_cause_a_server_error(server, images) -> None:
@@ -123,7 +123,7 @@ def test_corrupted_image_bytes_never_cause_a_server_error(server, images) -> Non
             statuses.add(response.status_code)
             assert response.status_code in {200, 400, 413, 415}, response.text
             if response.status_code != 200:
-                assert response.json()["detail"]
+                assert response.json()["error"]
     assert 400 in statuses
     assert requests.get(f"{server.url}/v2/health/ready", timeout=10).status_code == 200
 
@@ -152,7 +152,7 @@ def test_full_queue_answers_429_with_retry_after(start_server, bundles, images) 
         assert first.result().status_code == 200
     assert response.status_code == 429, response.text
     assert int(response.headers["Retry-After"]) >= 1
-    assert "queue is full (3 tiles waiting, this image needs 5, limit 6)" in response.json()["detail"]
+    assert "queue is full (3 tiles waiting, this image needs 5, limit 6)" in response.json()["error"]
 
 
 def test_image_needing_more_tiles_than_the_queue_holds_is_400(start_server, bundles, images) -> None:
@@ -162,7 +162,7 @@ def test_image_needing_more_tiles_than_the_queue_holds_is_400(start_server, bund
         f"{server.url}/v1/count", data=images.png(images.field(6, 64, 256, 5)), timeout=60
     )
     assert response.status_code == 400
-    assert "into 7 tiles; the limit is 6: use a larger tile" in response.json()["detail"]
+    assert "into 7 tiles; the limit is 6: use a larger tile" in response.json()["error"]
 
 
 def test_request_timeout_answers_503_with_retry_after(start_server, bundles, images) -> None:
@@ -183,4 +183,4 @@ def test_unconfigured_task_is_503_with_a_reason(start_server, bundles, images) -
     )
     assert response.status_code == 503
     assert "Retry-After" not in response.headers  # configuration, not load: retrying cannot help
-    assert "no segmenter model is configured" in response.json()["detail"]
+    assert "no segmenter model is configured" in response.json()["error"]

@@ -59,5 +59,5 @@ def test_stretch_percentiles_out_of_order_are_refused_naming_both(server, images
         f"{server.url}/v1/count?stretch_low=90&stretch_high=10", data=images.png(images.field(1, 64, 64, 1))
     )
     assert response.status_code == 422
-    message = response.json()["detail"]
+    message = response.json()["error"]
     assert "stretch_low" in message and "stretch_high" in message

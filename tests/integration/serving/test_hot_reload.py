@@ -137,7 +137,7 @@ def test_alias_that_resolves_to_nothing_keeps_the_server_unready_with_the_reason
     assert int(response.headers["Retry-After"]) >= 1
     assert (
         "the counter model is not ready: cannot resolve models:/fieldkube-no-such-model@champion"
-        in (response.json()["detail"])
+        in (response.json()["error"])
     )
     segmented = requests.post(
         f"{server.url}/v1/segment", data=images.png(images.aerial(1, 64, 64)), timeout=60

@@ -40,5 +40,5 @@ def test_sigterm_answers_queued_requests_503_and_exits_at_once(start_serve_proce
     assert len(answers) == 1
     assert answers[0].status_code == 503
     assert answers[0].headers["Retry-After"] == "1"
-    assert "shutting down" in answers[0].json()["detail"]
+    assert "shutting down" in answers[0].json()["error"]
     assert "Traceback" not in serve.log_path.read_text()

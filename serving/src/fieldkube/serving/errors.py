@@ -1,11 +1,13 @@
 """Every error a client can cause, as one exception type with its HTTP status, mapped to a response once.
 
-/v2 routes answer ``{"error": message}`` (Open Inference Protocol); all others ``{"detail": message}``
-(FastAPI's convention). Messages name the field or parameter and what was expected.
+Every error body is ``{"error": message}`` (the Open Inference Protocol's shape, used by /v1 too, so a
+client needs one rule). Messages name the field or parameter and what was expected. An exception nobody
+expected (a bug, CUDA out of memory) is a 500 with the same JSON shape, never a plain-text page.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import Any
 
@@ -17,6 +19,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from fieldkube.serving.batcher import InferenceTimeoutError, OverloadedError, ShuttingDownError
 from fieldkube.serving.inference import TilingError
 from fieldkube.serving.registry import ModelNotAvailableError
+
+log = logging.getLogger(__name__)
 
 
 class ApiError(Exception):
@@ -37,8 +41,7 @@ def error_response(
     request: Request, status: int, message: str, headers: dict[str, str] | None = None
 ) -> JSONResponse:
     """The one place that shapes error bodies."""
-    key = "error" if request.url.path.startswith("/v2") else "detail"
-    return JSONResponse({key: message}, status_code=status, headers=headers)
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
 def describe_validation(errors: Sequence[Any]) -> str:
@@ -89,3 +92,11 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(InferenceTimeoutError)
     async def _timeout(request: Request, error: InferenceTimeoutError) -> JSONResponse:
         return error_response(request, 503, str(error), {"Retry-After": str(error.retry_after_s)})
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, error: Exception) -> JSONResponse:
+        # Starlette logs the traceback after this answer is sent; the client gets JSON, not a text page.
+        log.error("%s %s failed: %s: %s", request.method, request.url.path, type(error).__name__, error)
+        return error_response(
+            request, 500, f"internal error while serving {request.url.path}: {type(error).__name__}: {error}"
+        )

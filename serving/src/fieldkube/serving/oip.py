@@ -206,10 +206,24 @@ def datatype_of(array: np.ndarray) -> str:
     raise TypeError(f"no protocol datatype for {array.dtype}")
 
 
+def _json_values(array: np.ndarray) -> list[Any]:
+    """Flat values for a JSON tensor; NaN and infinity (not JSON) become null."""
+    flat = array.ravel()
+    values: list[Any] = flat.tolist()
+    if np.issubdtype(flat.dtype, np.floating):
+        for index in np.flatnonzero(~np.isfinite(flat)).tolist():
+            values[index] = None
+    return values
+
+
 def build_response(
     request: InferRequest, model_name: str, model_version: str, tensors: dict[str, np.ndarray]
 ) -> tuple[bytes, int | None]:
-    """Response body and, when binary outputs are present, the JSON header length."""
+    """Response body and, when binary outputs are present, the JSON header length.
+
+    JSON tensors carry NaN and infinity as null (JSON has no such numbers); binary tensors carry the
+    IEEE values as they are.
+    """
     outputs: list[dict[str, Any]] = []
     blobs: list[bytes] = []
     for name, array in tensors.items():
@@ -219,12 +233,12 @@ def build_response(
             entry["parameters"] = {"binary_data_size": len(raw)}
             blobs.append(raw)
         else:
-            entry["data"] = array.ravel().tolist()
+            entry["data"] = _json_values(array)
         outputs.append(entry)
     body: dict[str, Any] = {"model_name": model_name, "model_version": model_version, "outputs": outputs}
     if request.id is not None:
         body["id"] = request.id
-    head = json.dumps(body, separators=(",", ":")).encode()
+    head = json.dumps(body, separators=(",", ":"), allow_nan=False).encode()
     if not blobs:
         return head, None
     return head + b"".join(blobs), len(head)

@@ -9,6 +9,7 @@ The image comes as a raw body (image/jpeg, image/png, image/tiff) or a multipart
 from __future__ import annotations
 
 import asyncio
+import math
 from typing import Annotated, Any, Literal
 
 import numpy as np
@@ -62,13 +63,14 @@ def _responses(image_description: str) -> dict[int | str, dict[str, Any]]:
         422: {"description": "invalid query parameter", **error},
         429: {"description": "queue full: retry after Retry-After seconds", **error},
         503: {"description": "model not ready, or timed out: retry after Retry-After seconds", **error},
+        500: {"description": "unexpected failure inside the server (e.g. out of memory)", **error},
     }
 
 
 class ErrorDetail(BaseModel):
-    """Body of every /v1 error."""
+    """Body of every /v1 error (as /v2's)."""
 
-    detail: str
+    error: str
 
 
 class ModelRef(BaseModel):
@@ -85,7 +87,7 @@ class TileCount(BaseModel):
     row: int
     col: int
     box: tuple[int, int, int, int] = Field(description="(y0, x0, y1, x1), half-open, pixels")
-    count: float
+    count: float | None = Field(description="null when the model's output is not finite (NaN or infinity)")
 
 
 class DensityArray(BaseModel):
@@ -102,8 +104,10 @@ class CountResponse(BaseModel):
     """Flowers counted in one image."""
 
     model: ModelRef
-    count: float = Field(description="sum of the stitched density map")
-    count_rounded: int
+    count: float | None = Field(
+        description="sum of the stitched density map; null when it is not finite (NaN or infinity)"
+    )
+    count_rounded: int | None
     width: int
     height: int
     tile: int
@@ -228,7 +232,9 @@ async def count(
     image = await _read(request, service, stretch_low, stretch_high)
     density_map, plan, model = await service.predict("counter", image, tile, overlap)
     counted = total_count(density_map)
-    service.metrics.predicted_count.observe(max(counted, 0.0))
+    finite = math.isfinite(counted)
+    if finite:
+        service.metrics.predicted_count.observe(max(counted, 0.0))
     headers = {"X-Count": f"{counted:.4f}"}
     if output == "png":
         png = await asyncio.to_thread(lambda: _encode_png(heatmap(np.maximum(density_map, 0))))
@@ -243,14 +249,14 @@ async def count(
     height, width = density_map.shape
     body = CountResponse(
         model=_model_ref(model),
-        count=counted,
-        count_rounded=round(counted),
+        count=counted if finite else None,
+        count_rounded=round(counted) if finite else None,
         width=width,
         height=height,
         tile=plan.tile,
         overlap=plan.overlap,
         tiles=[
-            TileCount(row=c.row, col=c.col, box=c.box, count=c.count)
+            TileCount(row=c.row, col=c.col, box=c.box, count=c.count if math.isfinite(c.count) else None)
             for c in grid_counts(density_map, plan.tile)
         ],
     )

@@ -4,11 +4,14 @@ Models answer to their task name (`counter`, `segmenter`) and to their registere
 (`fieldkube-counter`, …). Input: `image`, UINT8, [H, W, 3] or [B, H, W, 3]. Request parameters: `tile`,
 `overlap`, and for the segmenter `threshold`. Outputs: counter `count` FP32 [B] and `density` FP32
 [B, H, W]; segmenter `building_fraction` FP32 [B], `mask` UINT8 [B, H, W], `probability` FP32 [B, H, W].
-Errors are 400 (404 for an unknown model) with body {"error": message}.
+Errors are 400 (404 for an unknown model) with body {"error": message}. Parsing and serialising run in
+worker threads, off the event loop.
 """
 
 from __future__ import annotations
 
+import asyncio
+from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from typing import Annotated, Any
 
@@ -19,8 +22,10 @@ from pydantic import BaseModel, Field
 
 from fieldkube.serving.errors import ApiError
 from fieldkube.serving.inference import MAX_TILE, MIN_TILE, binary_mask, total_count
+from fieldkube.serving.metrics import ServeMetrics
 from fieldkube.serving.oip import (
     INPUT_NAME,
+    InferRequest,
     ProtocolError,
     build_response,
     float_parameter,
@@ -117,6 +122,7 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     413: {"model": ErrorBody, "description": "body too large"},
     429: {"model": ErrorBody, "description": "queue full: retry after Retry-After seconds"},
     503: {"model": ErrorBody, "description": "model not ready, or timed out"},
+    500: {"model": ErrorBody, "description": "unexpected failure inside the server (e.g. out of memory)"},
 }
 
 
@@ -231,19 +237,23 @@ _INFER_DOC: dict[str, Any] = {
 }
 
 
-async def _infer(request: Request, service: Service, name: str, model_version: str | None) -> Response:
-    task = _task_for(service, name)
-    model = service.registry.get(task)
-    _check_version(model, model_version)
-    body = await read_limited(request, service.settings.max_upload_bytes)
+@dataclass(frozen=True)
+class _Parsed:
+    request: InferRequest
+    tile: int | None
+    overlap: int | None
+    threshold: float
+    wanted: list[str]
+
+
+def _parse(body: bytes, header_length: str | None, max_pixels: int, model: ServedModel) -> _Parsed:
+    """Validate the request (a full-size JSON tensor takes seconds to parse: run in a worker thread)."""
     try:
-        parsed = parse_infer_request(
-            body, request.headers.get("inference-header-content-length"), service.settings.max_pixels
-        )
+        parsed = parse_infer_request(body, header_length, max_pixels)
         tile = int_parameter(parsed.parameters, "tile", MIN_TILE, MAX_TILE)
         overlap = int_parameter(parsed.parameters, "overlap", 0, MAX_TILE // 2)
         threshold = float_parameter(parsed.parameters, "threshold", 0.0, 1.0, 0.5)
-        known = [n for n, _, _ in OUTPUTS[task]]
+        known = [n for n, _, _ in OUTPUTS[model.task]]
         wanted = parsed.outputs if parsed.outputs is not None else known
         unknown = [n for n in wanted if n not in known]
         if unknown:
@@ -252,24 +262,51 @@ async def _infer(request: Request, service: Service, name: str, model_version: s
             )
     except ProtocolError as error:
         raise ApiError(400, str(error)) from None
-    maps = np.stack(await service.predict_batch(model, parsed.images, tile, overlap))
+    return _Parsed(parsed, tile, overlap, threshold, wanted)
+
+
+def _serialise(
+    parsed: _Parsed, model: ServedModel, results: list[np.ndarray], metrics: ServeMetrics
+) -> tuple[bytes, int | None]:
+    """Outputs and the response body (seconds for full-size FP32 maps as JSON: run in a worker thread)."""
+    maps = np.stack(results)
     tensors: dict[str, np.ndarray] = {}
-    for out in wanted:
+    for out in parsed.wanted:
         if out == "count":
             counts = np.array([total_count(m) for m in maps], dtype=np.float32)
-            for c in counts:
-                service.metrics.predicted_count.observe(max(float(c), 0.0))
+            for c in counts[np.isfinite(counts)]:
+                metrics.predicted_count.observe(max(float(c), 0.0))
             tensors[out] = counts
         elif out in {"density", "probability"}:
             tensors[out] = maps.astype(np.float32)
         elif out == "mask":
-            tensors[out] = binary_mask(maps, threshold)
+            tensors[out] = binary_mask(maps, parsed.threshold)
         elif out == "building_fraction":
-            fractions = binary_mask(maps, threshold).reshape(len(maps), -1).mean(axis=1).astype(np.float32)
+            mask = binary_mask(maps, parsed.threshold)
+            fractions = mask.reshape(len(maps), -1).mean(axis=1).astype(np.float32)
             for f in fractions:
-                service.metrics.mask_fraction.observe(float(f))
+                metrics.mask_fraction.observe(float(f))
             tensors[out] = fractions
-    payload, header_length = build_response(parsed, model.name, model.version, tensors)
+    return build_response(parsed.request, model.name, model.version, tensors)
+
+
+async def _infer(request: Request, service: Service, name: str, model_version: str | None) -> Response:
+    task = _task_for(service, name)
+    model = service.registry.get(task)
+    _check_version(model, model_version)
+    body = await read_limited(request, service.settings.max_upload_bytes)
+    # Parsing and serialising are CPU work on large arrays: off the event loop, so health probes and
+    # other requests are answered meanwhile.
+    parsed = await asyncio.to_thread(
+        _parse,
+        body,
+        request.headers.get("inference-header-content-length"),
+        service.settings.max_pixels,
+        model,
+    )
+    del body
+    results = await service.predict_batch(model, parsed.request.images, parsed.tile, parsed.overlap)
+    payload, header_length = await asyncio.to_thread(_serialise, parsed, model, results, service.metrics)
     if header_length is None:
         return Response(payload, media_type="application/json")
     return Response(

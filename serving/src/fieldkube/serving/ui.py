@@ -62,7 +62,7 @@ form.addEventListener("submit", async (event) => {
     const data = await response.json();
     if (!response.ok) {
       text.className = "error";
-      text.textContent = `error ${response.status}: ${data.detail}`;
+      text.textContent = `error ${response.status}: ${data.error}`;
       return;
     }
     text.textContent = task === "count"
