@@ -39,7 +39,7 @@ import torch
 from fieldkube.trainer.backends import SingleBackend
 from fieldkube.trainer.launch_env import LaunchEnv
 from fieldkube.trainer.profile import IterationRunner, ProfileSettings, run_profile
-from fieldkube.trainer.profile_predict import predict
+from fieldkube.trainer.profile_predict import Prediction, plot_predictions, predict
 from fieldkube.trainer.profile_report import ACCOUNT_ROWS
 
 MODELS: dict[str, dict[str, Any]] = {
@@ -54,7 +54,7 @@ MODELS: dict[str, dict[str, Any]] = {
 
 def measure(model: str, params: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     backend = SingleBackend(LaunchEnv("single", 0, 0, 1))
-    device = torch.device("cpu")
+    device = torch.device(args.device)
     common = {
         "model": model,
         "params": params,
@@ -139,13 +139,18 @@ def _torchrun(args: list[str]) -> None:
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800, check=False)
     if proc.returncode != 0:
         sys.exit(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
-    print(f"  torchrun {args[0]} ({' '.join(args[1:8])} ...): {time.perf_counter() - began:.0f}s", flush=True)
+    print(f"  torchrun {args[0]}: {time.perf_counter() - began:.0f}s (load {_load()})", flush=True)
 
 
-def measure_prediction(args: argparse.Namespace, root: Path) -> dict[str, Any]:
-    """Profiles at the fit and held-out batch sizes, allreduce and 2-rank profiles, then the predictions."""
-    held_out = [int(b) for b in args.predict_batches.split(",")]
-    fit = [int(b) for b in args.fit_batches.split(",")]
+def _load() -> float:
+    return round(os.getloadavg()[0], 1)
+
+
+def predict_round(
+    args: argparse.Namespace, root: Path, fit: list[int], held_out: list[int]
+) -> list[Prediction]:
+    """One round: single-worker profiles (fit + held out, alternating), the 2-rank allreduce sweep and
+    2-rank profiles at the held-out sizes; then a prediction for each held-out size at 1 and 2 workers."""
     settings = ProfileSettings(
         model="counter-mcnn",
         tile=args.predict_tile,
@@ -155,30 +160,65 @@ def measure_prediction(args: argparse.Namespace, root: Path) -> dict[str, Any]:
         threads=args.threads,
     )
     began = time.perf_counter()
-    print(f"prediction: counter-mcnn {args.predict_tile}px, batches {fit} (fit) + {held_out} (held out), "
-          f"{args.predict_iterations} alternating iterations each", flush=True)  # fmt: skip
     run_profile(settings, root / "single", 1, plots=False, batches=fit + held_out)
-    print(f"  single-worker profiles: {time.perf_counter() - began:.0f}s", flush=True)
+    print(f"  single-worker profiles: {time.perf_counter() - began:.0f}s (load {_load()})", flush=True)
     _torchrun(["allreduce", "--threads", "1", "--repeats", "10", "--out", str(root / "allreduce")])
     _torchrun(["run", "--model", "counter-mcnn", "--tile", str(args.predict_tile), "--batch",
                ",".join(map(str, held_out)), "--iterations", str(args.predict_iterations), "--warmup", "2",
                "--threads", "1", "--no-plots", "--out", str(root / "two")])  # fmt: skip
-    results = []
-    for workers in (1, 2):
-        for batch in held_out:
-            prediction = predict([root], batch=batch, workers=workers, fit_batches=fit)
-            row = prediction.as_dict()
-            results.append(row)
-            print(f"  batch {batch}, {workers} worker(s): predicted {row['predicted_ms']:.1f} ms "
-                  f"(allreduce {row['allreduce_ms']:.1f}), measured {row['measured_ms']:.1f} ms, "
-                  f"error {row['error_percent']:+.1f} %", flush=True)  # fmt: skip
+    return [
+        predict([root], batch=batch, workers=workers, fit_batches=fit)
+        for workers in (1, 2)
+        for batch in held_out
+    ]
+
+
+def measure_prediction(args: argparse.Namespace, root: Path) -> dict[str, Any]:
+    """`--predict-rounds` rounds of predict_round: the machine's load moves between the single-worker and
+    the 2-rank measurements, so each round gives its own errors, and the median is reported."""
+    held_out = [int(b) for b in args.predict_batches.split(",")]
+    fit = [int(b) for b in args.fit_batches.split(",")]
+    began = time.perf_counter()
+    print(f"prediction: counter-mcnn {args.predict_tile}px, batches {fit} (fit) + {held_out} (held out), "
+          f"{args.predict_iterations} alternating iterations each, {args.predict_rounds} rounds",
+          flush=True)  # fmt: skip
+    rounds: list[list[dict[str, Any]]] = []
+    predictions: list[Prediction] = []
+    for index in range(args.predict_rounds):
+        predictions = predict_round(args, root / f"round-{index}", fit, held_out)
+        rows = [p.as_dict() for p in predictions]
+        rounds.append(rows)
+        for row in rows:
+            print(f"  round {index}: batch {row['batch']}, {row['workers']} worker(s): predicted "
+                  f"{row['predicted_ms']:.1f} ms (allreduce {row['allreduce_ms']:.1f}), measured "
+                  f"{row['measured_ms']:.1f} ms, error {row['error_percent']:+.1f} %",
+                  flush=True)  # fmt: skip
+    summary = []
+    for position, row in enumerate(rounds[0]):
+        errors = [r[position]["error_percent"] for r in rounds]
+        summary.append(
+            {
+                "batch": row["batch"],
+                "workers": row["workers"],
+                "errors_percent": errors,
+                "median_error_percent": round(statistics.median(errors), 2),
+                "predicted_ms": [r[position]["predicted_ms"] for r in rounds],
+                "measured_ms": [r[position]["measured_ms"] for r in rounds],
+            }
+        )
+        print(f"  batch {row['batch']}, {row['workers']} worker(s): errors {errors} %, median "
+              f"{summary[-1]['median_error_percent']:+.1f} %", flush=True)  # fmt: skip
+    if args.plot is not None:
+        print(f"  wrote {plot_predictions(predictions, args.plot)} (last round)", flush=True)
     return {
         "model": "counter-mcnn",
+        "plot": None if args.plot is None else str(args.plot),
         "tile": args.predict_tile,
         "fit_batches": fit,
         "held_out_batches": held_out,
         "iterations_each": args.predict_iterations,
-        "predictions": results,
+        "summary": summary,
+        "rounds": rounds,
         "seconds": round(time.perf_counter() - began, 1),
     }
 
@@ -197,6 +237,15 @@ def main() -> None:
     parser.add_argument("--fit-batches", default="1,2,4,8")
     parser.add_argument("--predict-batches", default="6,12", help="held-out batch sizes ('' to skip)")
     parser.add_argument("--predict-iterations", type=int, default=12)
+    parser.add_argument("--predict-rounds", type=int, default=3)
+    parser.add_argument(
+        "--device",
+        choices=["cpu", "cuda"],
+        default="cpu",
+        help="cuda: the same overhead/accounting figures with CUDA events (add --predict-batches '' "
+        "to skip the CPU prediction rounds)",
+    )
+    parser.add_argument("--plot", type=Path, default=Path("bench/results/profile-predict.png"))
     args = parser.parse_args()
     began = time.perf_counter()
     print(
@@ -216,7 +265,7 @@ def main() -> None:
         "tile": args.tile,
         "batch": args.batch,
         "threads": args.threads,
-        "device": "cpu",
+        "device": args.device,
         "cpu_count": os.cpu_count(),
         "seed_001": {"overhead_percent": [235, 245], "coverage_percent": [46, 62]},
         "seconds": round(time.perf_counter() - began, 1),
