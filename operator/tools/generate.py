@@ -1,7 +1,6 @@
 """Regenerate the operator's checked-in schema files: the trainer config schema, then the CRD YAML.
 
-Run from the repository root with the development venv (it imports the trainer's torch-free config module,
-which the operator itself never does):  .venv/bin/python operator/tools/generate.py
+Run from the repository root with the development venv:  .venv/bin/python operator/tools/generate.py
 """
 
 from __future__ import annotations
@@ -22,7 +21,7 @@ def generated_training_schema() -> dict[str, Any]:
     """The trainer's TrainingConfig as a structural schema minus the operator-owned paths."""
     from fieldkube.operator.openapi import remove_paths, structural_schema
     from fieldkube.operator.training_schema import OPERATOR_OWNED
-    from fieldkube.trainer.config import TrainingConfig
+    from fieldkube.contract.config import TrainingConfig
 
     full = structural_schema(TrainingConfig.model_json_schema())
     return remove_paths(full, sorted(OPERATOR_OWNED))

@@ -14,7 +14,7 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from fieldkube.trainer.config import DataConfig
+from fieldkube.contract.config import DataConfig
 from fieldkube.trainer.loader import PreparedDataset, epoch_batches
 from fieldkube.trainer.losses import resolve_loss
 from fieldkube.vision.bundle import load_bundle

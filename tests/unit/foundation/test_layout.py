@@ -53,7 +53,7 @@ def test_the_contract_imports_neither_torch_nor_the_kubernetes_client() -> None:
     """Both sides import it: the trainer image has no Kubernetes client, the operator image no torch."""
     code = (
         "import sys\n"
-        "import fieldkube.contract.names\n"
+        "import fieldkube.contract.config, fieldkube.contract.names\n"
         "heavy = sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'kubernetes', 'kopf', 'mlflow'})\n"
         "assert not heavy, heavy\n"
     )

@@ -155,7 +155,7 @@ def test_auto_is_the_default_backend_and_a_gpu_job_gets_ddp() -> None:
 
 
 def test_trainer_config_maps_spec_sections_and_is_valid_for_the_trainer() -> None:
-    from fieldkube.trainer.config import load_config_document
+    from fieldkube.contract.config import load_config_document
 
     mpijob = _build(
         {
@@ -188,7 +188,7 @@ def test_every_example_builds_a_config_the_trainer_accepts() -> None:
 
     import yaml
 
-    from fieldkube.trainer.config import validate_config
+    from fieldkube.contract.config import validate_config
 
     root = Path(__file__).resolve().parents[3] / "manifests/examples"
     for path in sorted(root.glob("*.yaml")):
@@ -399,7 +399,7 @@ def test_without_credentials_no_pod_reads_a_secret() -> None:
 
 
 def _trainer_config_of(mpijob: dict[str, Any]) -> Any:
-    from fieldkube.trainer.config import load_config_document
+    from fieldkube.contract.config import load_config_document
 
     return load_config_document(_config_document(mpijob), "test")
 

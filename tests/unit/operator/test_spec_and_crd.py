@@ -45,7 +45,7 @@ def test_training_schema_omits_exactly_the_operator_owned_fields() -> None:
 
 
 def test_builtin_model_names_match_the_trainer() -> None:
-    from fieldkube.trainer.config import BUILTIN_MODELS
+    from fieldkube.contract.config import BUILTIN_MODELS
 
     assert tuple(BUILTIN_MODELS) == spec.BUILTIN_MODELS
 
@@ -372,7 +372,7 @@ def test_a_models_own_cel_rules_survive_the_rules_its_field_adds() -> None:
     ],
 )
 def test_init_from_is_judged_like_the_trainer_judges_model_init_from(uri: str) -> None:
-    from fieldkube.trainer.config import ModelConfig
+    from fieldkube.contract.config import ModelConfig
 
     def accepted(check: Any) -> bool:
         try:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from fieldkube.trainer.config import (
+from fieldkube.contract.config import (
     BUILTIN_MODELS,
     TrainingConfig,
     load_config,
@@ -94,7 +94,7 @@ def test_config_module_does_not_import_torch() -> None:
     import subprocess
     import sys
 
-    code = "import sys, fieldkube.trainer.config; print('torch' in sys.modules)"
+    code = "import sys, fieldkube.contract.config; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
 

@@ -8,7 +8,7 @@ import math
 
 import pytest
 
-from fieldkube.trainer.config import validate_config
+from fieldkube.contract.config import validate_config
 from fieldkube.trainer.errors import ConfigError
 from fieldkube.trainer.freezing import frozen_factor, layer_groups, split_frozen
 from fieldkube.trainer.loop import make_optimizer, make_scheduler

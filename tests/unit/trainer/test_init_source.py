@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fieldkube.trainer.config import ModelConfig, TrainingConfig, validate_config
+from fieldkube.contract.config import ModelConfig, TrainingConfig, validate_config
 from fieldkube.trainer.errors import ConfigError
 from fieldkube.trainer.init_source import adopt_architecture, adopt_density_scale, fetch_init_source
 from fieldkube.vision.bundle import BundleSpec, save_bundle

@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
+from fieldkube.contract.config import load_config_document, parse_value
 from fieldkube.operator.mpijob_builder import config_env
-from fieldkube.trainer.config import load_config_document, parse_value
 from fieldkube.trainer.errors import ConfigError
 
 

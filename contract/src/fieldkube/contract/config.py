@@ -1,7 +1,9 @@
-"""The one training configuration schema: YAML file, `--set key=value` flags, a TrainingJob's spec.training.
+"""The one training configuration schema: YAML file, `--set key=value` flags, one JSON document (how the
+operator passes a job's), a TrainingJob's spec.training.
 
-This module must stay free of torch imports: the operator embeds `training_config_json_schema()` in the
-TrainingJob CRD and validates `spec.training` with `TrainingConfig` without importing the trainer's runtime.
+Part of the contract because both sides read it: the operator generates `spec.training`'s schema in the
+TrainingJob CRD from `TrainingConfig` and builds documents it must accept; the trainer parses them. Free of
+torch, like the rest of the contract.
 """
 
 from __future__ import annotations
@@ -14,11 +16,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from fieldkube.trainer.errors import ConfigError
+from fieldkube.contract.errors import ConfigError
+from fieldkube.contract.names import BUILTIN_MODELS, DEFAULT_MODEL, METRICS_PORT
 
-# Kept equal to fieldkube.vision.models.MODEL_NAMES (a unit test checks it); repeated here so that this
-# module does not import torch.
-BUILTIN_MODELS = ("counter-mcnn", "counter-fcrn", "segmenter-unet")
 USER_CLASS_PATTERN = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/@]+)|/(?P<version>\d+))/?$")
 
@@ -33,7 +33,7 @@ class _Section(BaseModel):
 
 class ModelConfig(_Section):
     name: str = Field(
-        "counter-mcnn",
+        DEFAULT_MODEL,
         description="Built-in model (counter-mcnn, counter-fcrn, segmenter-unet) or user pkg.module:Class.",
     )
     params: dict[str, Any] = Field(
@@ -164,7 +164,7 @@ class TrackingConfig(_Section):
 
 class MetricsConfig(_Section):
     port: int = Field(
-        9400, ge=0, le=65_535, description="Prometheus port of local rank 0 (+local rank); 0 = off."
+        METRICS_PORT, ge=0, le=65_535, description="Prometheus port of local rank 0 (+local rank); 0 = off."
     )
     address: str = Field("0.0.0.0", description="Address the metrics server binds.")
 

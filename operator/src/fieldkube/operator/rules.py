@@ -14,7 +14,7 @@ MAX_NAME_LENGTH = 50
 # metadata.name: the mpi-operator names Services and pods after the job, so it must be a DNS-1035 label.
 DNS_1035_LABEL_PATTERN = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
 MAX_QUANTITY_LENGTH = 64
-# The trainer's model.init_from forms (fieldkube.trainer.config.MODELS_URI for models:/).
+# The trainer's model.init_from forms (fieldkube.contract.config.MODELS_URI for models:/).
 MODELS_URI_PATTERN = r"^models:/[^/@]+(@[^/@]+|/[0-9]+)/?$"
 RUNS_URI_PATTERN = r"^runs:/[^/]+/.+$"
 LAYER_GROUP_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*$"

@@ -1,9 +1,9 @@
-"""The trainer's configuration schema as the operator ships it: a checked-in JSON file, no trainer import.
+"""The trainer's configuration schema as the CRD carries it: a checked-in JSON file, generated once.
 
-One source of truth: `fieldkube.trainer.config.TrainingConfig`. `operator/tools/generate.py` converts its
+One source of truth: `fieldkube.contract.config.TrainingConfig`. `operator/tools/generate.py` converts its
 JSON schema to a structural schema, drops the sections the TrainingJob spec owns (OPERATOR_OWNED) and writes
-`training_config.schema.json` next to this module; a unit test fails when the file is stale. The operator
-image carries only this file, not the trainer (which needs torch).
+`training_config.schema.json` next to this module; a unit test fails when the file is stale. Checked in,
+like the CRD YAML it goes into, so a change to the configuration shows in review as a change to the API.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fieldkube.trainer.config import Backend
+from fieldkube.contract.config import Backend
 from fieldkube.trainer.errors import ConfigError
 from fieldkube.trainer.launch_env import LaunchEnv
 

@@ -17,7 +17,7 @@ import logging
 import os
 import sys
 
-from fieldkube.trainer.config import load_config, load_config_document, training_config_json_schema
+from fieldkube.contract.config import load_config, load_config_document, training_config_json_schema
 from fieldkube.trainer.errors import ConfigError, TrainerError
 
 EXIT_USER_ERROR = 2

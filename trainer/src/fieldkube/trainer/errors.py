@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
+from fieldkube.contract.errors import ConfigError, TrainerError
 
-class TrainerError(Exception):
-    """A user mistake (bad config, bad data, bad user code): reported as one line, never a traceback."""
-
-
-class ConfigError(TrainerError):
-    """An invalid training configuration value or file."""
+__all__ = ["ConfigError", "DataError", "TrainerError", "UserCodeError"]
 
 
 class DataError(TrainerError):

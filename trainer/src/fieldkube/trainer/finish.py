@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from fieldkube.trainer.config import TrainingConfig
+from fieldkube.contract.config import TrainingConfig
 from fieldkube.trainer.dataset_format import write_json_atomic
 from fieldkube.trainer.evaluate import evaluate_counter, evaluate_segmenter, write_overlays
 from fieldkube.trainer.loader import PreparedDataset

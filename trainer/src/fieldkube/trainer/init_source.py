@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from fieldkube.trainer.config import MODELS_URI, DataConfig, ModelConfig, TrainingConfig
+from fieldkube.contract.config import MODELS_URI, DataConfig, ModelConfig, TrainingConfig
 from fieldkube.trainer.errors import ConfigError
 from fieldkube.trainer.tracking import tracking_uri
 from fieldkube.vision.bundle import BundleError, BundleSpec, find_bundle_dir, load_bundle

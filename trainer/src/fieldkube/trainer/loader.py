@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from fieldkube.trainer.config import DataConfig
+from fieldkube.contract.config import DataConfig
 from fieldkube.trainer.dataset_format import read_manifest
 from fieldkube.trainer.errors import DataError
 

@@ -22,9 +22,16 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from fieldkube.contract.config import TrainingConfig
+from fieldkube.contract.names import (
+    IMAGES_PER_SECOND,
+    PROGRESS_EPOCH,
+    PROGRESS_PERCENT,
+    PROGRESS_STEP,
+    TRAIN_LOSS,
+)
 from fieldkube.trainer import checkpoint as ckpt
 from fieldkube.trainer.backends import AnyBackend, create_backend, pin_device
-from fieldkube.trainer.config import TrainingConfig
 from fieldkube.trainer.dataset_format import write_json_atomic
 from fieldkube.trainer.errors import ConfigError, DataError
 from fieldkube.trainer.freezing import frozen_factor, split_frozen
@@ -488,13 +495,13 @@ def _train(config: TrainingConfig, backend: AnyBackend, device: torch.device) ->
                         )
                     tracker.log_metrics(
                         {
-                            "train_loss": loss_value,
-                            "images_per_second": rate,
+                            TRAIN_LOSS: loss_value,
+                            IMAGES_PER_SECOND: rate,
                             "loader_wait_share": wait_share,
                             "lr": float(scheduler.get_last_lr()[0]),
-                            "progress_epoch": state.epoch + 1,
-                            "progress_step": state.global_step,
-                            "progress_percent": percent,
+                            PROGRESS_EPOCH: state.epoch + 1,
+                            PROGRESS_STEP: state.global_step,
+                            PROGRESS_PERCENT: percent,
                         },
                         step=state.global_step,
                     )

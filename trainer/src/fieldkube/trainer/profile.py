@@ -446,7 +446,7 @@ def _batches(text: str) -> list[int]:
 
 
 def _params(values: list[str]) -> dict[str, Any]:
-    from fieldkube.trainer.config import parse_value
+    from fieldkube.contract.config import parse_value
 
     params: dict[str, Any] = {}
     for text in values:

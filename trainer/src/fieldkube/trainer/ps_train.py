@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from fieldkube.trainer.config import TrainingConfig, load_config
+from fieldkube.contract.config import TrainingConfig, load_config
 from fieldkube.trainer.dataset_format import write_json_atomic
 from fieldkube.trainer.errors import ConfigError, DataError, TrainerError
 from fieldkube.trainer.freezing import frozen_factor

@@ -293,7 +293,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     counts = _workers(args.workers)
     strategies = _strategies(args.strategy)
     launcher, servers, staleness = _check(args, strategies)
-    from fieldkube.trainer.config import load_config
+    from fieldkube.contract.config import load_config
     from fieldkube.trainer.dataset_format import read_manifest
     from fieldkube.trainer.scale_quality import final_loss, test_quality
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from fieldkube.trainer.config import TrainingConfig
+from fieldkube.contract.config import TrainingConfig
 
 LOSS_WINDOW = 3  # global batches averaged before comparing with the target (single batches are noisy)
 

@@ -15,6 +15,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from fieldkube.contract.config import TrackingConfig, TrainingConfig
 from fieldkube.contract.names import (
     INIT_FROM_TAG_PREFIX,
     JOB_NAME_ENV,
@@ -22,7 +23,6 @@ from fieldkube.contract.names import (
     MODEL_VERSION_TAG,
     REGISTERED_MODEL_TAG,
 )
-from fieldkube.trainer.config import TrackingConfig, TrainingConfig
 from fieldkube.trainer.dataset_format import write_json_atomic
 from fieldkube.trainer.errors import ConfigError
 
