@@ -33,15 +33,16 @@ def test_fieldkube_is_a_namespace_package_shared_by_five_distributions() -> None
     assert paths == expected | {(ROOT / "hack" / "localcluster" / "src" / "fieldkube").resolve()}, paths
 
 
-def test_importing_the_operator_does_not_import_torch() -> None:
+def _imports_none_of(package: str, forbidden: set[str]) -> None:
+    """Import every module of ``package`` in a fresh interpreter; none of ``forbidden`` may come along."""
     code = (
         "import importlib, pkgutil, sys\n"
-        "import fieldkube.operator as op\n"
-        "mods = [m.name for m in pkgutil.walk_packages(op.__path__, 'fieldkube.operator.')]\n"
-        "assert mods, 'fieldkube.operator has no modules'\n"
+        f"import {package} as pkg\n"
+        f"mods = [m.name for m in pkgutil.walk_packages(pkg.__path__, '{package}.')]\n"
+        f"assert mods, '{package} has no modules'\n"
         "for name in mods:\n"
         "    importlib.import_module(name)\n"
-        "heavy = sorted(m for m in sys.modules if m.split('.')[0] in {'torch', 'torchvision', 'horovod'})\n"
+        f"heavy = sorted({{m.split('.')[0] for m in sys.modules}} & set({sorted(forbidden)!r}))\n"
         "print(len(mods), heavy)\n"
         "assert not heavy, heavy\n"
     )
@@ -49,16 +50,13 @@ def test_importing_the_operator_does_not_import_torch() -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
+def test_importing_the_operator_does_not_import_torch() -> None:
+    _imports_none_of("fieldkube.operator", {"torch", "torchvision", "horovod"})
+
+
 def test_the_contract_imports_neither_torch_nor_the_kubernetes_client() -> None:
     """Both sides import it: the trainer image has no Kubernetes client, the operator image no torch."""
-    code = (
-        "import sys\n"
-        "import fieldkube.contract.config, fieldkube.contract.names\n"
-        "heavy = sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'kubernetes', 'kopf', 'mlflow'})\n"
-        "assert not heavy, heavy\n"
-    )
-    proc = _python(code)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    _imports_none_of("fieldkube.contract", {"torch", "torchvision", "kubernetes", "kopf", "mlflow"})
 
 
 def test_operator_directory_does_not_shadow_the_standard_library() -> None:
