@@ -14,6 +14,8 @@ import torch
 from safetensors.torch import load_file
 
 BIN = Path(sys.executable).parent
+# 2 epochs with a cosine-decaying lr: the servers must follow the trainer's schedule, not only its lr
+SCHEDULE = ["--set", "train.epochs=2", "--set", "train.lr_schedule=cosine"]
 
 
 def _weights(output_dir: Path) -> dict[str, torch.Tensor]:
@@ -23,7 +25,7 @@ def _weights(output_dir: Path) -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="module")
 def allreduce_weights(field_dataset: Path, tmp_path_factory, train_cli, fast_args) -> dict[str, torch.Tensor]:
     out = tmp_path_factory.mktemp("allreduce")
-    args = ["--data", str(field_dataset), "--set", "train.epochs=2", "--set", f"output_dir={out}", *fast_args]
+    args = ["--data", str(field_dataset), *SCHEDULE, "--set", f"output_dir={out}", *fast_args]
     proc = train_cli("ddp", args)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return _weights(out)
@@ -38,7 +40,7 @@ def test_sync_servers_reach_the_weights_of_two_allreduce_ranks(
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(2 + servers),
            "--master-addr", "127.0.0.1", "--master-port", str(port), "-m", "fieldkube.trainer.ps_train",
            "--workers", "2", "--servers", str(servers), "--mode", "sync", "--data", str(field_dataset),
-           "--set", "train.epochs=2", "--set", f"output_dir={tmp_path}", *fast_args]  # fmt: skip
+           *SCHEDULE, "--set", f"output_dir={tmp_path}", *fast_args]  # fmt: skip
     proc = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     weights = _weights(tmp_path)

@@ -6,8 +6,9 @@
 Ranks 0..W-1 are workers, the rest servers (`fieldkube.trainer.ps`). Everything that decides the
 result comes from the trainer's own modules, so a parameter-server run is comparable with an allreduce
 run of the same config: the model and its initial weights (seeded), the per-rank slices of every global
-batch (`epoch_batches`), the loss, the optimizer and its lr schedule (linear scaling by the batch each
-update averages: the global batch when synchronous, one worker's batch when asynchronous). Worker 0
+batch (`epoch_batches`), the loss, the optimizer and its lr schedule (`make_scheduler`, linear scaling
+by the batch each update averages: the global batch when synchronous, one worker's batch when
+asynchronous, whose schedule then counts W updates per step). Worker 0
 writes what fieldkube-train writes (model bundle, summary.json, loss_curve.json) plus the servers'
 staleness figures. Buffers (BatchNorm statistics) are not exchanged: the bundle holds worker 0's.
 """
@@ -30,9 +31,14 @@ import torch.distributed as dist
 from fieldkube.contract.config import TrainingConfig, load_config
 from fieldkube.trainer.dataset_format import write_json_atomic
 from fieldkube.trainer.errors import ConfigError, DataError, TrainerError
-from fieldkube.trainer.freezing import frozen_factor
 from fieldkube.trainer.loader import epoch_batches, make_loader, steps_per_epoch
-from fieldkube.trainer.loop import LoopState, build_task_model, lr_factor, make_optimizer, open_datasets
+from fieldkube.trainer.loop import (
+    LoopState,
+    build_task_model,
+    make_optimizer,
+    make_scheduler,
+    open_datasets,
+)
 from fieldkube.trainer.losses import resolve_loss
 from fieldkube.trainer.ps import ParameterServer, WorkerExchange, shard_parameters
 from fieldkube.trainer.tracking import Tracker
@@ -64,23 +70,19 @@ def merged_curve(per_worker: list[list[list[float]]], mode: str) -> list[list[fl
 
 
 def _shard_optimizer(
-    config: TrainingConfig, model: torch.nn.Module, owned: set[int], scale: float, warmup: int, freeze: int
-) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
-    """The trainer's optimizer and lr schedule restricted to this server's parameters (the optimizers the
-    trainer uses update each parameter on its own, so a shard's update equals the full one's)."""
+    config: TrainingConfig, model: torch.nn.Module, owned: set[int]
+) -> torch.optim.Optimizer:
+    """The trainer's optimizer restricted to this server's parameters, its parameter groups (and their
+    `frozen` marks) kept: the optimizers the trainer uses update each parameter on its own, so a shard's
+    update equals the full one's."""
     full = make_optimizer(config, model)
-
-    def base(step: int) -> float:
-        return lr_factor(step, scale, warmup)
-
-    groups, factors = [], []
+    groups = []
     for group in full.param_groups:
         mine = [p for p in group["params"] if id(p) in owned]
         if mine:
             groups.append({**group, "params": mine})
-            factors.append(frozen_factor(base, freeze) if group.get("frozen") else base)
     optimizer: torch.optim.Optimizer = cast(Any, type(full))(groups)
-    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factors)
+    return optimizer
 
 
 def run_ps(config: TrainingConfig, workers: int, servers: int, mode: str, staleness: int) -> None:
@@ -127,13 +129,14 @@ def _run(config: TrainingConfig, rank: int, workers: int, servers: int, mode: st
         server = rank - workers
         updates_per_step = 1 if mode == "sync" else workers
         update_batch = global_batch if mode == "sync" else global_batch // workers
-        optimizer, scheduler = _shard_optimizer(
+        optimizer = _shard_optimizer(config, model, {id(params[i]) for i in shards[server]})
+        # the trainer's schedule (warm-up, constant or cosine, frozen groups), counted in server updates
+        scheduler = make_scheduler(
             config,
-            model,
-            {id(params[i]) for i in shards[server]},
+            optimizer,
+            spe * updates_per_step,
+            total_steps * updates_per_step,
             update_batch / t.batch_size if t.lr_scaling == "linear" else 1.0,
-            round(t.warmup_epochs * spe * updates_per_step),
-            config.model.freeze_epochs * spe * updates_per_step,
         )
         ps = ParameterServer(
             [params[i] for i in shards[server]], optimizer, scheduler.step, workers, total_steps
