@@ -227,6 +227,7 @@ def free_port() -> int:
 class MlflowServer:
     url: str
     process: subprocess.Popen[bytes]
+    artifacts: Path  # where the server stores artifacts (mlflow-artifacts:/<path> is artifacts/<path>)
 
 
 @pytest.fixture(scope="session")
@@ -234,13 +235,14 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowSe
     """A real MLflow tracking server (sqlite backend, local artifact store) on a free loopback port."""
     root = tmp_path_factory.mktemp("mlflow")
     port = free_port()
+    artifacts = root / "artifacts"
     command = [
         str(Path(sys.executable).parent / "mlflow"),
         "server",
         "--backend-store-uri",
         f"sqlite:///{root / 'mlflow.db'}",
         "--artifacts-destination",
-        str(root / "artifacts"),
+        str(artifacts),
         "--host",
         "127.0.0.1",
         "--port",
@@ -265,7 +267,7 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowSe
                     f"mlflow server did not start: {(root / 'server.log').read_text()[-2000:]}"
                 )
             time.sleep(0.25)
-        yield MlflowServer(url, process)
+        yield MlflowServer(url, process, artifacts)
     finally:
         process.terminate()
         try:

@@ -81,3 +81,70 @@ def test_every_reload_outcome_is_exported_at_zero_before_the_first_load() -> Non
     for outcome in RELOAD_OUTCOMES:
         assert f'fieldkube_serve_model_reloads_total{{outcome="{outcome}",task="counter"}} 0.0' in text
     assert 'task="segmenter"' not in text
+
+
+def test_load_retries_back_off_exponentially_up_to_the_cap() -> None:
+    from fieldkube.serving.metrics import ServeMetrics
+    from fieldkube.serving.registry import ModelRegistry
+
+    settings = build_settings(
+        {"counter": "models:/c@a", "load_retry_initial_s": 0.5, "load_retry_max_s": 3.0}, {}
+    )
+    registry = ModelRegistry(settings, ServeMetrics(gpu=False))
+    registry.close()
+    assert [registry.retry_delay_s(n) for n in range(1, 7)] == [0.5, 1.0, 2.0, 3.0, 3.0, 3.0]
+    assert registry.retry_delay_s(10_000) == 3.0
+
+
+def test_an_unreachable_registry_is_retried_after_the_backoff_not_at_every_poll(monkeypatch) -> None:
+    from prometheus_client import generate_latest
+
+    from fieldkube.serving.metrics import ServeMetrics
+    from fieldkube.serving.registry import ModelRegistry
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    metrics = ServeMetrics(gpu=False)
+    settings = build_settings(
+        {
+            "counter": "models:/fieldkube-counter@champion",
+            "mlflow_tracking_uri": "http://127.0.0.1:9",  # discard port: nothing answers
+            "load_retry_initial_s": 60.0,
+        },
+        {},
+    )
+    registry = ModelRegistry(settings, metrics)
+    try:
+        assert registry.refresh("counter") is False
+        assert registry.refresh("counter") is False  # within the backoff: not attempted again
+        pending = registry.next_retry_in_s()
+        assert pending is not None and 50.0 < pending <= 60.0
+        text = generate_latest(metrics.registry).decode()
+        assert 'fieldkube_serve_model_reloads_total{outcome="resolve_failed",task="counter"} 1.0' in text
+        assert "attempt 1; retrying in 60 s" in registry.last_error["counter"]
+        assert not registry.ready()
+    finally:
+        registry.close()
+
+
+def test_a_model_that_fails_its_checks_is_rejected_without_retrying(tmp_path) -> None:
+    import torch
+    from prometheus_client import generate_latest
+
+    from fieldkube.serving.metrics import ServeMetrics
+    from fieldkube.serving.registry import ModelRegistry
+    from fieldkube.vision.bundle import save_bundle
+    from fieldkube.vision.models import build_model
+
+    params = {"width": 0.25}
+    torch.manual_seed(0)
+    save_bundle(tmp_path / "c", build_model("counter-mcnn", **params), "counter-mcnn", params, tile=32)
+    metrics = ServeMetrics(gpu=False)
+    registry = ModelRegistry(build_settings({"segmenter": str(tmp_path / "c")}, {}), metrics)
+    try:
+        assert registry.refresh("segmenter") is False
+        assert registry.next_retry_in_s() is None
+        text = generate_latest(metrics.registry).decode()
+        assert 'fieldkube_serve_model_reloads_total{outcome="rejected",task="segmenter"} 1.0' in text
+        assert "expected a segmenter model" in registry.last_error["segmenter"]
+    finally:
+        registry.close()

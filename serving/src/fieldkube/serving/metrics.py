@@ -94,7 +94,8 @@ class ServeMetrics:
         )
         self.model_reloads = Counter(
             "fieldkube_serve_model_reloads_total",
-            "model loads by outcome: loaded, rejected (bad version, old one kept), resolve_failed (registry)",
+            "model loads by outcome: loaded, rejected (bad version, old one kept), resolve_failed "
+            "(registry unreachable) and load_failed (artifacts unreachable), both retried with backoff",
             ["task", "outcome"],
             registry=r,
         )

@@ -2,8 +2,16 @@
 
 Reload: resolve alias -> download the version's bundle -> load (safetensors) -> warm up -> swap the
 reference atomically. Requests hold the instance they started with, so in-flight work finishes on the
-old model. A version that fails any step is rejected (logged, counted in metrics, not retried until the
-alias moves again) and the old model keeps serving.
+old model. Two kinds of failure are kept apart:
+
+- the model itself is bad (its bundle is unreadable or does not match its spec, or it fails the warm-up
+  checks): that version is rejected (logged, counted) and not tried again until the alias moves to
+  another version or the process restarts;
+- anything else (registry or artifact store unreachable, a download cut short) is transient: the load is
+  retried with exponential backoff (`load_retry_initial_s`, doubling up to `load_retry_max_s`), and a
+  task with no model yet stays not ready meanwhile.
+
+Either way the model serving now, if any, keeps serving.
 """
 
 from __future__ import annotations
@@ -14,6 +22,7 @@ import logging
 import shutil
 import tempfile
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,9 +30,15 @@ import torch
 
 from fieldkube.serving.metrics import ServeMetrics
 from fieldkube.serving.model_source import ModelSource, parse_model_source
-from fieldkube.serving.served_model import ServedModel, Task, load_served_model, pick_device
+from fieldkube.serving.served_model import (
+    ModelCheckError,
+    ServedModel,
+    Task,
+    load_served_model,
+    pick_device,
+)
 from fieldkube.serving.settings import ServeSettings
-from fieldkube.vision.bundle import find_bundle_dir
+from fieldkube.vision.bundle import BundleError, find_bundle_dir
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +60,7 @@ class ResolvedVersion:
     artifact_uri: str | None
 
 
-RELOAD_OUTCOMES = ("loaded", "rejected", "resolve_failed")
+RELOAD_OUTCOMES = ("loaded", "rejected", "resolve_failed", "load_failed")
 """The ``outcome`` label values of ``fieldkube_serve_model_reloads_total``."""
 
 
@@ -68,6 +83,8 @@ class ModelRegistry:
                 metrics.model_reloads.labels(task, outcome)
         self._models: dict[Task, ServedModel] = {}
         self._rejected: dict[Task, str] = {}
+        self._failures: dict[Task, int] = {}  # consecutive transient failures
+        self._retry_at: dict[Task, float] = {}  # time.monotonic() before which no retry is made
         self.last_error: dict[Task, str] = {}
         self._swap_lock = threading.Lock()
         self._cache = Path(tempfile.mkdtemp(prefix="fieldkube-serve-models-"))
@@ -99,28 +116,41 @@ class ModelRegistry:
     def refresh(self, task: Task) -> bool:
         """Load `task`'s model if it is missing or its alias moved; True when a new model was swapped in.
 
-        Blocking (download + load + warm-up): call from a worker thread.
+        Does nothing while a transient failure's backoff runs. Blocking (download + load + warm-up):
+        call from a worker thread.
         """
         source = self.sources[task]
         current = self._models.get(task)
         if current is not None and not source.watchable:
             return False
+        if time.monotonic() < self._retry_at.get(task, 0.0):
+            return False
         try:
             resolved = self._resolve(source)
         except Exception as error:
-            self._fail(task, None, f"cannot resolve {source.uri}: {error}", outcome="resolve_failed")
+            self._transient(task, f"cannot resolve {source.uri}: {error}", outcome="resolve_failed")
             return False
         if current is not None and resolved.version == current.version:
+            self._recovered(task)
             return False
         if resolved.version is not None and self._rejected.get(task) == resolved.version:
+            self._recovered(task)
             return False
         try:
             model = self._load(task, source, resolved)
-        except Exception as error:
+        except (ModelCheckError, BundleError) as error:
             if resolved.version is not None:
                 self._rejected[task] = resolved.version
+            self._recovered(task)
             self._fail(task, resolved.version, str(error), outcome="rejected")
             return False
+        except Exception as error:
+            version = f"version {resolved.version}" if resolved.version else source.uri
+            self._transient(
+                task, f"loading {version} failed: {type(error).__name__}: {error}", outcome="load_failed"
+            )
+            return False
+        self._recovered(task)
         with self._swap_lock:
             old = self._models.get(task)
             self._models[task] = model
@@ -135,13 +165,37 @@ class ModelRegistry:
             )
         return True
 
+    def retry_delay_s(self, failures: int) -> float:
+        """Backoff after `failures` consecutive transient failures: initial, doubling, capped."""
+        initial, cap = self._settings.load_retry_initial_s, self._settings.load_retry_max_s
+        return float(min(cap, initial * 2.0 ** min(failures - 1, 62)))
+
+    def _transient(self, task: Task, message: str, outcome: str) -> None:
+        failures = self._failures.get(task, 0) + 1
+        self._failures[task] = failures
+        delay = self.retry_delay_s(failures)
+        self._retry_at[task] = time.monotonic() + delay
+        self._fail(task, None, f"{message} (attempt {failures}; retrying in {delay:g} s)", outcome)
+
+    def _recovered(self, task: Task) -> None:
+        self._failures.pop(task, None)
+        self._retry_at.pop(task, None)
+
+    def next_retry_in_s(self) -> float | None:
+        """Seconds until the earliest pending retry of a transient failure (None: none pending)."""
+        if not self._retry_at:
+            return None
+        return max(0.0, min(self._retry_at.values()) - time.monotonic())
+
     def _fail(self, task: Task, version: str | None, message: str, outcome: str) -> None:
         self.last_error[task] = message
         self._metrics.model_reloads.labels(task, outcome).inc()
         keeping = self._models.get(task)
         if keeping is not None:
+            what = "rejected" if outcome == "rejected" else "could not load"
             log.error(
-                "rejected %s model version %s (%s); still serving version %s",
+                "%s %s model version %s (%s); still serving version %s",
+                what,
                 task,
                 version,
                 message,
@@ -188,7 +242,8 @@ class ModelRegistry:
 
     # -- watching ------------------------------------------------------------------------------------
     async def watch(self, stop: asyncio.Event) -> None:
-        """Poll every `poll_interval_s`: load missing models and follow moved aliases, until `stop` is set."""
+        """Poll every `poll_interval_s` (and when a retry is due): load missing models and follow moved
+        aliases, until `stop` is set."""
         interval = self._settings.poll_interval_s
         while not stop.is_set():
             for task in self.tasks():
@@ -197,5 +252,9 @@ class ModelRegistry:
                     await asyncio.to_thread(self.refresh, task)
             if interval <= 0 and self.ready():
                 return
+            wait = interval if interval > 0 else 5.0
+            retry_in = self.next_retry_in_s()
+            if retry_in is not None:
+                wait = min(wait, retry_in)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), timeout=interval if interval > 0 else 5.0)
+                await asyncio.wait_for(stop.wait(), timeout=wait)

@@ -80,7 +80,14 @@ class ServedModel:
     def warm_up(self) -> None:
         """Run a tile through the model and check what comes out, so a broken model is never swapped in."""
         x = np.zeros((1, 3, self.tile, self.tile), dtype=np.float32)
-        out = self.forward(x)
+        try:
+            out = self.forward(x)
+        except torch.cuda.OutOfMemoryError:
+            raise  # the device, not the model: worth retrying
+        except Exception as error:
+            raise ModelCheckError(
+                f"{self.name} v{self.version}: warm-up forward pass failed ({type(error).__name__}: {error})"
+            ) from None
         if out.shape != (1, 1, self.tile, self.tile):
             raise ModelCheckError(
                 f"{self.name} v{self.version}: output shape {out.shape}, "

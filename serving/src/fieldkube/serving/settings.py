@@ -61,6 +61,13 @@ class ServeSettings(BaseModel):
     poll_interval_s: float = Field(
         30.0, ge=0, description="how often model aliases are re-resolved for hot reload (0: never)"
     )
+    load_retry_initial_s: float = Field(
+        1.0,
+        gt=0,
+        description="first wait before retrying a model load that failed for a transient reason (registry "
+        "or artifact store unreachable); doubles on each further failure",
+    )
+    load_retry_max_s: float = Field(60.0, gt=0, description="longest wait between model load retries")
     torch_threads: int | None = Field(None, ge=1, description="CPU threads for inference (default: torch's)")
     device: Device = Field("auto", description="where models run: auto (cuda when present), cpu, cuda")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
