@@ -5,10 +5,11 @@ One run, side by side:
     does) and counts held-out tiles of that field and of the shifted field (`--synthetic field-shifted`:
     other flower shape, size and colour, ground texture and light): its MAE before adaptation;
   - for each N in --sizes (4, 8, 16, 32 labelled shifted images): fine-tuning from the champion
-    (`model.init_from` its bundle) and training from scratch on the same N images with the same number
-    of steps, both counted on the same held-out shifted tiles; each arm is trained with every seed in
-    --seeds (initial weights and data order) and the MAEs averaged, since one small run from scratch
-    varies a lot from seed to seed.
+    (`model.init_from` its bundle; Adam 1e-3 decayed along a cosine, `train.lr_schedule: cosine`) and
+    training from scratch on the same N images with the same number of steps and the champion's recipe
+    (Adam 1e-3, constant), both counted on the same held-out shifted tiles; each arm is trained with
+    every seed in --seeds (initial weights and data order) and the MAEs averaged, since one small run
+    varies a lot from seed to seed. --work-dir keeps the data, the champion and the runs for another try.
 Writes JSON (--out), a plot of MAE against N (--plot) and prints a table with the issue's two checks
 at N = 16: fine-tuned MAE at most half the from-scratch MAE, and at most a third of the champion's.
 """
@@ -23,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +42,8 @@ def _env(threads: int) -> dict[str, str]:
 
 
 def _prepare(kind: str, out: Path, images: int, args: argparse.Namespace, seed: int, split: str) -> None:
+    if (out / "manifest.json").is_file():  # kept from an earlier run in the same --work-dir
+        return
     cmd = [str(BIN / "fieldkube-prepare"), "--synthetic", kind, "--num-images", str(images), "--image-size",
            args.image_size, "--tile", str(args.tile), "--seed", str(seed), "--split", split, "--no-balance",
            "--workers", "1", "--out", str(out)]  # fmt: skip
@@ -49,9 +53,16 @@ def _prepare(kind: str, out: Path, images: int, args: argparse.Namespace, seed: 
 
 
 def _train(
-    model: dict[str, Any], data: Path, out: Path, train: dict[str, Any], threads: int
+    model: dict[str, Any],
+    data: Path,
+    out: Path,
+    train: dict[str, Any],
+    threads: int,
+    overrides: list[str] | None = None,
 ) -> dict[str, Any]:
-    config = {
+    from fieldkube.contract.config import apply_override
+
+    config: dict[str, Any] = {
         "model": model,
         "data": {"path": str(data), "loader_workers": 1, "color_jitter": 0.1},
         "train": {"batch_size": 8, "loss": "pixel_mse", "evaluate": False, "seed": 0, "log_every_steps": 50,
@@ -62,23 +73,33 @@ def _train(
         "runtime": {"threads": threads},
         "output_dir": str(out),
     }  # fmt: skip
-    out.mkdir(parents=True, exist_ok=True)
+    for assignment in overrides or []:
+        apply_override(config, assignment)
     path = out.parent / f"{out.name}.yaml"
-    path.write_text(yaml.safe_dump(config))
+    text = yaml.safe_dump(config)
+    done = out / "summary.json"
+    info = {"lr": config["train"]["lr"], "lr_schedule": config["train"].get("lr_schedule", "constant"),
+            "overrides": list(overrides or [])}  # fmt: skip
+    if done.is_file() and path.is_file() and path.read_text() == text:  # this very run, kept in --work-dir
+        trained = json.loads(done.read_text())["trained"]
+        return {"steps": trained["steps"], "epochs": trained["epochs"], **info, "reused": True,
+                "train_seconds": round(trained["seconds_this_run"], 1)}  # fmt: skip
+    out.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
     began = time.perf_counter()
     proc = subprocess.run([str(BIN / "fieldkube-train"), "--config", str(path)], capture_output=True,
                           text=True, env=_env(threads), check=False)  # fmt: skip
     if proc.returncode != 0:
         sys.exit(f"training failed ({path}):\n{proc.stderr[-4000:]}")
-    trained = json.loads((out / "summary.json").read_text())["trained"]
-    return {"steps": trained["steps"], "epochs": trained["epochs"], "lr": train["lr"],
+    trained = json.loads(done.read_text())["trained"]
+    return {"steps": trained["steps"], "epochs": trained["epochs"], **info,
             "train_seconds": round(time.perf_counter() - began, 1)}  # fmt: skip
 
 
 def _mae(bundle: Path, data: Path, threads: int) -> float:
     import torch
 
-    from fieldkube.trainer.config import DataConfig
+    from fieldkube.contract.config import DataConfig
     from fieldkube.trainer.evaluate import evaluate_counter
     from fieldkube.trainer.loader import PreparedDataset
     from fieldkube.vision.bundle import load_bundle
@@ -96,44 +117,61 @@ def run(root: Path, args: argparse.Namespace) -> dict[str, Any]:
     _prepare("field", root / "field-eval", args.eval_images, args, args.eval_seed, "0/100")
     _prepare("field-shifted", root / "shifted-eval", args.eval_images, args, args.eval_seed, "0/100")
     params = {"base_channels": args.fcrn_width}
-    print("champion: training on the first field ...", flush=True)
     schedule = {"epochs": args.champion_epochs, "lr": args.champion_lr, "early_stopping_patience": 4}
-    champion_train = _train({"name": "counter-fcrn", "params": params}, root / "field-train",
-                            root / "champion", schedule, args.threads)  # fmt: skip
     champion = root / "champion" / "model"
+    reused = root / "champion-training.json"
+    if reused.is_file() and champion.is_dir():
+        champion_train = json.loads(reused.read_text())
+        print(f"champion: reusing {champion}", flush=True)
+    else:
+        print("champion: training on the first field ...", flush=True)
+        champion_train = _train({"name": "counter-fcrn", "params": params}, root / "field-train",
+                                root / "champion", schedule, args.threads)  # fmt: skip
+        reused.write_text(json.dumps(champion_train))
     results: dict[str, Any] = {
         "champion_mae_first_field": _mae(champion, root / "field-eval", args.threads),
         "champion_mae_shifted": _mae(champion, root / "shifted-eval", args.threads),
         "champion_training": {**champion_train, "model": "counter-fcrn", "params": params},
         "by_size": {},
     }
-    for n in args.sizes:
-        data = root / f"shifted-{n}"
-        _prepare("field-shifted", data, n, args, args.adapt_seed, "100/0")
-        budget = {"epochs": 100_000, "max_steps": args.steps}
-        print(f"N={n}: fine-tuning from the champion and training from scratch, {args.steps} steps, "
-              f"seeds {args.seeds} ...", flush=True)  # fmt: skip
-        tuned, scratch, tuned_mae, scratch_mae = [], [], [], []
-        for seed in args.seeds:
-            run_tuned, run_scratch = root / f"tuned-{n}-{seed}", root / f"scratch-{n}-{seed}"
-            tuned.append(_train({"init_from": str(champion)}, data, run_tuned,
-                                {**budget, "lr": args.finetune_lr, "seed": seed}, args.threads))  # fmt: skip
-            scratch.append(_train({"name": "counter-fcrn", "params": params}, data, run_scratch,
-                                  {**budget, "lr": args.scratch_lr, "seed": seed}, args.threads))  # fmt: skip
-            tuned_mae.append(_mae(run_tuned / "model", root / "shifted-eval", args.threads))
-            scratch_mae.append(_mae(run_scratch / "model", root / "shifted-eval", args.threads))
-        results["by_size"][str(n)] = {
-            "images": n,
-            "fine_tuned_mae": sum(tuned_mae) / len(tuned_mae),
-            "scratch_mae": sum(scratch_mae) / len(scratch_mae),
-            "fine_tuned_mae_by_seed": tuned_mae,
-            "scratch_mae_by_seed": scratch_mae,
-            "fine_tuned_training": tuned,
-            "scratch_training": scratch,
-        }
-        row = results["by_size"][str(n)]
-        print(f"  fine-tuned MAE {row['fine_tuned_mae']:.3f} {tuned_mae}, "
-              f"from scratch {row['scratch_mae']:.3f} {scratch_mae}", flush=True)  # fmt: skip
+    budget = {"epochs": 100_000, "max_steps": args.steps}
+    source = {"init_from": str(champion), "freeze": args.finetune_freeze,
+              "freeze_epochs": args.finetune_freeze_epochs}  # fmt: skip
+    jobs: dict[tuple[int, str, int], Any] = {}
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:  # each training is its own process
+        for n in args.sizes:
+            data = root / f"shifted-{n}"
+            _prepare("field-shifted", data, n, args, args.adapt_seed, "100/0")
+            for seed in args.seeds:
+                jobs[n, "tuned", seed] = pool.submit(
+                    _train, source, data, root / f"tuned-{n}-{seed}",
+                    {**budget, "lr": args.finetune_lr, "lr_schedule": args.finetune_schedule, "seed": seed},
+                    args.threads, args.finetune_set)  # fmt: skip
+                jobs[n, "scratch", seed] = pool.submit(
+                    _train, {"name": "counter-fcrn", "params": params}, data, root / f"scratch-{n}-{seed}",
+                    {**budget, "lr": args.scratch_lr, "lr_schedule": args.scratch_schedule, "seed": seed},
+                    args.threads, args.scratch_set)  # fmt: skip
+        print(f"{len(jobs)} runs of {args.steps} steps (sizes {args.sizes}, seeds {args.seeds}, "
+              f"{args.jobs} at a time) ...", flush=True)  # fmt: skip
+        for n in args.sizes:
+            tuned = [jobs[n, "tuned", seed].result() for seed in args.seeds]
+            scratch = [jobs[n, "scratch", seed].result() for seed in args.seeds]
+            tuned_mae = [_mae(root / f"tuned-{n}-{s}" / "model", root / "shifted-eval", args.threads)
+                         for s in args.seeds]  # fmt: skip
+            scratch_mae = [_mae(root / f"scratch-{n}-{s}" / "model", root / "shifted-eval", args.threads)
+                           for s in args.seeds]  # fmt: skip
+            results["by_size"][str(n)] = {
+                "images": n,
+                "fine_tuned_mae": sum(tuned_mae) / len(tuned_mae),
+                "scratch_mae": sum(scratch_mae) / len(scratch_mae),
+                "fine_tuned_mae_by_seed": tuned_mae,
+                "scratch_mae_by_seed": scratch_mae,
+                "fine_tuned_training": tuned,
+                "scratch_training": scratch,
+            }
+            row = results["by_size"][str(n)]
+            print(f"  fine-tuned MAE {row['fine_tuned_mae']:.3f} {tuned_mae}, "
+                  f"from scratch {row['scratch_mae']:.3f} {scratch_mae}", flush=True)  # fmt: skip
     return results
 
 
@@ -198,10 +236,31 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a busy host)")
     parser.add_argument("--sizes", type=int, nargs="+", default=[4, 8, 16, 32])
     parser.add_argument("--steps", type=int, default=150, help="optimizer steps of every adaptation run")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="trainings run side by side (each a process of --threads threads)")  # fmt: skip
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1],
                         help="training seeds of each arm (weights, data order), averaged")  # fmt: skip
-    parser.add_argument("--finetune-lr", type=float, default=3e-4)
+    parser.add_argument("--finetune-lr", type=float, default=1e-3)
+    parser.add_argument("--finetune-schedule", choices=["constant", "cosine"], default="cosine",
+                        help="train.lr_schedule of the fine-tuned arm")  # fmt: skip
+    parser.add_argument("--finetune-freeze", nargs="*", default=[], metavar="GROUP",
+                        help="model.freeze of the fine-tuned arm (e.g. decoder head)")  # fmt: skip
+    parser.add_argument("--finetune-freeze-epochs", type=int, default=100_000,
+                        help="model.freeze_epochs of the fine-tuned arm (default: all)")  # fmt: skip
     parser.add_argument("--scratch-lr", type=float, default=1e-3)
+    parser.add_argument(
+        "--scratch-schedule",
+        choices=["constant", "cosine"],
+        default="constant",
+        help="train.lr_schedule of the from-scratch arm (the champion's: constant)",
+    )
+    parser.add_argument("--finetune-set", action="append", default=[], metavar="KEY=VALUE",
+                        help="training config override of the fine-tuned arm (repeatable)")  # fmt: skip
+    parser.add_argument("--scratch-set", action="append", default=[], metavar="KEY=VALUE",
+                        help="training config override of the from-scratch arm (repeatable)")  # fmt: skip
+    parser.add_argument("--work-dir", type=Path, default=None,
+                        help="keep prepared data, the champion and the runs here and reuse them when present "
+                             "(default: a temporary directory)")  # fmt: skip
     parser.add_argument("--train-seed", type=int, default=11)
     parser.add_argument("--eval-seed", type=int, default=23)
     parser.add_argument("--adapt-seed", type=int, default=31)
@@ -216,8 +275,12 @@ def main() -> None:
     from fieldkube.trainer.dataset_format import write_json_atomic
 
     began = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="fieldkube-adapt-") as tmp:
-        results = run(Path(tmp), args)
+    if args.work_dir is not None:
+        args.work_dir.mkdir(parents=True, exist_ok=True)
+        results = run(args.work_dir, args)
+    else:
+        with tempfile.TemporaryDirectory(prefix="fieldkube-adapt-") as tmp:
+            results = run(Path(tmp), args)
     results["checks"] = checks(results)
     results.update(
         {
