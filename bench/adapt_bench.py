@@ -5,7 +5,8 @@ One run, side by side:
     does) and counts held-out tiles of that field and of the shifted field (`--synthetic field-shifted`:
     other flower shape, size and colour, ground texture and light): its MAE before adaptation;
   - for each N in --sizes (4, 8, 16, 32 labelled shifted images): fine-tuning from the champion
-    (`model.init_from` its bundle; Adam 1e-3 decayed along a cosine, `train.lr_schedule: cosine`) and
+    (`model.init_from` its bundle; Adam 1e-3 decayed along a cosine, `train.lr_schedule: cosine`; the
+    decoder and head held by `model.freeze`, so only the encoder and middle adapt to the new look) and
     training from scratch on the same N images with the same number of steps and the champion's recipe
     (Adam 1e-3, constant), both counted on the same held-out shifted tiles; each arm is trained with
     every seed in --seeds (initial weights and data order) and the MAEs averaged, since one small run
@@ -243,8 +244,8 @@ def main() -> None:
     parser.add_argument("--finetune-lr", type=float, default=1e-3)
     parser.add_argument("--finetune-schedule", choices=["constant", "cosine"], default="cosine",
                         help="train.lr_schedule of the fine-tuned arm")  # fmt: skip
-    parser.add_argument("--finetune-freeze", nargs="*", default=[], metavar="GROUP",
-                        help="model.freeze of the fine-tuned arm (e.g. decoder head)")  # fmt: skip
+    parser.add_argument("--finetune-freeze", nargs="*", default=["decoder", "head"], metavar="GROUP",
+                        help="model.freeze of the fine-tuned arm (none: pass it bare)")  # fmt: skip
     parser.add_argument("--finetune-freeze-epochs", type=int, default=100_000,
                         help="model.freeze_epochs of the fine-tuned arm (default: all)")  # fmt: skip
     parser.add_argument("--scratch-lr", type=float, default=1e-3)
