@@ -239,7 +239,7 @@ def _strategies(text: str) -> list[str]:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fieldkube-scale", description="Throughput vs number of workers.")
-    parser.add_argument("--data", type=Path, required=True, help="prepared dataset (fieldkube-prepare)")
+    parser.add_argument("--data", type=Path, help="prepared dataset (fieldkube-prepare); local sweeps only")
     parser.add_argument("--out", type=Path, required=True, help="output directory (scale.json, scale.png)")
     parser.add_argument("--workers", default="1,2", help="worker counts to run, e.g. 1,2,4")
     parser.add_argument(
@@ -262,6 +262,22 @@ def _parser() -> argparse.ArgumentParser:
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
         help="passed to fieldkube-train (e.g. model.name=counter-fcrn)",
     )  # fmt: skip
+    cluster = parser.add_argument_group("--cluster: one TrainingJob per worker count (scale_cluster.py)")
+    cluster.add_argument("--cluster", action="store_true", help="run the sweep as TrainingJobs")
+    cluster.add_argument("--template", type=Path, help="TrainingJob YAML every job starts from")
+    cluster.add_argument("--kubeconfig", help="default: $KUBECONFIG or ~/.kube/config")
+    cluster.add_argument("--namespace", default="default", help="where the TrainingJobs are created")
+    cluster.add_argument("--image", help="trainer image (default: the template's, else the operator's)")
+    cluster.add_argument("--dataset-pvc", help="claim holding the prepared dataset")
+    cluster.add_argument("--dataset-path", help="dataset path inside that claim")
+    cluster.add_argument("--mlflow-uri", help="MLflow server the pods and this machine reach")
+    cluster.add_argument(
+        "--experiment", help="MLflow experiment (default: the template's, else fieldkube-scale)"
+    )
+    cluster.add_argument("--cpu", default="1", help="CPU per worker without --template")
+    cluster.add_argument("--memory", default="2Gi", help="memory per worker without --template")
+    cluster.add_argument("--name-prefix", help="TrainingJob names start with it (default scale-MMDD-HHMMSS)")
+    cluster.add_argument("--poll", type=float, default=5.0, help="seconds between status reads")
     return parser
 
 
@@ -292,9 +308,16 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     args = _parser().parse_args(argv)
     counts = _workers(args.workers)
     strategies = _strategies(args.strategy)
+    if args.cluster:
+        from fieldkube.trainer.scale_cluster import run_cluster
+
+        return run_cluster(args, counts, strategies)
+    if args.data is None:
+        raise ConfigError("--data: required (a prepared dataset) unless --cluster")
     launcher, servers, staleness = _check(args, strategies)
     from fieldkube.contract.config import load_config
     from fieldkube.trainer.dataset_format import read_manifest
+    from fieldkube.trainer.scale_cluster import write_tables
     from fieldkube.trainer.scale_quality import final_loss, test_quality
 
     read_manifest(args.data)  # a clear error before any launcher starts
@@ -400,6 +423,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         f"{args.steps} steps/worker, {args.repeat} round(s), target loss {target:.4g}"
     )
     plot(table, title, target, args.out / "scale.png")
+    write_tables(table, args.out)
     for row in table:
         reached = row["time_to_target_seconds"]
         print(
@@ -416,7 +440,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
                 else ""
             )
         )
-    print(f"wrote {args.out / 'scale.json'} and {args.out / 'scale.png'}")
+    print(f"wrote {args.out}/scale.json, scale.md, scale.csv and scale.png")
     return result
 
 
