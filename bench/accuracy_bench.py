@@ -94,7 +94,7 @@ def _counter_arm(
     """One counter trained with `head` and training seed `seed`: its report and per-tile rows."""
     import torch
 
-    from fieldkube.trainer.config import DataConfig
+    from fieldkube.contract.config import DataConfig
     from fieldkube.trainer.evaluate import evaluate_counter
     from fieldkube.trainer.loader import PreparedDataset
     from fieldkube.vision.bundle import load_bundle
@@ -197,7 +197,7 @@ def counter_benchmark(root: Path, args: argparse.Namespace) -> dict[str, Any]:
 def segmenter_benchmark(root: Path, args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
-    from fieldkube.trainer.config import DataConfig
+    from fieldkube.contract.config import DataConfig
     from fieldkube.trainer.evaluate import evaluate_segmenter
     from fieldkube.trainer.loader import PreparedDataset
     from fieldkube.vision.bundle import load_bundle
