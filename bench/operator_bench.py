@@ -200,8 +200,11 @@ def wait_all(watcher: Watcher, names: list[str], timeout: float) -> float:
     raise SystemExit(f"timed out: {len(missing)} of {len(names)} MPIJobs missing (e.g. {missing[:3]})")
 
 
-def settle(cluster: Any, kind: str, namespace: str, timeout: float = 600) -> None:
-    """Delete one round's jobs and wait for their pods to go, so the next round starts on an idle cluster."""
+def settle(cluster: Any, kind: str, namespace: str, jobs: int) -> None:
+    """Delete one round's jobs and wait for their pods to go, so the next round starts on an idle cluster.
+
+    Allowed 1 s per job (10 minutes at least): 3,000 MPIJobs took over 10 minutes to delete on 2 cores."""
+    timeout = max(600.0, float(jobs))
     cluster.kubectl("delete", kind, "--all", "-n", namespace, "--wait=true", timeout=timeout)
     cluster.wait_for(
         f"the pods of {namespace} to be deleted",
@@ -226,6 +229,7 @@ def run_one(
     idle_s: float,
 ) -> dict[str, Any]:
     direct_ns, operator_ns = f"direct-{run_id}", f"operator-{run_id}"
+    long_s = max(1800.0, 2.0 * n)  # creating or deleting all of them: about 10 per second on 2 cores
     for ns in (direct_ns, operator_ns):
         cluster.create_namespace(ns)
 
@@ -234,11 +238,11 @@ def run_one(
     direct.ready.wait()
     docs = mpijobs(n, direct_ns)
     t0 = time.monotonic()
-    cluster.kubectl("create", "-n", direct_ns, "-f", "-", input=yaml.safe_dump_all(docs), timeout=1800)
+    cluster.kubectl("create", "-n", direct_ns, "-f", "-", input=yaml.safe_dump_all(docs), timeout=long_s)
     direct_kubectl_s = time.monotonic() - t0
-    direct_s = wait_all(direct, [d["metadata"]["name"] for d in docs], 1800) - t0
+    direct_s = wait_all(direct, [d["metadata"]["name"] for d in docs], long_s) - t0
     direct.stop_flag = True
-    settle(cluster, "mpijobs", direct_ns)
+    settle(cluster, "mpijobs", direct_ns, n)
 
     tj_watch = Watcher(api, "fieldkube.io", "v1alpha1", "trainingjobs", operator_ns)
     mj_watch = Watcher(api, "kubeflow.org", "v2beta1", "mpijobs", operator_ns)
@@ -250,10 +254,10 @@ def run_one(
     sampler.start()
     docs = trainingjobs(n)
     t0 = time.monotonic()
-    cluster.kubectl("create", "-n", operator_ns, "-f", "-", input=yaml.safe_dump_all(docs), timeout=1800)
+    cluster.kubectl("create", "-n", operator_ns, "-f", "-", input=yaml.safe_dump_all(docs), timeout=long_s)
     tj_kubectl_s = time.monotonic() - t0
     names = [d["metadata"]["name"] for d in docs]
-    all_s = wait_all(mj_watch, names, 3600) - t0
+    all_s = wait_all(mj_watch, names, 2 * long_s) - t0
     latencies = [mj_watch.seen[name] - tj_watch.seen.get(name, t0) for name in names]
     time.sleep(2)
     sampler.stop_flag = tj_watch.stop_flag = mj_watch.stop_flag = True
@@ -269,10 +273,10 @@ def run_one(
     t0 = time.monotonic()
     # One DELETE of the collection (as `kubectl delete --all` would, without its one request per object).
     api.delete_collection_namespaced_custom_object("fieldkube.io", "v1alpha1", operator_ns, "trainingjobs")
-    delete_s = wait_empty(cluster, "trainingjobs", operator_ns, 1800) - t0
-    mpijobs_gone_s = wait_empty(cluster, "mpijobs", operator_ns, 1800) - t0
+    delete_s = wait_empty(cluster, "trainingjobs", operator_ns, long_s) - t0
+    mpijobs_gone_s = wait_empty(cluster, "mpijobs", operator_ns, long_s) - t0
     print(f"[{n} jobs] deleted in {delete_s:.1f}s (MPIJobs gone after {mpijobs_gone_s:.1f}s)", flush=True)
-    settle(cluster, "trainingjobs", operator_ns)  # and their pods: the next round starts on an idle cluster
+    settle(cluster, "trainingjobs", operator_ns, n)  # and their pods: the next round starts idle
     return {
         "jobs": n,
         "seconds_until_all_mpijobs": round(all_s, 3),
