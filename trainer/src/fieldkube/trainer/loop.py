@@ -192,6 +192,25 @@ def lr_factor(
     return scale * (min_factor + (1.0 - min_factor) * 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
+def plan_steps(config: TrainingConfig, workers: int, train_samples: int) -> tuple[int, int, int]:
+    """(global batch, steps per epoch, total steps) of a run over ``workers`` processes, or the one-line
+    error that makes it impossible; every data-parallel path (ranks, parameter-server workers) counts so."""
+    t = config.train
+    global_batch = t.batch_size * workers if t.batch_mode == "per_worker" else t.batch_size
+    if global_batch % workers:
+        raise ConfigError(
+            f"train.batch_size {t.batch_size} (global) is not divisible by the {workers} workers"
+        )
+    spe = steps_per_epoch(train_samples, global_batch)
+    if spe == 0:
+        raise DataError(
+            f"{config.data.path}: train split has {train_samples} samples, fewer than one global batch "
+            f"of {global_batch} (train.batch_size)"
+        )
+    total_steps = t.epochs * spe if t.max_steps is None else min(t.max_steps, t.epochs * spe)
+    return global_batch, spe, total_steps
+
+
 def make_scheduler(
     config: TrainingConfig,
     optimizer: torch.optim.Optimizer,
@@ -302,18 +321,7 @@ def _train(config: TrainingConfig, backend: AnyBackend, device: torch.device) ->
     model = model.to(device)
     if device.type == "cuda" and config.runtime.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    global_batch = t.batch_size * backend.size if t.batch_mode == "per_worker" else t.batch_size
-    if global_batch % backend.size:
-        raise ConfigError(
-            f"train.batch_size {t.batch_size} (global) is not divisible by the {backend.size} workers"
-        )
-    spe = steps_per_epoch(len(train_set), global_batch)
-    if spe == 0:
-        raise DataError(
-            f"{config.data.path}: train split has {len(train_set)} samples, fewer than one global batch "
-            f"of {global_batch} (train.batch_size)"
-        )
-    total_steps = t.epochs * spe if t.max_steps is None else min(t.max_steps, t.epochs * spe)
+    global_batch, spe, total_steps = plan_steps(config, backend.size, len(train_set))
     scale = global_batch / t.batch_size if t.lr_scaling == "linear" else 1.0
     loss_name, loss_fn = ("user", _user_loss(model)) if task == "custom" else resolve_loss(t.loss, task)
     # Wrap first: Horovod's DistributedOptimizer is a new optimizer object that takes the param groups but

@@ -31,13 +31,14 @@ import torch.distributed as dist
 from fieldkube.contract.config import TrainingConfig, load_config
 from fieldkube.trainer.dataset_format import write_json_atomic
 from fieldkube.trainer.errors import ConfigError, DataError, TrainerError
-from fieldkube.trainer.loader import epoch_batches, make_loader, steps_per_epoch
+from fieldkube.trainer.loader import epoch_batches, make_loader
 from fieldkube.trainer.loop import (
     LoopState,
     build_task_model,
     make_optimizer,
     make_scheduler,
     open_datasets,
+    plan_steps,
 )
 from fieldkube.trainer.losses import resolve_loss
 from fieldkube.trainer.ps import ParameterServer, WorkerExchange, shard_parameters
@@ -110,17 +111,7 @@ def _run(config: TrainingConfig, rank: int, workers: int, servers: int, mode: st
         raise ConfigError(
             f"model.name {config.model.name!r} is a {task} but {config.data.path} holds {data_task}"
         )
-    global_batch = t.batch_size * workers if t.batch_mode == "per_worker" else t.batch_size
-    if global_batch % workers:
-        raise ConfigError(
-            f"train.batch_size {t.batch_size} (global) is not divisible by the {workers} workers"
-        )
-    spe = steps_per_epoch(len(train_set), global_batch)
-    if spe == 0:
-        raise DataError(
-            f"{config.data.path}: train split has {len(train_set)} samples, fewer than {global_batch}"
-        )
-    total_steps = t.epochs * spe if t.max_steps is None else min(t.max_steps, t.epochs * spe)
+    global_batch, spe, total_steps = plan_steps(config, workers, len(train_set))
     params = list(model.parameters())
     if len(params) < servers:
         raise ConfigError(f"--ps {servers}: the model has only {len(params)} parameter tensors to shard")
