@@ -10,8 +10,13 @@ Stopping the cluster must leave the host as it found it: iptables, sysctls, link
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import shutil
+import signal
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -211,8 +216,11 @@ def test_real_pods_network_dns_limits_and_a_clean_host_after_stop(tmp_path: Path
         )
     finally:
         cluster.stop()
-    after = host_state()
-    # Nothing the node added may remain (what other programs on the host removed meanwhile is theirs).
+    assert_host_as_before(before, host_state())
+
+
+def assert_host_as_before(before: dict[str, Any], after: dict[str, Any]) -> None:
+    """Nothing the node added may remain (what other programs on the host removed meanwhile is theirs)."""
     for key in ("iptables", "ip6tables", "links", "mounts", "kubepods cgroups"):
         added = set(after[key].splitlines() if isinstance(after[key], str) else after[key]) - set(
             before[key].splitlines() if isinstance(before[key], str) else before[key]
@@ -220,3 +228,49 @@ def test_real_pods_network_dns_limits_and_a_clean_host_after_stop(tmp_path: Path
         assert not added, f"{key} left behind by the real node: {sorted(added)}"
     assert after["sysctls"] == before["sysctls"]
     assert after["containerd shims"] <= before["containerd shims"]
+
+
+@pytest.mark.parametrize("state_dir_left", [True, False], ids=["state-dir-left", "state-dir-gone"])
+def test_a_killed_real_node_is_cleaned_up_by_the_next_cluster_that_starts_one(
+    tmp_path: Path, state_dir_left: bool, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """A test run or `make cluster` killed with SIGKILL stops nothing: its processes die (or linger), but
+    the bridge, iptables rules, mounts and a running container's shim stay on the host. The next
+    real node must clean that up and start, not refuse until someone removes them by hand."""
+    before = host_state()
+    dead = LocalCluster(tmp_path / "dead", nodes=1, real_node=True)
+    ns = "killed"
+    try:
+        dead.start()
+        dead.create_namespace(ns)
+        sleeper = pod("sleeper", ["sleep", "3600"])
+        dead.apply([{**sleeper, "metadata": {**sleeper["metadata"], "namespace": ns}}])
+        wait_phase(dead, ns, "sleeper", {"Running"})
+    except BaseException:
+        dead.stop()
+        raise
+    for proc in dead.process_table().values():  # what a SIGKILL of the whole run leaves: no stop()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc[0], signal.SIGKILL)
+    time.sleep(1)
+    assert real_node.BRIDGE in real_node.link_names()
+    assert host_state()["containerd shims"] > before["containerd shims"], (
+        "the pod's shim should outlive containerd"
+    )
+    if not state_dir_left:
+        real_node.unmount_all([dead.state_dir])
+        shutil.rmtree(dead.state_dir)
+
+    survivor = LocalCluster(tmp_path / "next", nodes=1, real_node=True)
+    try:
+        survivor.start()
+        survivor.create_namespace(ns)
+        dead_pod = survivor.kubectl("get", "pod", "-n", ns, "--no-headers", check=False).stdout
+        assert "sleeper" not in dead_pod, "the new cluster has its own API server: no pod of the dead one"
+    finally:
+        survivor.stop()
+    assert (
+        f"the real node of {dead.state_dir} died without stopping; cleaning up after it"
+        in capfd.readouterr().err
+    )
+    assert_host_as_before(before, host_state())

@@ -314,6 +314,8 @@ class LocalCluster:
                 f"a cluster is already running from {self.state_dir}; stop it first "
                 f"(fieldkube-localcluster down --state-dir {self.state_dir})"
             )
+        if self.real_node:
+            self._clean_up_after_dead_node()
         t0 = time.monotonic()
         for attempt in (1, 2):
             self._reset_state_dir()
@@ -344,6 +346,17 @@ class LocalCluster:
             self._terminate(proc, timeout)
         self._processes.clear()
         self._save_processes()
+
+    def _clean_up_after_dead_node(self) -> None:
+        """Undo what a real node left on this host when its cluster was killed (SIGKILL, a lost VM
+        session) instead of stopped: its leftover processes, bridge, iptables rules and mounts would
+        otherwise keep every later real node from starting until someone removes them by hand."""
+        dead = RealNode(self).dead_owner()
+        if dead is None:
+            return
+        self._progress(f"the real node of {dead} died without stopping; cleaning up after it")
+        owner = self if dead == self.state_dir else LocalCluster(dead, bin_dir=self.binaries.bin_dir)
+        owner.stop()
 
     def _lost_a_port(self) -> bool:
         for log in self.logs_dir.glob("*.log"):

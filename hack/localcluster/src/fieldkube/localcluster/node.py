@@ -49,7 +49,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from fieldkube.localcluster.pki import b64, write_file
-from fieldkube.localcluster.procs import ClusterError, Process, free_port, tail, wait_until
+from fieldkube.localcluster.procs import ClusterError, Process, free_port, start_time_of, tail, wait_until
 
 if TYPE_CHECKING:
     from fieldkube.localcluster.harness import LocalCluster
@@ -165,6 +165,31 @@ def unmount_all(roots: Iterable[Path]) -> list[str]:
     for point in points:
         subprocess.run(["umount", "-l", point], capture_output=True, check=False)
     return points
+
+
+def kill_cgroup_tasks(name: str = "kubepods", timeout: float = 10.0) -> int:
+    """SIGKILL every process left in the ``name`` cgroup trees; returns how many there were.
+
+    A container outlives its shim (it is re-parented, not killed), so after a node died without
+    stopping its pods this is the one way to find and stop what still runs in them.
+    """
+
+    def tasks() -> set[int]:
+        pids: set[int] = set()
+        for top in [*CGROUP_ROOT.glob(f"*/{name}"), *CGROUP_ROOT.glob(name)]:
+            for procs in top.rglob("cgroup.procs"):
+                with contextlib.suppress(OSError, ValueError):
+                    pids.update(int(pid) for pid in procs.read_text().split())
+        return pids
+
+    found = tasks()
+    for pid in found:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + timeout
+    while tasks() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return len(found)
 
 
 def remove_cgroups(name: str = "kubepods") -> list[Path]:
@@ -292,15 +317,42 @@ class RealNode:
                     if ipaddress.ip_network(dest, strict=False).overlaps(subnet):
                         raise ClusterError(f"the real node's subnet {NODE_SUBNET} overlaps route {line!r}")
 
-    def _owner(self) -> str | None:
-        """The state directory of the cluster whose real node runs now, if its containerd lives."""
+    def _owner_data(self) -> dict[str, Any] | None:
         if not self.owner_file.exists():
             return None
-        data = json.loads(self.owner_file.read_text())
-        proc = Process(**data["containerd"]) if data.get("containerd") else None
-        if proc is not None and proc.alive():
-            return str(data["state_dir"])
+        with contextlib.suppress(OSError, ValueError):
+            data = json.loads(self.owner_file.read_text())
+            if isinstance(data, dict) and "state_dir" in data:
+                return data
         return None
+
+    def _owner(self) -> str | None:
+        """The state directory of the cluster whose real node runs now, if its containerd lives.
+
+        Until its containerd starts, a node is owned by the process starting it (``starter``).
+        """
+        data = self._owner_data()
+        if data is None:
+            return None
+        if data.get("containerd"):
+            alive = Process(**data["containerd"]).alive()
+        else:
+            starter = data.get("starter") or {}
+            alive = starter.get("pid") is not None and start_time_of(starter["pid"]) == starter.get(
+                "start_time"
+            )
+        return str(data["state_dir"]) if alive else None
+
+    def dead_owner(self) -> Path | None:
+        """The state directory of a cluster whose real node died without stopping, if any.
+
+        Its host changes (the bridge, iptables rules, mounts, sysctls) are still there: the next
+        cluster with a real node cleans them up (``LocalCluster.start``) rather than refusing to start.
+        """
+        data = self._owner_data()
+        if data is None or self._owner() is not None:
+            return None
+        return Path(data["state_dir"])
 
     # -- start ------------------------------------------------------------------------------------
 
@@ -338,18 +390,13 @@ class RealNode:
             },
         )
         self._save(record)
+        # Owned before anything changes on the host, so that a crash from here on leaves a record
+        # that the next cluster can clean up after (dead_owner).
+        self._claim(record)
         self._make_bridge()
         self._write_cni_config()
         self._start_containerd(record)
-        write_file(
-            self.owner_file,
-            json.dumps(
-                {
-                    "state_dir": str(self.cluster.state_dir),
-                    "containerd": asdict(self.cluster._processes["containerd"]),
-                }
-            ),
-        )
+        self._claim(record, self.cluster._processes["containerd"])
         self.cluster._mark("containerd", t0, "containerd")
         imported = import_images(self.containerd_socket, self.images_dir)
         self.cluster._mark("images", t0, f"images ({', '.join(imported) or 'none new'})")
@@ -360,6 +407,19 @@ class RealNode:
         self._publish_api_server()
         self._wait_ready()
         self.cluster._mark("real-node", t0, f"real node {NODE_NAME}")
+
+    def _claim(self, record: NodeRecord, containerd: Process | None = None) -> None:
+        """Say in the cache (which outlives state directories) that this cluster's node owns the host.
+
+        The owner lives while ``containerd`` does or, before it starts, while this process does; the
+        record's copy lets a later cluster undo this node's host changes even if its state dir is gone.
+        """
+        owner: dict[str, Any] = {"state_dir": str(self.cluster.state_dir), "record": asdict(record)}
+        if containerd is None:
+            owner["starter"] = {"pid": os.getpid(), "start_time": start_time_of(os.getpid())}
+        else:
+            owner["containerd"] = asdict(containerd)
+        write_file(self.owner_file, json.dumps(owner))
 
     def _make_bridge(self) -> None:
         # Created here (not by the CNI plugin on the first pod) because the kubelet, CoreDNS and the
@@ -692,6 +752,11 @@ disabled_plugins = ["io.containerd.internal.v1.opt", "io.containerd.snapshotter.
         Safe to call twice and after a crash (it works from ``node.json``, not from memory).
         """
         record = self._record()
+        owner = self._owner_data()
+        if record is None and owner is not None and owner["state_dir"] == str(self.cluster.state_dir):
+            # Its state directory went (a temporary directory cleaned up) while the node's host
+            # changes stayed: the owner file, kept in the cache, has a copy of the record.
+            record = NodeRecord(**owner["record"]) if "record" in owner else None
         if record is None:
             return []
         done: list[str] = []
@@ -773,6 +838,8 @@ disabled_plugins = ["io.containerd.internal.v1.opt", "io.containerd.snapshotter.
 
     def _undo_host_changes(self, record: NodeRecord) -> list[str]:
         done = []
+        if killed := kill_cgroup_tasks():
+            done.append(f"killed {killed} process(es) left in pod cgroups")
         proxy = self.cluster.binaries.path("kube-proxy")
         if proxy.exists():
             subprocess.run([str(proxy), "--cleanup"], capture_output=True, check=False, timeout=60)
