@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import itertools
 
-import numpy as np
 import pytest
 import torch
 
-from fieldkube.trainer.loader import Augment, augment_pair, epoch_batches
+from fieldkube.trainer.loader import BatchPlan, epoch_batches
 from fieldkube.trainer.loop import lr_factor
 from fieldkube.trainer.losses import bce, bce_dice, l2_per_image, pixel_mse, resolve_loss
 
@@ -27,24 +26,20 @@ def test_resuming_mid_epoch_continues_with_the_same_batches() -> None:
     assert epoch_batches(40, 4, 1, 2, seed=0, epoch=1, start_step=6) == full[6:]
 
 
+def test_a_run_plan_is_its_epochs_batches_in_order_and_resumes_mid_epoch() -> None:
+    epochs = [epoch_batches(23, 6, 1, 2, seed=5, epoch=e) for e in range(4)]
+    whole = [keys for batches in epochs for keys in batches]  # 3 steps per epoch
+    plan = BatchPlan(23, 6, rank=1, world=2, seed=5, epochs=4, total_steps=12)
+    assert list(plan) == whole and len(plan) == 12
+    resumed = BatchPlan(23, 6, 1, 2, 5, epochs=4, total_steps=12, epoch=1, step_in_epoch=2)
+    assert list(resumed) == whole[5:] and len(resumed) == 7
+    capped = BatchPlan(23, 6, 1, 2, 5, epochs=4, total_steps=7)  # train.max_steps
+    assert list(capped) == whole[:7] and len(capped) == 7
+
+
 def test_global_batch_must_divide_by_world_size() -> None:
     with pytest.raises(ValueError, match="not divisible"):
         epoch_batches(10, 5, 0, 2, 0, 0)
-
-
-def test_augmentation_moves_image_and_density_together_and_keeps_the_count() -> None:
-    image = np.zeros((16, 16, 3), dtype=np.uint8)
-    image[2, 3] = 255
-    density = np.zeros((16, 16), dtype=np.float32)
-    density[2, 3] = 1.0
-    augment = Augment(hflip=True, vflip=True, rot90=True, color_jitter=0.0)
-    for seed in range(8):
-        out_image, out_density = augment_pair(image, density, np.random.default_rng(seed), augment)
-        assert out_density.sum() == pytest.approx(1.0)
-        assert np.array_equal(np.argwhere(out_image[:, :, 0] == 255), np.argwhere(out_density == 1.0))
-    first = augment_pair(image, density, np.random.default_rng([1, 2, 3]), Augment(True, True, True, 0.2))
-    second = augment_pair(image, density, np.random.default_rng([1, 2, 3]), Augment(True, True, True, 0.2))
-    assert np.array_equal(first[0], second[0])
 
 
 def test_warmup_ramps_linearly_to_the_scaled_rate() -> None:

@@ -6,9 +6,11 @@ Layout of a prepared dataset directory::
     shards/<split>-<k:05d>.parquet   one file per split per shard k (written by one worker / Job index)
     shards/shard-<k:05d>.json        completion marker of shard k (row counts, plan fingerprint)
 
-Row columns: id, source, split, tile_row, tile_col, y0, x0, height, width, image (PNG bytes), count
-(counter: points in the tile; segmenter: building pixel fraction), bin (seed-000 count bin), points
-(flattened x, y pairs in tile pixels, counter), mask (PNG bytes, segmenter), tags (e.g. "glare,dust").
+Row columns: id, source, split, tile_row, tile_col, y0, x0, height, width, image, count (counter: points
+in the tile; segmenter: building pixel fraction), bin (seed-000 count bin), points (flattened x, y pairs
+in tile pixels, counter), mask (segmenter), tags (e.g. "glare,dust"). The manifest's ``pixels`` says how
+image and mask are stored: "png" (RGB PNG; the mask white on black) or "raw" (uint8 bytes, tile x tile x 3
+for the image, tile x tile of {0, 1} for the mask), which costs the loader no decode.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 
 from fieldkube.trainer.errors import DataError
@@ -29,6 +32,7 @@ __all__ = ["COUNT_BINS", "count_bin"]
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = 1
+PIXELS = ("png", "raw")
 
 
 ROW_SCHEMA = pa.schema(
@@ -102,3 +106,55 @@ def read_manifest(root: str | Path) -> dict[str, Any]:
         if key not in manifest:
             raise DataError(f"{path}: missing field {key!r}")
     return manifest
+
+
+def encode_tile(image: np.ndarray, pixels: str) -> bytes:
+    """A uint8 (t, t, 3) tile as stored in the ``image`` column."""
+    from fieldkube.vision.imageio import encode_png
+
+    return image.tobytes() if pixels == "raw" else encode_png(image)
+
+
+def encode_mask(mask: np.ndarray, pixels: str) -> bytes:
+    """A {0, 1} (t, t) mask as stored in the ``mask`` column."""
+    from fieldkube.vision.imageio import encode_png
+
+    if pixels == "raw":
+        return mask.astype(np.uint8).tobytes()
+    return encode_png(np.repeat(mask.astype(np.uint8)[:, :, None] * 255, 3, axis=2))
+
+
+def decode_tile(value: bytes, pixels: str, tile: int) -> np.ndarray:
+    """The uint8 (t, t, 3) tile of an ``image`` cell."""
+    from fieldkube.vision.imageio import read_image
+
+    if pixels == "raw":
+        return _raw(value, (tile, tile, 3))
+    return read_image(value)
+
+
+def decode_mask(value: bytes, pixels: str, tile: int) -> np.ndarray:
+    """The uint8 {0, 1} (t, t) mask of a ``mask`` cell."""
+    from fieldkube.vision.imageio import read_image
+
+    if pixels == "raw":
+        return _raw(value, (tile, tile))
+    return (read_image(value).max(axis=2) > 127).astype(np.uint8)
+
+
+def _raw(value: bytes, shape: tuple[int, ...]) -> np.ndarray:
+    expected = math.prod(shape)
+    if len(value) != expected:
+        raise DataError(
+            f"a raw tile holds {len(value)} bytes, expected {expected} for {'x'.join(map(str, shape))} uint8 "
+            "(manifest.json pixels: raw)"
+        )
+    return np.frombuffer(value, dtype=np.uint8).reshape(shape).copy()
+
+
+def pixels_of(manifest: dict[str, Any], path: Path) -> str:
+    """The manifest's ``pixels`` (datasets written before it existed hold PNG)."""
+    pixels = manifest.get("pixels", "png")
+    if pixels not in PIXELS:
+        raise DataError(f"{path}: field 'pixels': expected one of {', '.join(PIXELS)}, got {pixels!r}")
+    return str(pixels)

@@ -31,6 +31,7 @@ from fieldkube.contract.names import (
     TRAIN_LOSS,
 )
 from fieldkube.trainer import checkpoint as ckpt
+from fieldkube.trainer.augment import RawBatch
 from fieldkube.trainer.backends import AnyBackend, create_backend, pin_device
 from fieldkube.trainer.dataset_format import write_json_atomic
 from fieldkube.trainer.errors import ConfigError, DataError
@@ -42,7 +43,7 @@ from fieldkube.trainer.init_source import (
     fetch_init_source,
 )
 from fieldkube.trainer.launch_env import detect_launch_env
-from fieldkube.trainer.loader import PreparedDataset, SampleKey, epoch_batches, make_loader, steps_per_epoch
+from fieldkube.trainer.loader import BatchPlan, PreparedDataset, SampleKey, make_loader, steps_per_epoch
 from fieldkube.trainer.losses import LossFn, resolve_loss
 from fieldkube.trainer.metrics import TrainingMetrics
 from fieldkube.trainer.tracking import Tracker, lineage_tags
@@ -265,7 +266,7 @@ def validate(
     sums: dict[str, float] = {"val_loss": 0.0}
     with torch.no_grad(), torch.autocast(device.type, enabled=amp):
         for keys in batches:
-            inputs, targets = _collate([dataset[k] for k in keys], device)
+            inputs, targets = _fetch(dataset, keys, device)
             output = model(inputs).float()
             sums["val_loss"] += float(loss_fn(output, targets)) * len(keys)
             if callable(user_metrics):
@@ -277,9 +278,26 @@ def validate(
     return {name: value / max(reduced[-1], 1.0) for name, value in zip(names, reduced[:-1], strict=True)}
 
 
-def _collate(items: list[Any], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def _fetch(dataset: Any, keys: list[SampleKey], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs and targets of ``keys`` on ``device`` (a prepared dataset's batch is finished there)."""
+    if isinstance(dataset, PreparedDataset):
+        return dataset.finish(dataset.__getitems__(keys).to(device))
+    items = [dataset[k] for k in keys]
     inputs = torch.stack([i[0] for i in items]).to(device)
     targets = torch.stack([torch.as_tensor(i[1]) for i in items]).to(device)
+    return inputs, targets
+
+
+def _on_device(
+    batch: Any, dataset: Any, device: torch.device, channels_last: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A loader batch as (inputs, targets) on ``device``: raw batches are moved, then finished there."""
+    if isinstance(batch, RawBatch):
+        inputs, targets = dataset.finish(batch.to(device, non_blocking=True))
+    else:
+        inputs, targets = (t.to(device, non_blocking=True) for t in batch)
+    if channels_last:
+        inputs = inputs.contiguous(memory_format=torch.channels_last)
     return inputs, targets
 
 
@@ -417,33 +435,28 @@ def _train(config: TrainingConfig, backend: AnyBackend, device: torch.device) ->
     wait_window = 0.0
     model.train()
     try:
+        plan = BatchPlan(
+            len(train_set),
+            global_batch,
+            backend.rank,
+            backend.size,
+            t.seed,
+            t.epochs,
+            total_steps,
+            state.epoch,
+            state.step_in_epoch,
+        )
+        iterator = iter(
+            make_loader(train_set, plan, config.data.loader_workers, config.data.prefetch, device)
+        )
+        channels_last = device.type == "cuda" and config.runtime.channels_last
         while state.epoch < t.epochs and state.global_step < total_steps and not interrupted:
-            batches = epoch_batches(
-                len(train_set),
-                global_batch,
-                backend.rank,
-                backend.size,
-                t.seed,
-                state.epoch,
-                state.step_in_epoch,
-            )
-            loader = make_loader(
-                train_set,
-                batches,
-                config.data.loader_workers,
-                config.data.prefetch,
-                pin_memory=device.type == "cuda",
-            )
-            iterator = iter(loader)
             while state.step_in_epoch < spe and state.global_step < total_steps:
                 wait_start = time.perf_counter()
-                inputs, targets = next(iterator)
+                batch = next(iterator)
                 step_start = time.perf_counter()
                 wait_s = step_start - wait_start
-                inputs = inputs.to(device, non_blocking=True)
-                targets = targets.to(device, non_blocking=True)
-                if device.type == "cuda" and config.runtime.channels_last:
-                    inputs = inputs.contiguous(memory_format=torch.channels_last)
+                inputs, targets = _on_device(batch, train_set, device, channels_last)
                 optimizer.zero_grad()
                 with torch.autocast(device.type, enabled=use_amp):
                     output = model(inputs)

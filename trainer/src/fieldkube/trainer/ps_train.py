@@ -31,7 +31,7 @@ import torch.distributed as dist
 from fieldkube.contract.config import TrainingConfig, load_config
 from fieldkube.trainer.dataset_format import write_json_atomic
 from fieldkube.trainer.errors import ConfigError, DataError, TrainerError
-from fieldkube.trainer.loader import epoch_batches, make_loader
+from fieldkube.trainer.loader import BatchPlan, make_loader
 from fieldkube.trainer.loop import (
     LoopState,
     build_task_model,
@@ -149,43 +149,39 @@ def _run(config: TrainingConfig, rank: int, workers: int, servers: int, mode: st
     dist.barrier()
     started = time.perf_counter()
     exchange.pull()
+    wait_start = time.perf_counter()
     curve: list[list[float]] = []
     steady_images, steady_seconds, steady_wait = 0, 0.0, 0.0
-    step, epoch = 0, 0
     model.train()
-    while step < total_steps:
-        batches = epoch_batches(len(train_set), global_batch, rank, workers, t.seed, epoch)
-        loader = iter(make_loader(train_set, batches, config.data.loader_workers, config.data.prefetch))
-        for _ in range(min(len(batches), total_steps - step)):
-            wait_start = time.perf_counter()
-            inputs, targets = next(loader)
-            step_start = time.perf_counter()
-            model.zero_grad()
-            loss = loss_fn(model(inputs).float(), targets)
-            if not torch.isfinite(loss):
-                raise DataError(f"loss became {float(loss)} at step {step} (train.lr {t.lr} too high?)")
-            loss.backward()
-            exchange.push_pull()
-            now = time.perf_counter()
-            step += 1
-            curve.append([round(now - started, 4), step, float(loss.detach())])
-            if step > 1:
-                steady_images += inputs.shape[0]
-                steady_seconds += now - wait_start
-                steady_wait += step_start - wait_start
-            if rank == 0 and (step % t.log_every_steps == 0 or step == total_steps):
-                eta = (now - started) / step * (total_steps - step)
-                log.info(
-                    "worker 0 step %d/%d (%.1f%%) loss %.5g | %.1f img/s/worker, exchange %.0f%% | ETA %.0fs",
-                    step,
-                    total_steps,
-                    100.0 * step / total_steps,
-                    curve[-1][2],
-                    steady_images / steady_seconds if steady_seconds else float("nan"),
-                    100 * exchange.exchange_seconds / max(now - started, 1e-9),
-                    eta,
-                )
-        epoch += 1
+    plan = BatchPlan(len(train_set), global_batch, rank, workers, t.seed, t.epochs, total_steps)
+    loader = make_loader(train_set, plan, config.data.loader_workers, config.data.prefetch)
+    for step, (inputs, targets) in enumerate(loader, start=1):
+        step_start = time.perf_counter()
+        model.zero_grad()
+        loss = loss_fn(model(inputs).float(), targets)
+        if not torch.isfinite(loss):
+            raise DataError(f"loss became {float(loss)} at step {step - 1} (train.lr {t.lr} too high?)")
+        loss.backward()
+        exchange.push_pull()
+        now = time.perf_counter()
+        curve.append([round(now - started, 4), step, float(loss.detach())])
+        if step > 1:
+            steady_images += inputs.shape[0]
+            steady_seconds += now - wait_start
+            steady_wait += step_start - wait_start
+        if rank == 0 and (step % t.log_every_steps == 0 or step == total_steps):
+            eta = (now - started) / step * (total_steps - step)
+            log.info(
+                "worker 0 step %d/%d (%.1f%%) loss %.5g | %.1f img/s/worker, exchange %.0f%% | ETA %.0fs",
+                step,
+                total_steps,
+                100.0 * step / total_steps,
+                curve[-1][2],
+                steady_images / steady_seconds if steady_seconds else float("nan"),
+                100 * exchange.exchange_seconds / max(now - started, 1e-9),
+                eta,
+            )
+        wait_start = time.perf_counter()
     if rank == 0:
         exchange.pull()  # the weights after every worker's last update
     elapsed = time.perf_counter() - started
