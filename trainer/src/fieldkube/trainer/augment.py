@@ -27,6 +27,7 @@ from fieldkube.vision.normalize import MEAN_RGB, STD_RGB
 HFLIP, VFLIP, TURNS, BRIGHTNESS, CONTRAST, SATURATION = range(6)
 IDENTITY = (0.0, 0.0, 0.0, 1.0, 1.0, 1.0)
 TRUNCATE = 3.0
+CPU_CHUNK = 4
 
 
 @dataclass(frozen=True)
@@ -197,7 +198,10 @@ def jitter_and_normalise(images: torch.Tensor, params: torch.Tensor, jittered: b
         b, c, s = params[:, BRIGHTNESS], params[:, CONTRAST], params[:, SATURATION]
         # gray + (p - gray) * s, then (q - mean) * c + mean, then * b; the mean of q equals that of p.
         # Per channel: b*c*s * p + b*c*(1-s)/3 * (sum over channels of p) + b*(1-c) * mean(p).
-        mean = images.view(batch, -1).sum(dim=1, dtype=torch.int64).double().div_(images[0].numel()).float()
+        # Exact in any summation order: a pixel row sums to at most 255 x W < 2^24 (exact in float32),
+        # the rows' sums add up exactly in float64.
+        rows = pixels.view(batch, -1, pixels.shape[-1]).sum(dim=2)
+        mean = rows.double().sum(dim=1).div_(images[0].numel()).float()
         own, shared, offset = b * c * s, b * c * (1 - s) / 3, b * (1 - c) * mean
         gray = pixels.sum(dim=1, keepdim=True).mul_(shared.view(-1, 1, 1, 1)).add_(offset.view(-1, 1, 1, 1))
         pixels = torch.addcmul(gray, pixels, own.view(-1, 1, 1, 1)).clamp_(0, 255)
@@ -214,12 +218,21 @@ def finish_batch(
     Counter targets are density maps times ``density_scale``; segmenter targets are {0, 1} masks.
     """
     batch, height, width = raw.images.shape[:3]
-    images, masks = raw.images, raw.masks
-    if any(h or v or t for h, v, t in raw.geometry):
-        images = torch.stack([_turn(images[i], *raw.geometry[i]) for i in range(batch)])
-        if masks is not None:
-            masks = torch.stack([_turn(masks[i], *raw.geometry[i]) for i in range(batch)])
-    inputs = jitter_and_normalise(images, raw.params, raw.jittered)
+    device = raw.images.device
+    masks = raw.masks
+    turned = any(h or v or t for h, v, t in raw.geometry)
+    if turned and masks is not None:
+        masks = torch.stack([_turn(masks[i], *raw.geometry[i]) for i in range(batch)])
+    inputs = torch.empty((batch, 3, height, width), dtype=torch.float32, device=device)
+    # On a CPU, a few samples at a time keep the float32 intermediates in cache (a batch of 32
+    # 256 px tiles is 25 MB); a GPU takes the whole batch at once.
+    step = CPU_CHUNK if device.type == "cpu" else batch
+    for start in range(0, batch, step):
+        end = min(batch, start + step)
+        images = raw.images[start:end]
+        if turned:
+            images = torch.stack([_turn(raw.images[i], *raw.geometry[i]) for i in range(start, end)])
+        inputs[start:end] = jitter_and_normalise(images, raw.params[start:end], raw.jittered)
     if task == "counter":
         points = _turn_points(raw.points, raw.params, height, width)
         targets = density_maps(points, batch, height, width, sigma, density_scale)
