@@ -141,6 +141,7 @@ def prometheus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         train.observe_step(
             images=8, step_s=0.2, wait_s=0.02, loss=1.0 / (step + 1), epoch=step, allreduce_s=0.03
         )
+        train.observe_window(images_per_second=8 / 0.22, mfu=0.3)
         for endpoint, status in (("/v1/count", "200"), ("/v1/segment", "200"), ("/v1/count", "413")):
             serve.request_seconds.labels(endpoint, "POST", status).observe(0.1 + 0.01 * step)
         for task in ("counter", "segmenter"):

@@ -76,7 +76,8 @@ def test_a_batch_is_the_same_read_whole_or_in_parts_and_by_the_loader(
     plan = BatchPlan(len(dataset), 2, rank=0, world=1, seed=4, epochs=2, total_steps=3)
     loaded = list(make_loader(dataset, plan, workers=1, prefetch=2))
     assert len(loaded) == 3
-    for (got_inputs, got_targets), keys in zip(loaded, plan, strict=True):
+    for (got_inputs, got_targets, loader_cpu_s), keys in zip(loaded, plan, strict=True):
+        assert loader_cpu_s > 0  # the worker's CPU time on this batch, which the trainer reports
         expected_inputs, expected_targets = dataset.batch(keys)
         torch.testing.assert_close(got_inputs, expected_inputs, rtol=0, atol=0)
         torch.testing.assert_close(got_targets, expected_targets, rtol=0, atol=0)

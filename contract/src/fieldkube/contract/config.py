@@ -24,6 +24,7 @@ MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/@]+)|/(?P<ve
 
 Backend = Literal["auto", "single", "horovod", "ddp"]
 Device = Literal["auto", "cpu", "cuda"]
+Precision = Literal["auto", "bf16", "fp16", "fp32"]
 LossName = Literal["auto", "l2_per_image", "pixel_mse", "bce", "bce_dice"]
 
 
@@ -172,8 +173,21 @@ class MetricsConfig(_Section):
 class RuntimeConfig(_Section):
     backend: Backend = Field("auto", description="auto: horovod under horovodrun/mpirun, ddp under torchrun.")
     device: Device = Field("auto", description="auto: one CUDA device per process when present, else CPU.")
-    amp: bool = Field(True, description="Automatic mixed precision (CUDA only).")
+    precision: Precision = Field(
+        "auto",
+        description="Training precision on CUDA: auto = bf16 autocast where the GPU supports it, else "
+        "fp16 autocast with loss scaling; fp32 turns autocast off. CPU training is fp32.",
+    )
     channels_last: bool = Field(True, description="channels_last memory format (CUDA only).")
+    compile: bool = Field(
+        False, description="torch.compile the model (CUDA only); faster for some models, slower for others."
+    )
+    peak_tflops: float | None = Field(
+        None,
+        gt=0,
+        description="Dense bf16 peak of one device in TFLOP/s for the MFU figure; default: known from the "
+        "GPU's name (no MFU on CPUs or unknown GPUs without it).",
+    )
     threads: int | None = Field(None, ge=1, le=512, description="torch CPU threads per process.")
 
 

@@ -75,14 +75,20 @@ class RawBatch:
     masks: torch.Tensor | None
     geometry: list[tuple[bool, bool, int]]
     jittered: bool
+    loader_cpu_s: float = 0.0  # CPU seconds the worker spent on this batch (the trainer reports it)
 
     @classmethod
     def build(
-        cls, images: torch.Tensor, params: np.ndarray, points: torch.Tensor, masks: torch.Tensor | None
+        cls,
+        images: torch.Tensor,
+        params: np.ndarray,
+        points: torch.Tensor,
+        masks: torch.Tensor | None,
+        loader_cpu_s: float = 0.0,
     ) -> RawBatch:
         geometry = [(bool(h), bool(v), int(t)) for h, v, t in params[:, :3].tolist()]
         jittered = bool((params[:, BRIGHTNESS:] != 1).any())
-        return cls(images, torch.from_numpy(params), points, masks, geometry, jittered)
+        return cls(images, torch.from_numpy(params), points, masks, geometry, jittered, loader_cpu_s)
 
     def to(self, device: torch.device, non_blocking: bool = False) -> RawBatch:
         def move(t: torch.Tensor) -> torch.Tensor:

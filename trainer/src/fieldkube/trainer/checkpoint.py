@@ -12,6 +12,7 @@ import logging
 import os
 import re
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -86,3 +87,17 @@ def restore_rng(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@dataclass(frozen=True)
+class CheckpointPolicy:
+    """When rank 0 writes a checkpoint: every N steps, every N epochs, and when asked to stop (SIGTERM)."""
+
+    every_steps: int | None
+    every_epochs: int | None
+
+    def after_step(self, global_step: int, stop_requested: bool) -> bool:
+        return stop_requested or bool(self.every_steps and global_step % self.every_steps == 0)
+
+    def after_epoch(self, epochs_done: int) -> bool:
+        return bool(self.every_epochs and epochs_done % self.every_epochs == 0)

@@ -8,10 +8,11 @@ continues exactly where the checkpoint left off (epoch, step).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -109,6 +110,7 @@ class PreparedDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
 
     def __getitems__(self, keys: list[SampleKey]) -> RawBatch:
         """The raw batch of ``keys``: what a loader worker does (read, decode, draw the augmentation)."""
+        began = time.process_time()
         indices = [index for _, index in keys]
         columns = ["image", "points"] if self.task == "counter" else ["image", "mask"]
         rows = self._rows(indices, columns)
@@ -129,7 +131,8 @@ class PreparedDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
         else:
             decoded = [decode_mask(v, self.pixels, self.tile) for v in rows["mask"].to_pylist()]
             masks = torch.from_numpy(np.stack(decoded))
-        return RawBatch.build(torch.from_numpy(images), params, points, masks)
+        spent = time.process_time() - began
+        return RawBatch.build(torch.from_numpy(images), params, points, masks, loader_cpu_s=spent)
 
     def finish(self, raw: RawBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """Model inputs and targets of a raw batch, on the raw batch's device."""
@@ -200,14 +203,24 @@ class BatchPlan:
         return max(0, min(self.epochs * spe, self.total_steps) - done)
 
 
+class LoadedBatch(NamedTuple):
+    """A finished batch from the loader, with the CPU seconds its worker spent on it."""
+
+    inputs: torch.Tensor
+    targets: torch.Tensor
+    loader_cpu_s: float
+
+
 class _FinishOnCpu:
     """The loader's collate step when training on the CPU: workers hand over finished batches."""
 
     def __init__(self, dataset: PreparedDataset) -> None:
         self.task, self.sigma, self.density_scale = dataset.task, dataset.sigma, dataset.density_scale
 
-    def __call__(self, raw: RawBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        return finish_batch(raw, self.task, self.sigma, self.density_scale)
+    def __call__(self, raw: RawBatch) -> LoadedBatch:
+        began = time.process_time()
+        inputs, targets = finish_batch(raw, self.task, self.sigma, self.density_scale)
+        return LoadedBatch(inputs, targets, raw.loader_cpu_s + time.process_time() - began)
 
 
 def _as_is(batch: Any) -> Any:
@@ -224,7 +237,8 @@ def make_loader(
     """A torch DataLoader over explicit per-step batches, with worker processes prefetching ahead.
 
     For a prepared dataset on a GPU it yields :class:`RawBatch` (pinned, to be moved and finished on
-    the device: ``dataset.finish(raw.to(device))``); otherwise it yields finished (inputs, targets).
+    the device: ``dataset.finish(raw.to(device))``), on a CPU a :class:`LoadedBatch`; a user dataset's
+    batches are torch's default collation of its (input, target) items.
     """
     on_gpu = device is not None and device.type == "cuda"
     options: dict[str, Any] = {"num_workers": workers, "pin_memory": on_gpu}

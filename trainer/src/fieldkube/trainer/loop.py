@@ -34,6 +34,7 @@ from fieldkube.trainer import checkpoint as ckpt
 from fieldkube.trainer.augment import RawBatch
 from fieldkube.trainer.backends import AnyBackend, create_backend, pin_device
 from fieldkube.trainer.dataset_format import write_json_atomic
+from fieldkube.trainer.early_stopping import EarlyStopping
 from fieldkube.trainer.errors import ConfigError, DataError
 from fieldkube.trainer.freezing import frozen_factor, split_frozen
 from fieldkube.trainer.init_source import (
@@ -43,9 +44,19 @@ from fieldkube.trainer.init_source import (
     fetch_init_source,
 )
 from fieldkube.trainer.launch_env import detect_launch_env
-from fieldkube.trainer.loader import BatchPlan, PreparedDataset, SampleKey, make_loader, steps_per_epoch
+from fieldkube.trainer.loader import (
+    BatchPlan,
+    LoadedBatch,
+    PreparedDataset,
+    SampleKey,
+    make_loader,
+    steps_per_epoch,
+)
 from fieldkube.trainer.losses import LossFn, resolve_loss
 from fieldkube.trainer.metrics import TrainingMetrics
+from fieldkube.trainer.precision import PrecisionPlan, device_precision
+from fieldkube.trainer.step import TrainStep
+from fieldkube.trainer.throughput import ThroughputMeter, Window, peak_tflops, train_flops_per_image
 from fieldkube.trainer.tracking import Tracker, lineage_tags
 
 log = logging.getLogger("fieldkube.train")
@@ -255,7 +266,7 @@ def validate(
     backend: AnyBackend,
     batch: int,
     device: torch.device,
-    amp: bool,
+    precision: PrecisionPlan,
 ) -> dict[str, float]:
     """Mean validation loss (and a user model's `metrics(output, target)`) over the whole split; rank r
     scores samples r, r+W, ... and the sums are allreduced."""
@@ -264,7 +275,8 @@ def validate(
     mine = list(range(backend.rank, len(dataset), backend.size))
     batches = [[(-1, i) for i in mine[k : k + batch]] for k in range(0, len(mine), batch)]
     sums: dict[str, float] = {"val_loss": 0.0}
-    with torch.no_grad(), torch.autocast(device.type, enabled=amp):
+    autocast = torch.autocast(device.type, dtype=precision.autocast_dtype, enabled=precision.autocast)
+    with torch.no_grad(), autocast:
         for keys in batches:
             inputs, targets = _fetch(dataset, keys, device)
             output = model(inputs).float()
@@ -290,15 +302,20 @@ def _fetch(dataset: Any, keys: list[SampleKey], device: torch.device) -> tuple[t
 
 def _on_device(
     batch: Any, dataset: Any, device: torch.device, channels_last: bool
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """A loader batch as (inputs, targets) on ``device``: raw batches are moved, then finished there."""
+) -> tuple[torch.Tensor, torch.Tensor, float | None]:
+    """A loader batch as (inputs, targets, loader CPU seconds) on ``device``: raw batches are moved,
+    then finished there; a user dataset's batches carry no CPU figure."""
+    cpu_s: float | None = None
     if isinstance(batch, RawBatch):
         inputs, targets = dataset.finish(batch.to(device, non_blocking=True))
+        cpu_s = batch.loader_cpu_s
+    elif isinstance(batch, LoadedBatch):
+        inputs, targets, cpu_s = batch.inputs.to(device), batch.targets.to(device), batch.loader_cpu_s
     else:
         inputs, targets = (t.to(device, non_blocking=True) for t in batch)
     if channels_last:
         inputs = inputs.contiguous(memory_format=torch.channels_last)
-    return inputs, targets
+    return inputs, targets, cpu_s
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -314,11 +331,38 @@ def run_training(config: TrainingConfig) -> TrainingResult:
         torch.set_num_threads(config.runtime.threads)
     wanted = config.runtime.device
     device = pin_device(wanted, env.local_rank, f"runtime.device {wanted!r}")
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed tile and batch: autotuned kernels pay off
     backend = create_backend(config.runtime.backend, env, device)
     try:
         return _train(config, backend, device)
     finally:
         backend.shutdown()
+
+
+def _restore(
+    config: TrainingConfig,
+    backend: AnyBackend,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    scaler: torch.amp.GradScaler | None,
+    state: LoopState,
+) -> tuple[LoopState, bool]:
+    """Continue from the newest checkpoint if there is one (rank 0 reads it, every rank loads it)."""
+    if not (config.checkpoint.dir and config.checkpoint.resume):
+        return state, False
+    saved = ckpt.load_latest(config.checkpoint.dir) if backend.rank == 0 else None
+    saved = backend.broadcast_object(saved) if backend.size > 1 else saved
+    if saved is None:
+        return state, False
+    _unwrap(model).load_state_dict(saved["model"])
+    optimizer.load_state_dict(saved["optimizer"])
+    scheduler.load_state_dict(saved["scheduler"])
+    if scaler is not None and "scaler" in saved:
+        scaler.load_state_dict(saved["scaler"])
+    ckpt.restore_rng(saved["rng"])
+    return LoopState(**saved["loop"]), True
 
 
 def _train(config: TrainingConfig, backend: AnyBackend, device: torch.device) -> TrainingResult:
@@ -335,9 +379,11 @@ def _train(config: TrainingConfig, backend: AnyBackend, device: torch.device) ->
         raise ConfigError(
             f"model.name {config.model.name!r} is a {task} but {config.data.path} holds {data_task} data"
         )
-    use_amp = device.type == "cuda" and config.runtime.amp
+    precision = device_precision(config.runtime.precision, device)
+    flops_per_image = train_flops_per_image(model, tile)
     model = model.to(device)
-    if device.type == "cuda" and config.runtime.channels_last:
+    channels_last = device.type == "cuda" and config.runtime.channels_last
+    if channels_last:
         model = model.to(memory_format=torch.channels_last)
     global_batch, spe, total_steps = plan_steps(config, backend.size, len(train_set))
     scale = global_batch / t.batch_size if t.lr_scaling == "linear" else 1.0
@@ -346,23 +392,14 @@ def _train(config: TrainingConfig, backend: AnyBackend, device: torch.device) ->
     # not the state, so a checkpoint's optimizer state (Adam's moments) must be loaded into the wrapper.
     model, optimizer = backend.wrap(model, make_optimizer(config, model))
     scheduler = make_scheduler(config, optimizer, spe, total_steps, scale)
-    scaler = torch.amp.GradScaler("cuda") if use_amp else None
+    scaler = torch.amp.GradScaler("cuda") if precision.loss_scaling else None
 
     state = LoopState(init_lineage=dict(init.lineage) if init is not None else {})
-    resumed = False
-    if config.checkpoint.dir and config.checkpoint.resume:
-        saved = ckpt.load_latest(config.checkpoint.dir) if chief else None
-        saved = backend.broadcast_object(saved) if backend.size > 1 else saved
-        if saved is not None:
-            _unwrap(model).load_state_dict(saved["model"])
-            optimizer.load_state_dict(saved["optimizer"])
-            scheduler.load_state_dict(saved["scheduler"])
-            if scaler is not None and "scaler" in saved:
-                scaler.load_state_dict(saved["scaler"])
-            ckpt.restore_rng(saved["rng"])
-            state = LoopState(**saved["loop"])
-            resumed = True
+    state, resumed = _restore(config, backend, model, optimizer, scheduler, scaler, state)
     backend.broadcast_initial_state(_unwrap(model), optimizer)
+    # Compiled after the weights are final: the compiled module shares the parameters it wraps.
+    forward = torch.compile(model) if config.runtime.compile and device.type == "cuda" else model
+    train_step = TrainStep(forward, optimizer, scheduler, loss_fn, backend, precision, scaler, t.lr)
 
     tracker = Tracker(config, enabled=chief)
     extra = {
@@ -373,6 +410,8 @@ def _train(config: TrainingConfig, backend: AnyBackend, device: torch.device) ->
         "loss_resolved": loss_name,
         "device": str(device),
         "task": task,
+        "precision": precision.name,
+        "train_gflops_per_image": round(flops_per_image / 1e9, 3) if flops_per_image else None,
     }
     state.run_id = tracker.start(config, state.run_id if resumed else None, extra) or state.run_id
     if not resumed:
@@ -387,14 +426,15 @@ def _train(config: TrainingConfig, backend: AnyBackend, device: torch.device) ->
     previous_handler = signal.signal(signal.SIGTERM, stop)
     if chief:
         log.info(
-            "training %s (%s, loss %s) on %d %s rank(s) [%s]: %d samples, global batch %d, %d steps/epoch, "
-            "%d steps total, lr %.3g x %.3g (%s)%s",
+            "training %s (%s, loss %s) on %d %s rank(s) [%s] in %s: %d samples, global batch %d, "
+            "%d steps/epoch, %d steps total, lr %.3g x %.3g (%s)%s",
             config.model.name,
             task,
             loss_name,
             backend.size,
             device.type,
             backend.name,
+            precision.name,
             len(train_set),
             global_batch,
             spe,
@@ -422,116 +462,66 @@ def _train(config: TrainingConfig, backend: AnyBackend, device: torch.device) ->
         )
         log.info("checkpoint saved: %s", path)
 
+    policy = ckpt.CheckpointPolicy(config.checkpoint.every_steps, config.checkpoint.every_epochs)
+    early = EarlyStopping(t.early_stopping_patience or 0, t.early_stopping_min_delta)
+    peak = peak_tflops(device, config.runtime.peak_tflops)
+    meter = ThroughputMeter(backend.size, flops_per_image, peak)
     stopped_early = False
     interrupted = False
-    started = time.perf_counter()
     steps_this_run = 0
-    # steady-state throughput of this run (first step excluded: it pays for lazy initialisation)
-    steady_images, steady_seconds, steady_wait = 0, 0.0, 0.0
-    images_window = 0
+    loader_cpu_s, loader_samples = 0.0, 0
     # (seconds since start, global step, global-batch loss) at every log point: time to a target loss
     loss_curve: list[list[float]] = []
-    window_start = time.perf_counter()
-    wait_window = 0.0
+    plan = BatchPlan(
+        len(train_set),
+        global_batch,
+        backend.rank,
+        backend.size,
+        t.seed,
+        t.epochs,
+        total_steps,
+        state.epoch,
+        state.step_in_epoch,
+    )
+    batches = iter(make_loader(train_set, plan, config.data.loader_workers, config.data.prefetch, device))
     model.train()
     try:
-        plan = BatchPlan(
-            len(train_set),
-            global_batch,
-            backend.rank,
-            backend.size,
-            t.seed,
-            t.epochs,
-            total_steps,
-            state.epoch,
-            state.step_in_epoch,
-        )
-        iterator = iter(
-            make_loader(train_set, plan, config.data.loader_workers, config.data.prefetch, device)
-        )
-        channels_last = device.type == "cuda" and config.runtime.channels_last
         while state.epoch < t.epochs and state.global_step < total_steps and not interrupted:
+            meter.epoch_starts()
             while state.step_in_epoch < spe and state.global_step < total_steps:
                 wait_start = time.perf_counter()
-                batch = next(iterator)
+                batch = next(batches)
                 step_start = time.perf_counter()
-                wait_s = step_start - wait_start
-                inputs, targets = _on_device(batch, train_set, device, channels_last)
-                optimizer.zero_grad()
-                with torch.autocast(device.type, enabled=use_amp):
-                    output = model(inputs)
-                loss = loss_fn(output.float(), targets)
-                if not torch.isfinite(loss):
-                    raise DataError(
-                        f"loss became {float(loss)} at step {state.global_step} (train.lr {t.lr} too high?)"
-                    )
-                if scaler is not None:
-                    scaler.scale(loss).backward()
-                else:
-                    loss.backward()
-                backend.optimizer_step(optimizer, scaler)
-                scheduler.step()
-                loss_value = float(loss.detach())
+                inputs, targets, cpu_s = _on_device(batch, train_set, device, channels_last)
+                loss_value = train_step(inputs, targets, state.global_step)
                 step_s = time.perf_counter() - step_start
+                wait_s = step_start - wait_start
                 state.step_in_epoch += 1
                 state.global_step += 1
                 state.epoch_loss_sum += loss_value
                 state.epoch_loss_steps += 1
                 steps_this_run += 1
-                if steps_this_run > 1:
-                    steady_images += inputs.shape[0] * backend.size
-                    steady_seconds += step_s + wait_s
-                    steady_wait += wait_s
-                images_window += inputs.shape[0] * backend.size
-                wait_window += wait_s
+                meter.step(inputs.shape[0], wait_s, step_s)
+                if cpu_s is not None:
+                    loader_cpu_s, loader_samples = loader_cpu_s + cpu_s, loader_samples + inputs.shape[0]
                 metrics.observe_step(
                     inputs.shape[0], step_s, wait_s, loss_value, state.epoch, backend.last_allreduce_s
                 )
                 if state.global_step % t.log_every_steps == 0 or state.global_step == total_steps:
                     # the loss of the whole global batch (mean over ranks), as one rank would see it
                     loss_value = backend.allreduce_sum([loss_value])[0] / backend.size
-                    now = time.perf_counter()
-                    rate = images_window / max(now - window_start, 1e-9)
-                    wait_share = wait_window / max(now - window_start, 1e-9)
-                    elapsed = now - started
+                    window = meter.window()
+                    metrics.observe_window(window.images_per_second / backend.size, window.mfu)
+                    elapsed = time.perf_counter() - meter.started
                     loss_curve.append([round(elapsed, 3), state.global_step, loss_value])
-                    eta = elapsed / steps_this_run * (total_steps - state.global_step)
-                    percent = 100.0 * state.global_step / total_steps
                     if chief:
-                        log.info(
-                            "epoch %d/%d step %d/%d (global %d/%d, %.1f%%) loss %.5g lr %.3g | %.1f img/s, "
-                            "loader wait %.0f%% | ETA %s",
-                            state.epoch + 1,
-                            t.epochs,
-                            state.step_in_epoch,
-                            spe,
-                            state.global_step,
-                            total_steps,
-                            percent,
-                            loss_value,
-                            scheduler.get_last_lr()[0],
-                            rate,
-                            100 * wait_share,
-                            _format_eta(eta),
+                        _log_progress(
+                            state, t.epochs, spe, total_steps, loss_value, scheduler, window, elapsed
                         )
-                    tracker.log_metrics(
-                        {
-                            TRAIN_LOSS: loss_value,
-                            IMAGES_PER_SECOND: rate,
-                            "loader_wait_share": wait_share,
-                            "lr": float(scheduler.get_last_lr()[0]),
-                            PROGRESS_EPOCH: state.epoch + 1,
-                            PROGRESS_STEP: state.global_step,
-                            PROGRESS_PERCENT: percent,
-                        },
-                        step=state.global_step,
-                    )
-                    images_window, wait_window, window_start = 0, 0.0, now
-                every = config.checkpoint.every_steps
-                if every and state.global_step % every == 0:
+                        _log_progress_metrics(tracker, state, total_steps, loss_value, scheduler, window)
+                if policy.after_step(state.global_step, stop.requested):
                     save(state)
                 if stop.requested:
-                    save(state)
                     interrupted = True
                     break
             if interrupted or state.step_in_epoch < spe:
@@ -543,17 +533,8 @@ def _train(config: TrainingConfig, backend: AnyBackend, device: torch.device) ->
                 / max(state.epoch_loss_steps, 1),
             }
             if val_set is not None and len(val_set):
-                epoch_summary.update(
-                    validate(
-                        model,
-                        val_set,
-                        loss_fn,
-                        backend,
-                        max(1, global_batch // backend.size),
-                        device,
-                        use_amp,
-                    )
-                )
+                per_rank = max(1, global_batch // backend.size)
+                epoch_summary.update(validate(model, val_set, loss_fn, backend, per_rank, device, precision))
             state.history.append(epoch_summary)
             tracker.log_metrics(
                 {k: v for k, v in epoch_summary.items() if k != "epoch"}, step=state.global_step
@@ -567,15 +548,11 @@ def _train(config: TrainingConfig, backend: AnyBackend, device: torch.device) ->
             state.epoch += 1
             state.step_in_epoch = 0
             state.epoch_loss_sum, state.epoch_loss_steps = 0.0, 0
-            if "val_loss" in epoch_summary and t.early_stopping_patience:
-                if epoch_summary["val_loss"] < state.best_val - t.early_stopping_min_delta:
-                    state.best_val, state.bad_epochs = epoch_summary["val_loss"], 0
-                else:
-                    state.bad_epochs += 1
-                if state.bad_epochs >= t.early_stopping_patience:
-                    stopped_early = True
-            every_epochs = config.checkpoint.every_epochs
-            if every_epochs and state.epoch % every_epochs == 0:
+            if "val_loss" in epoch_summary and early.patience:
+                state.best_val, state.bad_epochs, stopped_early = early.update(
+                    state.best_val, state.bad_epochs, epoch_summary["val_loss"]
+                )
+            if policy.after_epoch(state.epoch):
                 save(state)
             if stopped_early:
                 if chief:
@@ -586,6 +563,7 @@ def _train(config: TrainingConfig, backend: AnyBackend, device: torch.device) ->
         raise
     finally:
         signal.signal(signal.SIGTERM, previous_handler)
+        del batches  # the loader's worker processes end here, not at interpreter exit
 
     output_dir = Path(config.output_dir)
     if interrupted:
@@ -597,8 +575,7 @@ def _train(config: TrainingConfig, backend: AnyBackend, device: torch.device) ->
         from fieldkube.trainer.finish import finish_run
 
         write_json_atomic(output_dir / "loss_curve.json", loss_curve)
-
-        elapsed = time.perf_counter() - started
+        throughput = meter.summary()
         report, registered = finish_run(
             config,
             _unwrap(model),
@@ -612,15 +589,70 @@ def _train(config: TrainingConfig, backend: AnyBackend, device: torch.device) ->
             {
                 "world_size": backend.size,
                 "backend": backend.name,
+                "precision": precision.name,
                 "global_batch": global_batch,
                 "steps": state.global_step,
                 "epochs": state.epoch,
-                "seconds_this_run": round(elapsed, 3),
-                "train_images_per_second": steady_images / steady_seconds if steady_seconds else None,
-                "loader_wait_share": steady_wait / steady_seconds if steady_seconds else None,
+                "seconds_this_run": round(time.perf_counter() - meter.started, 3),
+                **throughput,
+                "loader_cpu_ms_per_sample": 1e3 * loader_cpu_s / loader_samples if loader_samples else None,
+                "train_gflops_per_image": flops_per_image / 1e9 if flops_per_image else None,
                 "stopped_early": stopped_early,
                 "run_id": state.run_id,
             },
         )
     tracker.finish("FINISHED")
     return TrainingResult(state, _unwrap(model), stopped_early, report, output_dir, registered)
+
+
+def _log_progress(
+    state: LoopState,
+    epochs: int,
+    spe: int,
+    total_steps: int,
+    loss: float,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    window: Window,
+    elapsed: float,
+) -> None:
+    eta = elapsed / max(state.global_step, 1) * (total_steps - state.global_step)
+    mfu = f", MFU {100 * window.mfu:.1f}%" if window.mfu is not None else ""
+    log.info(
+        "epoch %d/%d step %d/%d (global %d/%d, %.1f%%) loss %.5g lr %.3g | %.1f img/s%s, "
+        "loader wait %.0f%% | ETA %s",
+        state.epoch + 1,
+        epochs,
+        state.step_in_epoch,
+        spe,
+        state.global_step,
+        total_steps,
+        100.0 * state.global_step / total_steps,
+        loss,
+        scheduler.get_last_lr()[0],
+        window.images_per_second,
+        mfu,
+        100 * window.loader_wait_share,
+        _format_eta(eta),
+    )
+
+
+def _log_progress_metrics(
+    tracker: Tracker,
+    state: LoopState,
+    total_steps: int,
+    loss: float,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    window: Window,
+) -> None:
+    values = {
+        TRAIN_LOSS: loss,
+        IMAGES_PER_SECOND: window.images_per_second,
+        "loader_wait_share": window.loader_wait_share,
+        "lr": float(scheduler.get_last_lr()[0]),
+        PROGRESS_EPOCH: state.epoch + 1,
+        PROGRESS_STEP: state.global_step,
+        PROGRESS_PERCENT: 100.0 * state.global_step / total_steps,
+    }
+    if window.mfu is not None:
+        values["mfu"] = window.mfu
+    tracker.log_metrics(values, step=state.global_step)

@@ -68,7 +68,17 @@ class TrainingMetrics:
         self._values = {"rank": str(rank), "trainingjob": job}
         r = self.registry
         self.images_per_second = Gauge(
-            "fieldkube_train_images_per_second", "Images/s of this rank.", labels, registry=r
+            "fieldkube_train_images_per_second",
+            "Images/s of this rank over the last log window, every wait included (loader, epoch "
+            "boundaries, validation, checkpoints).",
+            labels,
+            registry=r,
+        )
+        self.mfu = Gauge(
+            "fieldkube_train_mfu",
+            "Model FLOPs utilisation over the last log window: achieved / dense bf16 peak (0-1).",
+            labels,
+            registry=r,
         )
         self.step_duration = Histogram(
             "fieldkube_train_step_duration_seconds",
@@ -117,9 +127,13 @@ class TrainingMetrics:
         self._l(self.epoch).set(epoch)
         self._l(self.samples).inc(images)
         self._l(self.steps).inc()
-        total = step_s + wait_s
-        if total > 0:
-            self._l(self.images_per_second).set(images / total)
+
+    def observe_window(self, images_per_second: float, mfu: float | None) -> None:
+        """The rates of a log window (ThroughputMeter.window), not of one step: one step's rate leaves
+        out the stalls between steps and overstated throughput many times over on a starved GPU."""
+        self._l(self.images_per_second).set(images_per_second)
+        if mfu is not None:
+            self._l(self.mfu).set(mfu)
 
     def serve(self, port: int, address: str) -> int:
         """Start the HTTP exporter; returns the bound port (0 picks a free one)."""

@@ -155,7 +155,7 @@ def _run(config: TrainingConfig, rank: int, workers: int, servers: int, mode: st
     model.train()
     plan = BatchPlan(len(train_set), global_batch, rank, workers, t.seed, t.epochs, total_steps)
     loader = make_loader(train_set, plan, config.data.loader_workers, config.data.prefetch)
-    for step, (inputs, targets) in enumerate(loader, start=1):
+    for step, (inputs, targets, _) in enumerate(loader, start=1):
         step_start = time.perf_counter()
         model.zero_grad()
         loss = loss_fn(model(inputs).float(), targets)
