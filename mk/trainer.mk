@@ -1,13 +1,19 @@
 # Trainer targets: benchmarks (`make bench-train`, `make bench-loader`, `make bench-accuracy`, `make bench-adapt`,
 # `make bench-profile`, `make bench-scale`) and the trainer's own tests. Extra flags for bench-accuracy:
 # ACCURACY_BENCH_ARGS="--counter-heads linear clamp relu softplus --seeds 0 1 --no-segmenter".
-.PHONY: test-trainer bench-train bench-loader bench-accuracy bench-adapt bench-profile bench-scale
+.PHONY: test-trainer bench-train bench-train-gpu gpu-wheels bench-loader bench-accuracy bench-adapt bench-profile bench-scale
 
 test-trainer:  ## unit + integration tests of fieldkube-train / -prepare / -profile / -scale and fieldkube.vision
 	$(PY) -m pytest tests/unit/vision tests/unit/trainer tests/integration/trainer
 
 bench-train:  ## images/s of fieldkube-train vs a bare loop, Horovod vs DDP, loader wait -> bench/results/train.json
 	$(PY) bench/train_bench.py --out bench/results/train.json
+
+bench-train-gpu:  ## on a GPU host: per model, fieldkube-train vs the bare step, MFU, stall, loader wait -> bench/results/train_gpu.json
+	$(PY) bench/train_gpu_bench.py --out bench/results/train_gpu.json $(GPU_BENCH_ARGS)
+
+gpu-wheels:  ## the wheels a torch-only GPU host needs to run bench/train_gpu_bench.py from src/ -> build/gpu-wheels/
+	@hack/gpu-wheels.sh $(GPU_PYTHON)
 
 bench-loader:  ## loader CPU ms per sample: batched (PNG, raw pixels; CPU and GPU split) vs the per-sample path -> bench/results/loader.json
 	$(PY) bench/loader_bench.py --out bench/results/loader.json
