@@ -911,15 +911,16 @@ def import_images(socket: Path, images_dir: Path) -> list[str]:
     for image in index:
         if image["reference"] in have and image.get("digest", "") in have:
             continue
-        run_ctr(
-            socket,
-            "-n",
-            "k8s.io",
-            "images",
-            "import",
-            "--all-platforms",
-            str(image["archive"]),
-            timeout=1800,
-        )
+        command = ("-n", "k8s.io", "images", "import", "--all-platforms", str(image["archive"]))
+        for attempt in (1, 2, 3):
+            result = run_ctr(socket, *command, check=False, timeout=1800)
+            if result.returncode == 0:
+                break
+            error = result.stderr.strip() or result.stdout.strip()
+            # Re-tagging an image makes the old one's snapshots garbage; containerd may collect a layer
+            # the new image shares (the base) between the import's content and unpack steps. Its content
+            # is kept, so importing again unpacks the missing snapshot anew.
+            if "snapshot" not in error or attempt == 3:
+                raise ClusterError(f"ctr {' '.join(command)} failed: {error}")
         imported.append(str(image["reference"]))
     return imported
