@@ -102,7 +102,14 @@ def rollout(cluster: Any, namespace: str, deployment: str, timeout: int = 600) -
         selector = f"app.kubernetes.io/instance={RELEASE}"
         described = cluster.kubectl("describe", "pods", "-n", namespace, "-l", selector, check=False).stdout
         logs = cluster.kubectl("logs", "-n", namespace, f"deployment/{deployment}", check=False).stdout
-        pytest.fail(f"{deployment} not available:\n{described[-6000:]}\n{logs[-3000:]}")
+        mlflow = cluster.kubectl(
+            "logs", "-n", namespace, f"deployment/{RELEASE}-mlflow", "--tail=40", check=False
+        ).stdout  # what the registry server said meanwhile (the service's models come from it)
+        pods = cluster.kubectl("get", "pods", "-n", namespace, "-o", "wide", check=False).stdout
+        pytest.fail(
+            f"{deployment} not available:\n{described[-6000:]}\n{logs[-3000:]}\n--- pods ---\n{pods}"
+            f"\n--- {RELEASE}-mlflow ---\n{mlflow[-3000:]}"
+        )
 
 
 def counted(url: str, image: np.ndarray) -> float:
