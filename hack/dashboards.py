@@ -105,6 +105,19 @@ TRAINING = Dashboard(
             ),
             "A rank far below the others is a straggler: every step waits for it at the allreduce.",
         ),
+        Panel(
+            "MFU",
+            "percentunit",
+            (
+                q(
+                    'avg by (trainingjob) (fieldkube_train_mfu{trainingjob=~"$trainingjob"})',
+                    "{{trainingjob}}",
+                ),
+            ),
+            "Model FLOPs utilisation: achieved training FLOP/s over the GPUs' dense bf16 peak, loader waits "
+            "included. Small convolutions (counter-mcnn) stay in single digits; a U-Net reaches tens of %. "
+            "No data on CPUs (no peak) unless runtime.peak_tflops is set.",
+        ),
         Panel("Step duration", "s", quantiles("fieldkube_train_step_duration_seconds", "trainingjob")),
         Panel(
             "Data-loader wait share",
