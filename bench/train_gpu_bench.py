@@ -183,21 +183,7 @@ def main() -> None:
                 "batch": batch,
                 "compile": compile_model,
                 "bare_images_per_second": round(bare, 1),
-                **{
-                    k: trained.get(k)
-                    for k in (
-                        "precision",
-                        "train_images_per_second",
-                        "run_images_per_second",
-                        "loader_wait_share",
-                        "epoch_start_stall_steps",
-                        "loader_cpu_ms_per_sample",
-                        "mfu",
-                        "run_mfu",
-                        "gpu_utilisation_mean",
-                        "train_gflops_per_image",
-                    )
-                },
+                **{k: trained.get(k) for k in REPORTED},
             }
             steady, whole = row["train_images_per_second"], row["run_images_per_second"]
             row["steady_ratio_to_bare"] = round(steady / bare, 3) if steady else None
