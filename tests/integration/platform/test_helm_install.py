@@ -59,6 +59,7 @@ EMPTY_PANELS = {
     "fieldkube-operator": {
         "GPU-hours by namespace (last 24 h)": "the install's one TrainingJob is a CPU job: no GPU-seconds"
     },
+    "fieldkube-training": {"MFU": "CPU training: no peak FLOP/s to divide by (runtime.peak_tflops unset)"},
 }
 EMPTY_ALERTS = {"FieldkubeGpuIdleDuringTraining": NO_GPU}
 
