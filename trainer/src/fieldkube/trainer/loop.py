@@ -468,7 +468,6 @@ def _train(config: TrainingConfig, backend: AnyBackend, device: torch.device) ->
     meter = ThroughputMeter(backend.size, flops_per_image, peak)
     stopped_early = False
     interrupted = False
-    steps_this_run = 0
     loader_cpu_s, loader_samples = 0.0, 0
     # (seconds since start, global step, global-batch loss) at every log point: time to a target loss
     loss_curve: list[list[float]] = []
@@ -500,7 +499,6 @@ def _train(config: TrainingConfig, backend: AnyBackend, device: torch.device) ->
                 state.global_step += 1
                 state.epoch_loss_sum += loss_value
                 state.epoch_loss_steps += 1
-                steps_this_run += 1
                 meter.step(inputs.shape[0], wait_s, step_s)
                 if cpu_s is not None:
                     loader_cpu_s, loader_samples = loader_cpu_s + cpu_s, loader_samples + inputs.shape[0]
