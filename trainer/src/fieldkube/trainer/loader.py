@@ -215,11 +215,11 @@ class _FinishOnCpu:
     """The loader's collate step when training on the CPU: workers hand over finished batches."""
 
     def __init__(self, dataset: PreparedDataset) -> None:
-        self.task, self.sigma, self.density_scale = dataset.task, dataset.sigma, dataset.density_scale
+        self.dataset = dataset
 
     def __call__(self, raw: RawBatch) -> LoadedBatch:
         began = time.process_time()
-        inputs, targets = finish_batch(raw, self.task, self.sigma, self.density_scale)
+        inputs, targets = self.dataset.finish(raw)
         return LoadedBatch(inputs, targets, raw.loader_cpu_s + time.process_time() - began)
 
 

@@ -86,7 +86,6 @@ class ThroughputMeter:
     _window_images: int = 0
     _window_wait: float = 0.0
     _images: int = 0
-    _wait: float = 0.0
     _steady_images: int = 0
     _steady_seconds: float = 0.0
     _steady_wait: float = 0.0
@@ -109,7 +108,6 @@ class ThroughputMeter:
         self._window_images += total
         self._window_wait += wait_s
         self._images += total
-        self._wait += wait_s
         if self._step_times:  # the first step pays for lazy initialisation: not steady state
             self._steady_images += total
             self._steady_seconds += wait_s + step_s
