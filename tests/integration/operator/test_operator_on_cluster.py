@@ -287,9 +287,18 @@ def test_progress_from_mlflow_and_deletion_kills_the_run(
     local_cluster.kubectl(
         "delete", "trainingjob", "tracked", "-n", cluster_namespace, "--wait=true", timeout=60
     )
-    assert get(local_cluster, cluster_namespace, "mpijob", "tracked") is None
-    info = httpx.get(f"{api}/runs/get", params={"run_id": run}).json()["run"]["info"]
-    assert info["status"] == "KILLED"
+    local_cluster.wait_for(
+        "MPIJob garbage-collected",
+        lambda: get(local_cluster, cluster_namespace, "mpijob", "tracked") is None,
+        timeout=30,
+    )
+
+    def run_status() -> str:
+        return str(httpx.get(f"{api}/runs/get", params={"run_id": run}).json()["run"]["info"]["status"])
+
+    # the operator learns of the deletion from its watch, after kubectl has returned: it ends the run soon,
+    # not before the object is gone (it holds no finalizer, so a stopped operator cannot block deletion)
+    local_cluster.wait_for("MLflow run marked KILLED", lambda: run_status() == "KILLED", timeout=30)
 
 
 def test_ttl_after_finished_deletes_the_job(
