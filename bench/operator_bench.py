@@ -6,7 +6,9 @@ then: (1) `kubectl create` of N MPIJobs built by the operator's own builder, tim
 with per-job latency (TrainingJob seen → its MPIJob seen, by one watching client) and the operator's peak
 RSS; (3) once the operator has written their statuses (no sync for 5 s), the N jobs left alone for --idle
 seconds: the operator's CPU share, syncs and RSS with them live;
-(4) one delete of the TrainingJob collection, timed until they are gone and until their MPIJobs are.
+(4) one delete of the TrainingJob collection, timed until they, their MPIJobs and their pods are gone,
+beside the same delete of the MPIJob collection in (1). --jobs-large adds a second round through the
+operator alone (--large-direct: with its baseline too).
 Writes bench/results/operator.json.
 """
 
@@ -25,8 +27,9 @@ import tempfile
 import threading
 import time
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import psutil
 import yaml
@@ -147,15 +150,41 @@ def idle_usage(pid: int, seconds: float) -> tuple[float, float]:
     return (after - before) / seconds, rss
 
 
-def wait_empty(cluster: Any, kind: str, namespace: str, timeout: float) -> float:
+KINDS = {  # plural: (group, version); "" is the core group
+    "trainingjobs": ("fieldkube.io", "v1alpha1"),
+    "mpijobs": ("kubeflow.org", "v2beta1"),
+    "pods": ("", "v1"),
+}
+
+
+def any_left(kind: str, namespace: str) -> bool:
+    """Whether ``namespace`` still holds an object of ``kind``: a LIST of one item, not of all 10,000."""
+    group, version = KINDS[kind]
+    if not group:
+        return bool(client.CoreV1Api().list_namespaced_pod(namespace, limit=1).items)
+    page = client.CustomObjectsApi().list_namespaced_custom_object(group, version, namespace, kind, limit=1)
+    return bool(cast(dict[str, Any], page)["items"])
+
+
+def wait_empty(kind: str, namespace: str, timeout: float) -> float:
     """The monotonic time at which no object of ``kind`` is left in ``namespace``."""
-    cluster.wait_for(
+    load_harness().wait_until(
         f"every {kind} of {namespace} gone",
-        lambda: not cluster.get_json(kind, namespace=namespace)["items"],
+        lambda: not any_left(kind, namespace),
         timeout=timeout,
         interval=0.5,
     )
     return time.monotonic()
+
+
+def delete_collection(kind: str, namespace: str, timeout: float) -> tuple[float, float]:
+    """One DELETE of the collection (as `kubectl delete --all` would, without its one request per object):
+    seconds until its objects are gone, and until their pods are (the garbage collector's cascade)."""
+    group, version = KINDS[kind]
+    t0 = time.monotonic()
+    client.CustomObjectsApi().delete_collection_namespaced_custom_object(group, version, namespace, kind)
+    gone = wait_empty(kind, namespace, timeout) - t0
+    return gone, wait_empty("pods", namespace, timeout) - t0
 
 
 def operator_metric(metrics_port: int, sample: str) -> float:
@@ -200,20 +229,6 @@ def wait_all(watcher: Watcher, names: list[str], timeout: float) -> float:
     raise SystemExit(f"timed out: {len(missing)} of {len(names)} MPIJobs missing (e.g. {missing[:3]})")
 
 
-def settle(cluster: Any, kind: str, namespace: str, jobs: int) -> None:
-    """Delete one round's jobs and wait for their pods to go, so the next round starts on an idle cluster.
-
-    Allowed 1 s per job (10 minutes at least): 3,000 MPIJobs took over 10 minutes to delete on 2 cores."""
-    timeout = max(600.0, float(jobs))
-    cluster.kubectl("delete", kind, "--all", "-n", namespace, "--wait=true", timeout=timeout)
-    cluster.wait_for(
-        f"the pods of {namespace} to be deleted",
-        lambda: not cluster.get_json("pods", namespace=namespace)["items"],
-        timeout=timeout,
-        interval=1,
-    )
-
-
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
@@ -227,22 +242,13 @@ def run_one(
     metrics_port: int,
     run_id: str,
     idle_s: float,
+    direct: bool = True,
 ) -> dict[str, Any]:
     direct_ns, operator_ns = f"direct-{run_id}", f"operator-{run_id}"
     long_s = max(1800.0, 2.0 * n)  # creating or deleting all of them: about 10 per second on 2 cores
-    for ns in (direct_ns, operator_ns):
-        cluster.create_namespace(ns)
+    baseline = direct_round(cluster, api, n, direct_ns, long_s) if direct else {}
 
-    direct = Watcher(api, "kubeflow.org", "v2beta1", "mpijobs", direct_ns)
-    direct.start()
-    direct.ready.wait()
-    docs = mpijobs(n, direct_ns)
-    t0 = time.monotonic()
-    cluster.kubectl("create", "-n", direct_ns, "-f", "-", input=yaml.safe_dump_all(docs), timeout=long_s)
-    direct_kubectl_s = time.monotonic() - t0
-    direct_s = wait_all(direct, [d["metadata"]["name"] for d in docs], long_s) - t0
-    direct.stop_flag = True
-    settle(cluster, "mpijobs", direct_ns, n)
+    cluster.create_namespace(operator_ns)
 
     tj_watch = Watcher(api, "fieldkube.io", "v1alpha1", "trainingjobs", operator_ns)
     mj_watch = Watcher(api, "kubeflow.org", "v2beta1", "mpijobs", operator_ns)
@@ -260,23 +266,28 @@ def run_one(
     all_s = wait_all(mj_watch, names, 2 * long_s) - t0
     latencies = [mj_watch.seen[name] - tj_watch.seen.get(name, t0) for name in names]
     time.sleep(2)
-    sampler.stop_flag = tj_watch.stop_flag = mj_watch.stop_flag = True
-    print(
-        f"[{n} jobs] all MPIJobs in {all_s:.1f}s (direct {direct_s:.1f}s); idle for {idle_s:.0f}s", flush=True
-    )
-    settled_s = settle_statuses(metrics_port) - t0
+    tj_watch.stop_flag = mj_watch.stop_flag = True
+    compared = f" (direct {baseline['direct_mpijobs_seconds']:.1f}s)" if baseline else ""
+    print(f"[{n} jobs] all MPIJobs in {all_s:.1f}s{compared}; idle for {idle_s:.0f}s", flush=True)
+    settled_s = settle_statuses(metrics_port, timeout=long_s) - t0
     writes = status_writes(metrics_port) - writes_before
     print(f"[{n} jobs] statuses settled {settled_s:.1f}s after the create", flush=True)
     syncs_before = syncs_done(metrics_port)
     idle_cpu, idle_rss = idle_usage(operator_pid, idle_s)
     idle_syncs = syncs_done(metrics_port) - syncs_before
+    sampler.stop_flag = True  # its peak spans the burst, the status writes and the idle jobs
     t0 = time.monotonic()
-    # One DELETE of the collection (as `kubectl delete --all` would, without its one request per object).
-    api.delete_collection_namespaced_custom_object("fieldkube.io", "v1alpha1", operator_ns, "trainingjobs")
-    delete_s = wait_empty(cluster, "trainingjobs", operator_ns, long_s) - t0
-    mpijobs_gone_s = wait_empty(cluster, "mpijobs", operator_ns, long_s) - t0
-    print(f"[{n} jobs] deleted in {delete_s:.1f}s (MPIJobs gone after {mpijobs_gone_s:.1f}s)", flush=True)
-    settle(cluster, "trainingjobs", operator_ns, n)  # and their pods: the next round starts idle
+    with ThreadPoolExecutor(1) as pool:
+        mpijobs_gone = pool.submit(wait_empty, "mpijobs", operator_ns, long_s)
+        delete_s, pods_gone_s = delete_collection("trainingjobs", operator_ns, long_s)
+        mpijobs_gone_s = mpijobs_gone.result() - t0
+    print(
+        f"[{n} jobs] deleted in {delete_s:.1f}s (MPIJobs gone after {mpijobs_gone_s:.1f}s, "
+        f"pods {pods_gone_s:.1f}s)",
+        flush=True,
+    )
+    direct_s = baseline.get("direct_mpijobs_seconds", 0.0)
+    direct_delete_s = baseline.get("direct_delete_mpijobs_seconds", 0.0)
     return {
         "jobs": n,
         "seconds_until_all_mpijobs": round(all_s, 3),
@@ -284,8 +295,7 @@ def run_one(
         "reconcile_p95_s": round(percentile(latencies, 0.95), 3),
         "reconcile_mean_s": round(statistics.fmean(latencies), 3),
         "operator_peak_rss_mb": round(sampler.peak / 2**20, 1),
-        "direct_mpijobs_seconds": round(direct_s, 3),
-        "direct_kubectl_create_seconds": round(direct_kubectl_s, 3),
+        **baseline,
         "trainingjobs_kubectl_create_seconds": round(tj_kubectl_s, 3),
         "statuses_settled_seconds": round(settled_s, 3),
         "status_writes_per_job": round(writes / n, 2),
@@ -296,6 +306,33 @@ def run_one(
         "idle_operator_syncs": int(idle_syncs),
         "delete_all_trainingjobs_seconds": round(delete_s, 3),
         "delete_until_mpijobs_gone_seconds": round(mpijobs_gone_s, 3),
+        "delete_until_pods_gone_seconds": round(pods_gone_s, 3),
+        "delete_ratio": round(mpijobs_gone_s / direct_delete_s, 2) if direct_delete_s > 0 else None,
+    }
+
+
+def direct_round(
+    cluster: Any, api: client.CustomObjectsApi, n: int, namespace: str, long_s: float
+) -> dict[str, float]:
+    """The baseline: the same N MPIJobs created with one `kubectl create`, then deleted as one collection
+    (the garbage collector then removes their pods, Services, ConfigMaps and Secrets, as for TrainingJobs)."""
+    cluster.create_namespace(namespace)
+    watcher = Watcher(api, "kubeflow.org", "v2beta1", "mpijobs", namespace)
+    watcher.start()
+    watcher.ready.wait()
+    docs = mpijobs(n, namespace)
+    t0 = time.monotonic()
+    cluster.kubectl("create", "-n", namespace, "-f", "-", input=yaml.safe_dump_all(docs), timeout=long_s)
+    kubectl_s = time.monotonic() - t0
+    created_s = wait_all(watcher, [d["metadata"]["name"] for d in docs], long_s) - t0
+    watcher.stop_flag = True
+    delete_s, pods_gone_s = delete_collection("mpijobs", namespace, long_s)
+    print(f"[{n} jobs] direct: created in {created_s:.1f}s, deleted in {delete_s:.1f}s", flush=True)
+    return {
+        "direct_mpijobs_seconds": round(created_s, 3),
+        "direct_kubectl_create_seconds": round(kubectl_s, 3),
+        "direct_delete_mpijobs_seconds": round(delete_s, 3),
+        "direct_delete_until_pods_gone_seconds": round(pods_gone_s, 3),
     }
 
 
@@ -303,6 +340,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--jobs", type=int, default=100)
     parser.add_argument("--jobs-large", type=int, default=0, help="a second, larger round (e.g. 1000)")
+    parser.add_argument(
+        "--large-direct",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="also time the direct-apply baseline in the larger round (it doubles a 10,000-job run)",
+    )
     parser.add_argument("--nodes", type=int, default=16)
     parser.add_argument("--idle", type=float, default=30.0, help="seconds the jobs sit idle (CPU, RSS)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench/results/operator.json")
@@ -340,7 +383,18 @@ def main() -> int:
         api = client.CustomObjectsApi()
         rounds = [run_one(cluster, api, args.jobs, operator.pid, metrics_port, "a", args.idle)]
         if args.jobs_large:
-            rounds.append(run_one(cluster, api, args.jobs_large, operator.pid, metrics_port, "b", args.idle))
+            rounds.append(
+                run_one(
+                    cluster,
+                    api,
+                    args.jobs_large,
+                    operator.pid,
+                    metrics_port,
+                    "b",
+                    args.idle,
+                    args.large_direct,
+                )
+            )
         result = {
             **rounds[0],
             "rounds": rounds,

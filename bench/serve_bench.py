@@ -2,6 +2,12 @@
 1280x720 count and a 2048x2048 segment, with batching on and off, side by side with the bare model's
 batched forward pass over the same tiles (serving overhead as a ratio). Writes bench/results/serve.json.
 
+It also reports the service's own CPU time per megapixel outside the forward pass (upload, decode, tile
+cutting, stitching, encoding): the server process's CPU time over sequential requests minus the time of
+its forward passes (its `fieldkube_serve_batch_inference_seconds`, x torch threads: exact with
+`--threads 1`). `--baseline-ref REF` runs a third server from that git commit's code (a worktree on
+PYTHONPATH, same models and flags), measured the same way in the same run: the before/after ratio.
+
 Models have fixed random weights (speed does not depend on training); sizes are recorded in the output.
 Traffic goes only to a server this script starts on 127.0.0.1 and stops at the end.
 """
@@ -24,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import psutil
 import requests
 import torch
 
@@ -32,8 +39,10 @@ from fieldkube.serving.settings import default_batch_size
 from fieldkube.vision.bundle import load_bundle, save_bundle
 from fieldkube.vision.imageio import encode_png
 from fieldkube.vision.models import build_model, count_parameters
+from fieldkube.vision.normalize import batch_to_tensor
 from fieldkube.vision.synthetic import make_aerial_scene, make_field_image
 
+ROOT = Path(__file__).resolve().parents[1]
 CONCURRENCY = (1, 4, 16)
 WORKLOADS: dict[str, dict[str, Any]] = {
     "count": {
@@ -85,7 +94,7 @@ def bare_forward_rps(
     """Images/s of the model alone: the same tiles, batched forward passes, no HTTP, decode or stitch."""
     model = load_bundle(bundle).model
     plan = plan_tiles(image.shape[0], image.shape[1], tile, overlap, max_tiles=100_000)
-    tiles = torch.from_numpy(cut_tiles(image, plan))
+    tiles = batch_to_tensor(cut_tiles(image, plan))
     with torch.inference_mode():
         model(tiles[:batch])  # warm-up
         images = 0
@@ -102,7 +111,9 @@ def bare_forward_rps(
 class Server:
     """fieldkube-serve as a subprocess on a free loopback port."""
 
-    def __init__(self, bundles: dict[str, Path], batch_size: int, threads: int, log: Path) -> None:
+    def __init__(
+        self, bundles: dict[str, Path], batch_size: int, threads: int, log: Path, code: Path | None = None
+    ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         command = [
@@ -116,8 +127,13 @@ class Server:
             "--torch-threads", str(threads),
             "--log-level", "warning",
         ]  # fmt: skip
+        env = dict(os.environ)
+        if code is not None:  # another commit's packages ahead of the installed (editable) ones
+            env["PYTHONPATH"] = os.pathsep.join(
+                str(code / d / "src") for d in ("serving", "vision", "contract")
+            )
         self._log = log.open("wb")
-        self.process = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT)
+        self.process = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + 300
         while True:
             try:
@@ -174,6 +190,35 @@ def load(url: str, body: bytes, concurrency: int, requests_total: int) -> dict[s
     }
 
 
+def metric_sum(url: str, name: str, task: str) -> float:
+    """`name`_sum{task=...} of the server's /metrics (0 before the first observation)."""
+    prefix = f'{name}_sum{{task="{task}"}} '
+    for line in requests.get(f"{url}/metrics", timeout=30).text.splitlines():
+        if line.startswith(prefix):
+            return float(line[len(prefix) :])
+    return 0.0
+
+
+def service_cpu(
+    server: Server, url: str, body: bytes, task: str, megapixels: float, n: int, threads: int
+) -> dict[str, float]:
+    """CPU seconds per megapixel of the server process over `n` sequential requests: in all, in forward
+    passes, and outside them (the service's own work)."""
+    process = psutil.Process(server.process.pid)
+    metric = "fieldkube_serve_batch_inference_seconds"
+    cpu_before, forward_before = sum(process.cpu_times()[:2]), metric_sum(server.url, metric, task)
+    load(url, body, 1, n)
+    cpu = sum(process.cpu_times()[:2]) - cpu_before
+    forward = (metric_sum(server.url, metric, task) - forward_before) * threads
+    served = n * megapixels
+    return {
+        "requests": n,
+        "cpu_s_per_mp": cpu / served,
+        "forward_s_per_mp": forward / served,
+        "outside_forward_cpu_s_per_mp": (cpu - forward) / served,
+    }
+
+
 def measure_task(
     task: str, spec: dict[str, Any], bundle: Path, body: bytes, servers: dict[str, Server], args: Any
 ) -> dict[str, Any]:
@@ -199,6 +244,13 @@ def measure_task(
         load(server.url + spec["endpoint"], body, 1, 1)  # warm-up
     for mode in servers:
         entry[mode] = {}
+    megapixels = image.shape[0] * image.shape[1] / 1e6
+    entry["service_cpu"] = {}
+    for mode, server in servers.items():
+        print(f"[{task}] {mode}: service CPU per megapixel ({args.cpu_requests} requests) ...", flush=True)
+        entry["service_cpu"][mode] = service_cpu(
+            server, server.url + spec["endpoint"], body, task, megapixels, args.cpu_requests, args.threads
+        )
     for concurrency in CONCURRENCY:
         total = args.requests or max(2, concurrency)
         for mode, server in servers.items():
@@ -222,7 +274,21 @@ def main() -> int:
     parser.add_argument(
         "--batch-size", type=int, default=0, help="max batch size with batching on (default: the server's)"
     )
+    parser.add_argument(
+        "--cpu-requests", type=int, default=4, help="sequential requests per server for the CPU time per MP"
+    )
+    parser.add_argument(
+        "--baseline-ref", default="", help="also serve (batching on) with this git commit's code, e.g. HEAD~3"
+    )
+    parser.add_argument(
+        "--default-models",
+        action="store_true",
+        help="the models at their default sizes instead of the small ones (what a trained bundle has)",
+    )
     args = parser.parse_args()
+    if args.default_models:
+        for spec in WORKLOADS.values():
+            spec["params"] = {}
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the finally blocks: stop the server
     torch.set_num_threads(args.threads)
     args.batch_size = args.batch_size or default_batch_size("cuda" if torch.cuda.is_available() else "cpu")
@@ -235,14 +301,27 @@ def main() -> int:
         results: dict[str, Any] = {}
         modes = {"batching_on": args.batch_size, "batching_off": 1}
         servers: dict[str, Server] = {}
+        baseline = root / "baseline"
         try:
             for mode, batch_size in modes.items():  # both run at once; measurements alternate between them
                 servers[mode] = Server(bundles, batch_size, args.threads, root / f"serve-{mode}.log")
+            if args.baseline_ref:
+                git = ["git", "-C", str(ROOT)]
+                subprocess.run(
+                    [*git, "worktree", "add", "--detach", str(baseline), args.baseline_ref], check=True
+                )
+                servers["baseline"] = Server(
+                    bundles, args.batch_size, args.threads, root / "serve-baseline.log", code=baseline
+                )
             for task, spec in WORKLOADS.items():
                 results[task] = measure_task(task, spec, bundles[task], bodies[task], servers, args)
         finally:
             for server in servers.values():
                 server.stop()
+            if baseline.exists():
+                subprocess.run(
+                    ["git", "-C", str(ROOT), "worktree", "remove", "--force", str(baseline)], check=False
+                )
         for task in WORKLOADS:
             entry = results[task]
             best = max(CONCURRENCY, key=lambda c: entry["batching_on"][str(c)]["rps"])
@@ -251,6 +330,12 @@ def main() -> int:
             entry["best_concurrency"] = best
             entry["overhead_ratio"] = best_on / entry["bare_forward_rps"]
             entry["batching_gain"] = best_on / best_off
+            if "baseline" in entry:
+                old = max(level["rps"] for level in entry["baseline"].values())
+                entry["baseline_overhead_ratio"] = old / entry["bare_forward_rps"]
+                cpu = "outside_forward_cpu_s_per_mp"
+                used = entry["service_cpu"]
+                entry["service_cpu_reduction"] = used["baseline"][cpu] / used["batching_on"][cpu]
     report = {
         "benchmark": "serve",
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
@@ -269,8 +354,11 @@ def main() -> int:
             "bare_forward_rps": "images per second of the model's batched forward over the same tiles alone",
             "overhead_ratio": "served rps with batching at the best concurrency / bare_forward_rps",
             "batching_gain": "best rps with batching on / best rps with batching off (max batch size 1)",
+            "outside_forward_cpu_s_per_mp": "server CPU s per megapixel served, minus its forward passes",
+            "service_cpu_reduction": "baseline's outside_forward_cpu_s_per_mp / this code's (batching on)",
         },
         "max_batch_size": args.batch_size,
+        "baseline_ref": args.baseline_ref or None,
         "results": results,
         "wall_s": time.time() - started,
     }
@@ -279,7 +367,17 @@ def main() -> int:
     print(
         json.dumps(
             {
-                t: {k: results[t][k] for k in ("bare_forward_rps", "overhead_ratio", "batching_gain")}
+                t: {
+                    k: results[t][k]
+                    for k in (
+                        "bare_forward_rps",
+                        "overhead_ratio",
+                        "batching_gain",
+                        "baseline_overhead_ratio",
+                        "service_cpu_reduction",
+                    )
+                    if k in results[t]
+                }
                 for t in results
             }
         )

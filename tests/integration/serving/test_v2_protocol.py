@@ -78,3 +78,25 @@ def test_unknown_model_and_output_are_reported(client, server) -> None:
     assert "unknown model 'no-such-model'" in missing.json()["error"]
     with pytest.raises(InferenceServerException, match="unknown output 'mask'"):
         _infer(client, "counter", np.zeros((1, 8, 8, 3), dtype=np.uint8), ["mask"], False)
+
+
+def test_a_request_naming_no_outputs_gets_only_the_summaries(server, images) -> None:
+    """Full-resolution maps are sent only when asked for: by default a count, a building fraction."""
+    for model, image, expected in (
+        ("counter", images.field(3, 64, 96, 4), ["count"]),
+        ("segmenter", images.aerial(4, 64, 96), ["building_fraction"]),
+    ):
+        body = {
+            "inputs": [
+                {
+                    "name": "image",
+                    "shape": list(image.shape),
+                    "datatype": "UINT8",
+                    "data": image.ravel().tolist(),
+                }
+            ]
+        }
+        answer = requests.post(f"{server.url}/v2/models/{model}/infer", json=body, timeout=60)
+        assert answer.status_code == 200, answer.text
+        outputs = answer.json()["outputs"]
+        assert [out["name"] for out in outputs] == expected and outputs[0]["shape"] == [1]

@@ -1,14 +1,17 @@
 """Against a real MLflow server: rank 0 of a 2-rank Horovod run logs params, step/progress and evaluation
-metrics, artifacts (report, overlays, model bundle), the job's tags and run id file, and registers the
-model with the requested alias, which serving then resolves."""
+metrics, artifacts (report, overlays, model bundle with its golden sample), the job's tags and run id
+file, and registers the model with the requested alias, which serving then resolves and loads."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 from mlflow import MlflowClient
 
+from fieldkube.contract.config import DataConfig
 from fieldkube.trainer.dataset_format import read_manifest
+from fieldkube.trainer.loader import PreparedDataset
 
 
 def test_two_rank_run_is_tracked_and_registered_with_an_alias(
@@ -56,6 +59,7 @@ def test_two_rank_run_is_tracked_and_registered_with_an_alias(
     artifacts = {a.path for a in client.list_artifacts(run_id)}
     assert {"model", "evaluation"} <= artifacts
     assert {a.path for a in client.list_artifacts(run_id, "model")} == {
+        "model/golden.png",
         "model/model.json",
         "model/model.safetensors",
     }
@@ -78,3 +82,20 @@ def test_two_rank_run_is_tracked_and_registered_with_an_alias(
     loaded = load_bundle(local)
     assert loaded.spec.name == "counter-mcnn" and loaded.spec.density_scale == 100.0
     assert loaded.spec.trained["world_size"] == 2
+    # The golden sample: the test tile with the most flowers and the trained model's count on it.
+    assert loaded.spec.golden["file"] == "golden.png" and set(loaded.spec.golden) == {"file", "count"}
+    assert loaded.golden is not None
+    test_set = PreparedDataset(field_dataset, "test", DataConfig(), seed=0, augment=False)
+    counts = [float(test_set.record(i)["count"]) for i in range(min(32, len(test_set)))]
+    assert max(counts) > 0
+    np.testing.assert_array_equal(loaded.golden.image, test_set.raw(int(np.argmax(counts)))[0])
+    assert "golden sample: test tile" in proc.stdout + proc.stderr
+
+    import torch
+
+    from fieldkube.serving.served_model import load_served_model
+
+    served = load_served_model(
+        Path(local), "counter", "fieldkube-counter", version.version, torch.device("cpu"), "t"
+    )
+    assert served.golden is not None and served.golden.answer == loaded.golden.answer

@@ -61,7 +61,7 @@ def _run(coro_factory, **batcher_args):  # type: ignore[no-untyped-def]
 def test_concurrent_requests_share_batches_and_get_their_own_results() -> None:
     model = _model()
     rng = np.random.default_rng(0)
-    requests = [rng.standard_normal((n, 3, 32, 32)).astype(np.float32) for n in (3, 2, 3)]
+    requests = [rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8) for n in (3, 2, 3)]
     expected = [model.forward(tiles) for tiles in requests]
 
     async def scenario(batcher: TileBatcher) -> list[np.ndarray]:
@@ -77,7 +77,7 @@ def test_concurrent_requests_share_batches_and_get_their_own_results() -> None:
 
 def test_batches_never_exceed_the_maximum_size() -> None:
     model = _model()
-    tiles = np.zeros((10, 3, 32, 32), dtype=np.float32)
+    tiles = np.zeros((10, 32, 32, 3), dtype=np.uint8)
 
     async def scenario(batcher: TileBatcher) -> np.ndarray:
         return await batcher.infer(model, tiles)
@@ -91,7 +91,7 @@ def test_full_queue_refuses_with_a_retry_hint() -> None:
     model = _model()
 
     async def scenario(batcher: TileBatcher) -> None:
-        await batcher.infer(model, np.zeros((5, 3, 32, 32), dtype=np.float32))
+        await batcher.infer(model, np.zeros((5, 32, 32, 3), dtype=np.uint8))
 
     with pytest.raises(OverloadedError, match="queue is full") as error:
         _run(scenario, max_queue_tiles=4)
@@ -103,7 +103,7 @@ def test_request_timeout_is_reported_and_the_queue_drains() -> None:
 
     async def scenario(batcher: TileBatcher) -> int:
         with pytest.raises(InferenceTimeoutError, match="did not finish within"):
-            await batcher.infer(model, np.zeros((40, 3, 32, 32), dtype=np.float32))
+            await batcher.infer(model, np.zeros((40, 32, 32, 3), dtype=np.uint8))
         return batcher.queued_tiles
 
     queued, _ = _run(scenario, request_timeout_s=0.01, max_batch_size=1)

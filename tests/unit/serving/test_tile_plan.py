@@ -21,7 +21,7 @@ def test_small_image_is_padded_to_one_tile() -> None:
     plan = plan_tiles(40, 50, 64, 16, max_tiles=10)
     assert (plan.padded_height, plan.padded_width) == (64, 64)
     tiles = cut_tiles(np.zeros((40, 50, 3), dtype=np.uint8), plan)
-    assert tiles.shape == (1, 3, 64, 64)
+    assert tiles.shape == (1, 64, 64, 3) and tiles.dtype == np.uint8
 
 
 @pytest.mark.parametrize(

@@ -50,7 +50,7 @@ class InferenceTimeoutError(RuntimeError):
 @dataclass(eq=False)
 class _Job:
     model: ServedModel
-    tiles: np.ndarray  # (N, 3, t, t) float32
+    tiles: np.ndarray  # (N, t, t, 3) uint8
     future: asyncio.Future[np.ndarray]
     enqueued_at: float = field(default_factory=time.perf_counter)
     next_tile: int = 0
@@ -67,7 +67,7 @@ class _Job:
         return self.tiles.shape[0] - self.next_tile
 
 
-REJECT_REASONS = ("queue_full", "timeout")
+REJECT_REASONS = ("queue_full", "pixel_budget", "timeout")
 """The ``reason`` label values of ``fieldkube_serve_rejected_requests_total``."""
 
 
@@ -136,10 +136,10 @@ class TileBatcher:
         return max(1, min(60, math.ceil(tiles / rate)))
 
     async def infer(self, model: ServedModel, tiles: np.ndarray) -> np.ndarray:
-        """Maps (N, 1, t, t) for normalised tiles (N, 3, t, t), computed in shared batches."""
+        """Maps (N, 1, t, t) for uint8 tiles (N, t, t, 3), computed in shared batches."""
         count = int(tiles.shape[0])
         if count == 0:
-            return np.zeros((0, 1, *tiles.shape[2:]), dtype=np.float32)
+            return np.zeros((0, 1, *tiles.shape[1:3]), dtype=np.float32)
         if self._closing:
             raise ShuttingDownError("the server is shutting down; retry")
         if self._queued + count > self.max_queue_tiles:

@@ -12,7 +12,6 @@ import numpy as np
 
 from fieldkube.serving.batcher import TileBatcher
 from fieldkube.serving.served_model import ServedModel
-from fieldkube.vision.normalize import batch_to_tensor
 from fieldkube.vision.predict import pad_image_to
 from fieldkube.vision.tiling import Box, stitch, tile_boxes
 
@@ -52,11 +51,10 @@ def plan_tiles(height: int, width: int, tile: int, overlap: int, max_tiles: int)
 
 
 def cut_tiles(image: np.ndarray, plan: TilePlan) -> np.ndarray:
-    """Normalised tiles (N, 3, t, t) float32 of a uint8 (H, W, 3) image."""
+    """uint8 tiles (N, t, t, 3) of a uint8 (H, W, 3) image. They stay uint8 until their batch runs (the
+    model normalises them, on its device): a quarter of float32's memory while they wait."""
     padded = pad_image_to(image, plan.padded_height, plan.padded_width)
-    crops = np.stack([padded[y0:y1, x0:x1] for y0, x0, y1, x1 in plan.boxes])
-    out: np.ndarray = batch_to_tensor(crops).numpy()
-    return out
+    return np.stack([padded[y0:y1, x0:x1] for y0, x0, y1, x1 in plan.boxes])
 
 
 async def predict_map(

@@ -64,8 +64,13 @@ class ServeMetrics:
         )
         self.rejected = Counter(
             "fieldkube_serve_rejected_requests_total",
-            "requests refused for load: queue_full (429) or timeout (503)",
+            "requests refused for load: queue_full or pixel_budget (429), timeout (503)",
             ["task", "reason"],
+            registry=r,
+        )
+        self.admitted_pixels = Gauge(
+            "fieldkube_serve_admitted_pixels",
+            "pixels of the images being served now (decoded to answered); at most max_inflight_pixels",
             registry=r,
         )
         self.predicted_count = Histogram(

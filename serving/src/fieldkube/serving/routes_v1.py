@@ -9,7 +9,10 @@ The image comes as a raw body (image/jpeg, image/png, image/tiff) or a multipart
 from __future__ import annotations
 
 import asyncio
+import json
 import math
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Annotated, Any, Literal
 
 import numpy as np
@@ -26,14 +29,24 @@ from fieldkube.serving.encodings import (
     sum_pool,
 )
 from fieldkube.serving.errors import ApiError
+from fieldkube.serving.geo import (
+    GEOJSON_MEDIA_TYPE,
+    GEOTIFF_MEDIA_TYPE,
+    PIXEL_GRID,
+    Georeference,
+    mask_polygons,
+    read_georeference,
+    write_geotiff,
+)
 from fieldkube.serving.inference import MAX_TILE, MIN_TILE, binary_mask, grid_counts, total_count
-from fieldkube.serving.served_model import ServedModel
+from fieldkube.serving.served_model import ServedModel, Task
 from fieldkube.serving.service import Service, get_service
-from fieldkube.serving.uploads import decode_image, read_image_bytes
+from fieldkube.serving.uploads import decode_image, read_header, receive_upload
 
 router = APIRouter(prefix="/v1", tags=["v1"])
 
-Output = Literal["json", "png", "overlay"]
+CountOutput = Literal["json", "png", "overlay", "geotiff"]
+SegmentOutput = Literal["json", "png", "overlay", "geotiff", "geojson"]
 
 _BINARY = {"type": "string", "format": "binary"}
 IMAGE_BODY: dict[str, Any] = {
@@ -53,10 +66,12 @@ IMAGE_BODY: dict[str, Any] = {
 }
 
 
-def _responses(image_description: str) -> dict[int | str, dict[str, Any]]:
+def _responses(image_description: str, geo: dict[str, str]) -> dict[int | str, dict[str, Any]]:
     error: dict[str, Any] = {"model": ErrorDetail}
+    content = {"image/png": {"schema": _BINARY, "description": image_description}}
+    content.update({media: {"schema": _BINARY, "description": what} for media, what in geo.items()})
     return {
-        200: {"content": {"image/png": {"schema": _BINARY, "description": image_description}}},
+        200: {"content": content},
         400: {"description": "corrupt or truncated image, or unusable tile options", **error},
         413: {"description": "body or decoded image too large", **error},
         415: {"description": "not a JPEG, PNG or TIFF image", **error},
@@ -189,17 +204,35 @@ StretchHighQuery = Annotated[
 ]
 
 
-async def _read(request: Request, service: Service, stretch_low: float, stretch_high: float) -> np.ndarray:
+@asynccontextmanager
+async def _admitted_image(
+    request: Request,
+    service: Service,
+    task: Task,
+    stretch_low: float,
+    stretch_high: float,
+    georeferenced: bool = False,
+) -> AsyncIterator[tuple[np.ndarray, Georeference]]:
+    """The request's image, decoded only once its pixels fit the service's budget (429 otherwise), and
+    (when `georeferenced`) where it lies on the ground; the pixels stay counted until the block, which
+    computes the answer, ends."""
     if stretch_low >= stretch_high:
         raise ApiError(
             422,
             f"query parameters 'stretch_low' ({stretch_low}) and 'stretch_high' ({stretch_high}): "
             "stretch_low must be below stretch_high",
         )
-    data, declared = await read_image_bytes(request, service.settings.max_upload_bytes)
-    return await asyncio.to_thread(
-        decode_image, data, declared, service.settings.max_pixels, (stretch_low, stretch_high)
-    )
+    settings = service.settings
+    async with receive_upload(request, settings.max_upload_bytes, settings.upload_dir) as upload:
+        header = await asyncio.to_thread(read_header, upload, settings.max_pixels)
+        with service.pixels.admit(header.pixels, task, f"this {header.width}x{header.height} image"):
+            image = await asyncio.to_thread(
+                decode_image, upload, header, settings.max_pixels, (stretch_low, stretch_high)
+            )
+            where = PIXEL_GRID
+            if georeferenced:
+                where = await asyncio.to_thread(read_georeference, upload.path, header.fmt)
+            yield image, where
 
 
 def _encode_png(array: np.ndarray) -> bytes:
@@ -212,14 +245,23 @@ def _encode_png(array: np.ndarray) -> bytes:
     "/count",
     response_model=CountResponse,
     openapi_extra=IMAGE_BODY,
-    responses=_responses("output=png: density heat map; output=overlay: heat map over the image"),
+    responses=_responses(
+        "output=png: density heat map; output=overlay: heat map over the image",
+        {GEOTIFF_MEDIA_TYPE: "output=geotiff: float32 flowers per pixel, on the input's georeferencing"},
+    ),
     summary="Count flowers in a field image",
 )
 async def count(
     request: Request,
     response: Response,
     service: Annotated[Service, Depends(get_service)],
-    output: Annotated[Output, Query(description="json, png (heat map) or overlay")] = "json",
+    output: Annotated[
+        CountOutput,
+        Query(
+            description="json, png (heat map), overlay, or geotiff (the density map on the input's "
+            "georeferencing)"
+        ),
+    ] = "json",
     tile: TileQuery = None,
     overlap: OverlapQuery = None,
     density: Annotated[
@@ -229,58 +271,74 @@ async def count(
     stretch_low: StretchLowQuery = 0.5,
     stretch_high: StretchHighQuery = 99.5,
 ) -> Any:
-    image = await _read(request, service, stretch_low, stretch_high)
-    density_map, plan, model = await service.predict("counter", image, tile, overlap)
-    counted = total_count(density_map)
-    finite = math.isfinite(counted)
-    if finite:
-        service.metrics.predicted_count.observe(max(counted, 0.0))
-    headers = {"X-Count": f"{counted:.4f}"}
-    if output == "png":
-        png = await asyncio.to_thread(lambda: _encode_png(heatmap(np.maximum(density_map, 0))))
-        return _png_response(png, model, headers)
-    if output == "overlay" or density == "overlay":
-        from fieldkube.vision.overlay import density_overlay
+    geo = output == "geotiff"
+    async with _admitted_image(request, service, "counter", stretch_low, stretch_high, geo) as (image, where):
+        density_map, plan, model = await service.predict("counter", image, tile, overlap)
+        counted = total_count(density_map)
+        finite = math.isfinite(counted)
+        if finite:
+            service.metrics.predicted_count.observe(max(counted, 0.0))
+        headers = {"X-Count": f"{counted:.4f}"}
+        if output == "png":
+            png = await asyncio.to_thread(lambda: _encode_png(heatmap(np.maximum(density_map, 0))))
+            return _png_response(png, model, headers)
+        if output == "geotiff":
+            tiff = await asyncio.to_thread(write_geotiff, density_map, where, "flowers per pixel")
+            return Response(tiff, media_type=GEOTIFF_MEDIA_TYPE, headers={**_model_headers(model), **headers})
+        if output == "overlay" or density == "overlay":
+            from fieldkube.vision.overlay import density_overlay
 
-        overlay = await asyncio.to_thread(lambda: _encode_png(density_overlay(image, density_map)))
-        if output == "overlay":
-            return _png_response(overlay, model, headers)
-    response.headers.update({**_model_headers(model), **headers})
-    height, width = density_map.shape
-    body = CountResponse(
-        model=_model_ref(model),
-        count=counted if finite else None,
-        count_rounded=round(counted) if finite else None,
-        width=width,
-        height=height,
-        tile=plan.tile,
-        overlap=plan.overlap,
-        tiles=[
-            TileCount(row=c.row, col=c.col, box=c.box, count=c.count if math.isfinite(c.count) else None)
-            for c in grid_counts(density_map, plan.tile)
-        ],
-    )
-    if density == "array":
-        body.density = DensityArray(
-            stride=density_stride, **encode_array(sum_pool(density_map, density_stride))
+            overlay = await asyncio.to_thread(lambda: _encode_png(density_overlay(image, density_map)))
+            if output == "overlay":
+                return _png_response(overlay, model, headers)
+        response.headers.update({**_model_headers(model), **headers})
+        height, width = density_map.shape
+        body = CountResponse(
+            model=_model_ref(model),
+            count=counted if finite else None,
+            count_rounded=round(counted) if finite else None,
+            width=width,
+            height=height,
+            tile=plan.tile,
+            overlap=plan.overlap,
+            tiles=[
+                TileCount(row=c.row, col=c.col, box=c.box, count=c.count if math.isfinite(c.count) else None)
+                for c in grid_counts(density_map, plan.tile)
+            ],
         )
-    elif density == "overlay":
-        body.overlay_png = data_url_png(overlay)
-    return body
+        if density == "array":
+            body.density = DensityArray(
+                stride=density_stride, **encode_array(sum_pool(density_map, density_stride))
+            )
+        elif density == "overlay":
+            body.overlay_png = data_url_png(overlay)
+        return body
 
 
 @router.post(
     "/segment",
     response_model=SegmentResponse,
     openapi_extra=IMAGE_BODY,
-    responses=_responses("output=png: 0/255 mask; output=overlay: mask over the image"),
+    responses=_responses(
+        "output=png: 0/255 mask; output=overlay: mask over the image",
+        {
+            GEOTIFF_MEDIA_TYPE: "output=geotiff: uint8 0/1 mask, on the input's georeferencing",
+            GEOJSON_MEDIA_TYPE: "output=geojson: FeatureCollection of building polygons in the input's CRS",
+        },
+    ),
     summary="Segment buildings in an aerial image",
 )
 async def segment(
     request: Request,
     response: Response,
     service: Annotated[Service, Depends(get_service)],
-    output: Annotated[Output, Query(description="json, png (mask) or overlay")] = "json",
+    output: Annotated[
+        SegmentOutput,
+        Query(
+            description="json, png (mask), overlay, geotiff (0/1 mask on the input's georeferencing) or "
+            "geojson (building polygons in the input's CRS)"
+        ),
+    ] = "json",
     tile: TileQuery = None,
     overlap: OverlapQuery = None,
     threshold: Annotated[float, Query(ge=0.0, le=1.0, description="building probability cut-off")] = 0.5,
@@ -292,41 +350,53 @@ async def segment(
     stretch_low: StretchLowQuery = 0.5,
     stretch_high: StretchHighQuery = 99.5,
 ) -> Any:
-    image = await _read(request, service, stretch_low, stretch_high)
-    probability, plan, model = await service.predict("segmenter", image, tile, overlap)
-    building = binary_mask(probability, threshold)
-    pixels = int(building.sum(dtype=np.int64))
-    fraction = pixels / building.size
-    service.metrics.mask_fraction.observe(fraction)
-    headers = {"X-Building-Fraction": f"{fraction:.6f}"}
-    if output == "png":
-        png = await asyncio.to_thread(lambda: _encode_png(building * np.uint8(255)))
-        return _png_response(png, model, headers)
-    overlay_png: bytes | None = None
-    if output == "overlay" or overlay:
-        from fieldkube.vision.overlay import mask_overlay
+    geo = output in ("geotiff", "geojson")
+    async with _admitted_image(request, service, "segmenter", stretch_low, stretch_high, geo) as (
+        image,
+        where,
+    ):
+        probability, plan, model = await service.predict("segmenter", image, tile, overlap)
+        building = binary_mask(probability, threshold)
+        pixels = int(building.sum(dtype=np.int64))
+        fraction = pixels / building.size
+        service.metrics.mask_fraction.observe(fraction)
+        headers = {"X-Building-Fraction": f"{fraction:.6f}"}
+        if output == "png":
+            png = await asyncio.to_thread(lambda: _encode_png(building * np.uint8(255)))
+            return _png_response(png, model, headers)
+        if output == "geotiff":
+            tiff = await asyncio.to_thread(write_geotiff, building, where, "building (1) or not (0)")
+            return Response(tiff, media_type=GEOTIFF_MEDIA_TYPE, headers={**_model_headers(model), **headers})
+        if output == "geojson":
+            geojson = await asyncio.to_thread(lambda: json.dumps(mask_polygons(building, where)).encode())
+            return Response(
+                geojson, media_type=GEOJSON_MEDIA_TYPE, headers={**_model_headers(model), **headers}
+            )
+        overlay_png: bytes | None = None
+        if output == "overlay" or overlay:
+            from fieldkube.vision.overlay import mask_overlay
 
-        overlay_png = await asyncio.to_thread(lambda: _encode_png(mask_overlay(image, building)))
-        if output == "overlay":
-            return _png_response(overlay_png, model, headers)
-    response.headers.update({**_model_headers(model), **headers})
-    height, width = building.shape
-    body = SegmentResponse(
-        model=_model_ref(model),
-        building_fraction=fraction,
-        building_pixels=pixels,
-        threshold=threshold,
-        width=width,
-        height=height,
-        tile=plan.tile,
-        overlap=plan.overlap,
-    )
-    if mask == "rle":
-        body.mask_rle = MaskRle(**mask_to_rle(building))
-    elif mask == "coco-rle":
-        body.mask_coco_rle = MaskCocoRle(**await asyncio.to_thread(mask_to_coco_rle, building))
-    elif mask == "png":
-        body.mask_png = data_url_png(await asyncio.to_thread(_encode_png, building * np.uint8(255)))
-    if overlay_png is not None:
-        body.overlay_png = data_url_png(overlay_png)
-    return body
+            overlay_png = await asyncio.to_thread(lambda: _encode_png(mask_overlay(image, building)))
+            if output == "overlay":
+                return _png_response(overlay_png, model, headers)
+        response.headers.update({**_model_headers(model), **headers})
+        height, width = building.shape
+        body = SegmentResponse(
+            model=_model_ref(model),
+            building_fraction=fraction,
+            building_pixels=pixels,
+            threshold=threshold,
+            width=width,
+            height=height,
+            tile=plan.tile,
+            overlap=plan.overlap,
+        )
+        if mask == "rle":
+            body.mask_rle = MaskRle(**mask_to_rle(building))
+        elif mask == "coco-rle":
+            body.mask_coco_rle = MaskCocoRle(**await asyncio.to_thread(mask_to_coco_rle, building))
+        elif mask == "png":
+            body.mask_png = data_url_png(await asyncio.to_thread(_encode_png, building * np.uint8(255)))
+        if overlay_png is not None:
+            body.overlay_png = data_url_png(overlay_png)
+        return body

@@ -47,6 +47,10 @@ OUTPUTS: dict[Task, list[tuple[str, str, list[int]]]] = {
     ],
 }
 
+DEFAULT_OUTPUTS: dict[Task, list[str]] = {"counter": ["count"], "segmenter": ["building_fraction"]}
+"""What a request that names no outputs gets: the per-image summaries. The full-resolution maps (a 20 MP
+FP32 map is 80 MB raw, several times that as JSON) only when named in `outputs`."""
+
 
 def _server_version() -> str:
     try:
@@ -254,7 +258,7 @@ def _parse(body: bytes, header_length: str | None, max_pixels: int, model: Serve
         overlap = int_parameter(parsed.parameters, "overlap", 0, MAX_TILE // 2)
         threshold = float_parameter(parsed.parameters, "threshold", 0.0, 1.0, 0.5)
         known = [n for n, _, _ in OUTPUTS[model.task]]
-        wanted = parsed.outputs if parsed.outputs is not None else known
+        wanted = parsed.outputs if parsed.outputs is not None else DEFAULT_OUTPUTS[model.task]
         unknown = [n for n in wanted if n not in known]
         if unknown:
             raise ProtocolError(
@@ -305,8 +309,11 @@ async def _infer(request: Request, service: Service, name: str, model_version: s
         model,
     )
     del body
-    results = await service.predict_batch(model, parsed.request.images, parsed.tile, parsed.overlap)
-    payload, header_length = await asyncio.to_thread(_serialise, parsed, model, results, service.metrics)
+    images = parsed.request.images
+    count, height, width = images.shape[:3]
+    with service.pixels.admit(count * height * width, model.task, f"{count} image(s) of {width}x{height}"):
+        results = await service.predict_batch(model, images, parsed.tile, parsed.overlap)
+        payload, header_length = await asyncio.to_thread(_serialise, parsed, model, results, service.metrics)
     if header_length is None:
         return Response(payload, media_type="application/json")
     return Response(

@@ -7,6 +7,7 @@ up the old instance finishes on it.
 from __future__ import annotations
 
 import hashlib
+import logging
 import threading
 import time
 from dataclasses import dataclass, field
@@ -18,13 +19,18 @@ import torch
 from torch import nn
 
 from fieldkube.vision.bundle import WEIGHTS_FILE, load_bundle
+from fieldkube.vision.golden import GoldenSample, compare_answers, summarise_map
+from fieldkube.vision.normalize import normalize_batch
+
+log = logging.getLogger(__name__)
 
 Task = Literal["counter", "segmenter"]
 TASKS: tuple[Task, ...] = ("counter", "segmenter")
 
 
 class ModelCheckError(RuntimeError):
-    """A model that loaded but fails its warm-up checks (wrong task, bad output shape, NaN)."""
+    """A model that loaded but fails its warm-up checks (wrong task, bad output shape, NaN, a golden sample
+    whose answer is not the one recorded at training)."""
 
 
 def pick_device(requested: str) -> torch.device:
@@ -38,10 +44,11 @@ def pick_device(requested: str) -> torch.device:
 
 @dataclass(frozen=True, eq=False)
 class ServedModel:
-    """One model ready to serve. `forward` maps normalised tiles (N, 3, t, t) to maps (N, 1, t, t).
+    """One model ready to serve. `forward` maps uint8 RGB tiles (N, t, t, 3) to maps (N, 1, t, t),
+    normalising them where the model runs (on a GPU, after a copy of a quarter of float32's bytes).
 
     Counter maps are counts per pixel (already divided by the bundle's density_scale); segmenter maps
-    are probabilities (sigmoid applied).
+    are probabilities (sigmoid applied). `golden` is the bundle's golden sample, checked by `warm_up`.
     """
 
     task: Task
@@ -53,24 +60,33 @@ class ServedModel:
     module: nn.Module
     device: torch.device
     source: str
+    golden: GoldenSample | None = field(default=None, repr=False)
     loaded_at: float = field(default_factory=time.time)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _stream: torch.cuda.Stream | None = field(default=None, repr=False)
 
     def forward(self, tiles: np.ndarray) -> np.ndarray:
         """Run one batch; safe to call from worker threads (one forward at a time per model)."""
-        x = torch.from_numpy(np.ascontiguousarray(tiles, dtype=np.float32))
+        return self._run(torch.from_numpy(np.ascontiguousarray(tiles, dtype=np.uint8)))
+
+    def _run(self, x: torch.Tensor) -> np.ndarray:
+        """Maps of a batch: uint8 (N, t, t, 3) tiles are normalised on the device; float32 (N, 3, t, t)
+        input is taken as already normalised (the warm-up's zero tile)."""
         with self._lock, torch.inference_mode():
             if self.device.type == "cuda":
                 stream = self._stream or torch.cuda.current_stream(self.device)
                 with torch.cuda.stream(stream):
-                    y = self.module(x.pin_memory().to(self.device, non_blocking=True))
-                    y = self._activate(y).to("cpu", non_blocking=True)
+                    x = x.pin_memory().to(self.device, non_blocking=True)
+                    y = self._activate(self.module(self._normalised(x))).to("cpu", non_blocking=True)
                 stream.synchronize()
             else:
-                y = self._activate(self.module(x))
+                y = self._activate(self.module(self._normalised(x)))
         out: np.ndarray = y.float().numpy()
         return out
+
+    @staticmethod
+    def _normalised(x: torch.Tensor) -> torch.Tensor:
+        return normalize_batch(x) if x.dtype == torch.uint8 else x
 
     def _activate(self, y: torch.Tensor) -> torch.Tensor:
         if self.task == "segmenter":
@@ -78,10 +94,24 @@ class ServedModel:
         return y / self.density_scale
 
     def warm_up(self) -> None:
-        """Run a tile through the model and check what comes out, so a broken model is never swapped in."""
-        x = np.zeros((1, 3, self.tile, self.tile), dtype=np.float32)
+        """Run a tile through the model and check what comes out, so a broken model is never swapped in.
+
+        With a golden sample, its tile goes through `forward` as the tiles of an image do, and the answer
+        must match the one recorded at training within the tolerances of `fieldkube.vision.golden`: that
+        catches a wrong density_scale or wrong weights. Without one, a zero tile (after normalisation) only
+        checks the output's shape and that it is finite.
+        """
+        if self.golden is None:
+            log.info(
+                "%s v%s: the bundle has no golden sample; warm-up checks only output shape and finiteness",
+                self.name,
+                self.version,
+            )
+            x = torch.zeros((1, 3, self.tile, self.tile))  # normalised: the mean colour of training images
+        else:
+            x = torch.from_numpy(self.golden.image[None].copy())
         try:
-            out = self.forward(x)
+            out = self._run(x)
         except torch.cuda.OutOfMemoryError:
             raise  # the device, not the model: worth retrying
         except Exception as error:
@@ -95,6 +125,18 @@ class ServedModel:
             )
         if not np.all(np.isfinite(out)):
             raise ModelCheckError(f"{self.name} v{self.version}: output contains NaN or infinity")
+        if self.golden is not None:
+            observed = summarise_map(self.task, out)
+            problem = compare_answers(self.task, observed, self.golden.answer)
+            if problem is not None:
+                suspect = "wrong density_scale or weights?" if self.task == "counter" else "wrong weights?"
+                raise ModelCheckError(f"{self.name} v{self.version}: golden sample {problem}: {suspect}")
+            log.info(
+                "%s v%s: golden sample matches the answer recorded at training (%s)",
+                self.name,
+                self.version,
+                ", ".join(f"{key} {value:.3f}" for key, value in observed.items()),
+            )
 
 
 def weights_digest(bundle_dir: Path) -> str:
@@ -109,7 +151,8 @@ def weights_digest(bundle_dir: Path) -> str:
 def load_served_model(
     bundle_dir: Path, task: Task, name: str | None, version: str | None, device: torch.device, source: str
 ) -> ServedModel:
-    """Load a bundle directory safely (safetensors), check its task, warm it up."""
+    """Load a bundle directory safely (safetensors), check its task, warm it up (on its golden sample when
+    it has one)."""
     loaded = load_bundle(bundle_dir, device=device)
     spec = loaded.spec
     if spec.task != task:
@@ -127,6 +170,7 @@ def load_served_model(
         module=loaded.model,
         device=device,
         source=source,
+        golden=loaded.golden,
         _stream=stream,
     )
     served.warm_up()

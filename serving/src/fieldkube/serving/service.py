@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from fastapi import Request
 
+from fieldkube.serving.admission import PixelBudget
 from fieldkube.serving.batcher import TileBatcher
 from fieldkube.serving.inference import TilePlan, TilingError, plan_tiles, predict_map
 from fieldkube.serving.metrics import ServeMetrics
@@ -33,6 +34,7 @@ class Service:
         if settings.torch_threads:
             torch.set_num_threads(settings.torch_threads)
         self.registry = ModelRegistry(settings, self.metrics)
+        self.pixels = PixelBudget(settings.max_inflight_pixels, self.metrics)
         self.max_batch_size = settings.max_batch_size or default_batch_size(self.registry.device.type)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fieldkube-infer")
         self.batchers: dict[Task, TileBatcher] = {

@@ -36,9 +36,24 @@ class ServeSettings(BaseModel):
     mlflow_tracking_uri: str | None = Field(None, description="MLflow tracking server (for models:/ URIs)")
     host: str = Field("127.0.0.1", description="address to bind")
     port: int = Field(8080, ge=0, le=65535, description="port to bind (0: any free port)")
-    max_upload_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="largest request body, bytes")
+    max_upload_bytes: int = Field(
+        256 * 1024 * 1024,
+        ge=1024,
+        description="largest request body, bytes (/v1 uploads are streamed to disk as they arrive, so an "
+        "uncompressed 5000x5000 TIFF fits; /v2 bodies are held in memory)",
+    )
+    upload_dir: str | None = Field(
+        None, description="where /v1 uploads are spooled while served (default: the system temp directory)"
+    )
     max_pixels: int = Field(
         26_000_000, ge=1, description="largest decoded image, pixels (guards against decompression bombs)"
+    )
+    max_inflight_pixels: int = Field(
+        52_000_000,
+        ge=1,
+        description="pixels of images served at once; a request beyond it gets 429 + Retry-After before its "
+        "image is decoded (memory above idle stays below 64 bytes per pixel admitted, 43 measured on CPU; "
+        "at least max_pixels)",
     )
     default_overlap: int = Field(32, ge=0, description="tile overlap when a request does not set one")
     max_tiles_per_image: int = Field(4096, ge=1, description="largest number of tiles one image may need")
@@ -73,9 +88,14 @@ class ServeSettings(BaseModel):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     @model_validator(mode="after")
-    def _needs_a_model(self) -> ServeSettings:
+    def _usable(self) -> ServeSettings:
         if not self.counter and not self.segmenter:
             raise ValueError("no model configured: set --counter and/or --segmenter")
+        if self.max_inflight_pixels < self.max_pixels:
+            raise ValueError(
+                f"max_inflight_pixels ({self.max_inflight_pixels}) is below max_pixels ({self.max_pixels}): "
+                "the largest image allowed could never be admitted"
+            )
         return self
 
 

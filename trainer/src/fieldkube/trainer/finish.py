@@ -1,8 +1,9 @@
 """What rank 0 does after the last step: evaluate, write overlays and report, save and register the model.
 
-Outputs under `output_dir`: model/ (the bundle: model.safetensors + model.json), eval/report.json,
-eval/overlays/*.png, summary.json. All are logged to the MLflow run (report and overlays under
-`evaluation`, the bundle under `model`), then the bundle is registered and given the alias.
+Outputs under `output_dir`: model/ (the bundle: model.safetensors + model.json, and for a counter or
+segmenter golden.png, its golden sample), eval/report.json, eval/overlays/*.png, summary.json. All are
+logged to the MLflow run (report and overlays under `evaluation`, the bundle directory as a whole under
+`model`), then the bundle is registered and given the alias.
 """
 
 from __future__ import annotations
@@ -12,19 +13,27 @@ import json
 import logging
 import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 from safetensors.torch import save_file
 from torch import nn
 
 from fieldkube.contract.config import TrainingConfig
 from fieldkube.trainer.dataset_format import write_json_atomic
+from fieldkube.trainer.errors import DataError
 from fieldkube.trainer.evaluate import evaluate_counter, evaluate_segmenter, write_overlays
 from fieldkube.trainer.loader import PreparedDataset
 from fieldkube.trainer.tracking import Tracker, flatten
 
+if TYPE_CHECKING:
+    from fieldkube.vision.golden import GoldenSample
+
 log = logging.getLogger("fieldkube.finish")
+
+GOLDEN_CANDIDATES = 32
+"""The golden tile is picked among this many first test tiles (reading them all would cost a large split)."""
 
 
 def headline_metrics(report: dict[str, Any]) -> dict[str, float]:
@@ -85,16 +94,18 @@ def finish_run(
     if task in ("counter", "segmenter"):
         from fieldkube.vision.bundle import save_bundle
 
+        density_scale = config.data.density_scale if task == "counter" else 1.0
         save_bundle(
             bundle_dir,
             model,
             config.model.name,
             config.model.params,
             tile=tile or 224,
-            density_scale=config.data.density_scale if task == "counter" else 1.0,
+            density_scale=density_scale,
             metrics=headline,
             trained=trained,
             lineage=state.init_lineage,
+            golden=golden_sample(model, task, tile or 224, test_set, density_scale),
         )
     else:
         bundle_dir.mkdir(parents=True, exist_ok=True)
@@ -132,6 +143,49 @@ def finish_run(
     write_json_atomic(out / "summary.json", summary)
     log.info("model bundle written to %s", bundle_dir)
     return report, registered
+
+
+def golden_sample(
+    model: nn.Module, task: str, tile: int, test_set: Any, density_scale: float
+) -> GoldenSample | None:
+    """The bundle's golden sample: one test tile and the trained model's answer on it (fp32, on the
+    model's device), which the service checks its own answer against at warm-up; None without a usable
+    test split.
+
+    A counter's tile is the one with the most objects among the first `GOLDEN_CANDIDATES`, so that a
+    density_scale error moves the count visibly; a segmenter's the one whose building fraction is
+    closest to one half, so that both buildings and background are there for wrong weights to get wrong.
+    """
+    from fieldkube.vision.golden import GoldenSample, compare_answers, expected_answer
+
+    if not isinstance(test_set, PreparedDataset) or not len(test_set) or test_set.task != task:
+        log.info("no golden sample recorded: no %s test split to take a tile from", task)
+        return None
+    try:
+        candidates = range(min(GOLDEN_CANDIDATES, len(test_set)))
+        if task == "counter":
+            index = max(candidates, key=lambda i: float(test_set.record(i)["count"] or 0.0))
+        else:
+            index = min(candidates, key=lambda i: abs(float(np.mean(test_set.raw(i)[1])) - 0.5))
+        image, _, record = test_set.raw(index)
+    except DataError as error:
+        log.warning("no golden sample recorded: the test split cannot be read (%s)", error)
+        return None
+    if image.shape != (tile, tile, 3):
+        log.warning("no golden sample recorded: test tiles are %s, the model's tile is %d", image.shape, tile)
+        return None
+    answer = expected_answer(model, task, image, density_scale)
+    log.info(
+        "golden sample: test tile %d (%s), answer %s",
+        index,
+        record.get("id", "?"),
+        json.dumps({key: round(value, 6) for key, value in answer.items()}),
+    )
+    if task == "counter" and compare_answers(task, {"count": answer["count"] / 2}, answer) is None:
+        log.warning(
+            "the golden count %.3f is too small for a density_scale error to show at warm-up", answer["count"]
+        )
+    return GoldenSample(image=image, answer=answer)
 
 
 def _evaluate_source(

@@ -158,10 +158,16 @@ def _read_pil(
                         f"{label}: unsupported format {image.format}; expected JPEG, PNG or TIFF"
                     )
                 image.load()
-                upright = ImageOps.exif_transpose(image) if exif_orientation else image
-                if upright.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-                    return to_rgb8(np.asarray(upright), label, percentiles)
-                return np.asarray(upright.convert("RGB"), dtype=np.uint8).copy()
+                if exif_orientation:  # in place: no copy of the pixels when the picture is upright already
+                    ImageOps.exif_transpose(image, in_place=True)
+                if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+                    return to_rgb8(np.asarray(image), label, percentiles)
+                rgb = image if image.mode == "RGB" else image.convert("RGB")
+                pixels = np.asarray(rgb)  # a read-only view of a bytes copy of Pillow's pixels
+                if rgb is not image:
+                    rgb.close()
+            # Pillow's own buffer is freed by now: the writable copy does not add a third image to the peak
+            return pixels.copy()
     except ImageError:
         raise
     except (UnidentifiedImageError, Image.DecompressionBombError) as error:
