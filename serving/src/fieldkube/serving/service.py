@@ -36,7 +36,12 @@ class Service:
         self.registry = ModelRegistry(settings, self.metrics)
         self.pixels = PixelBudget(settings.max_inflight_pixels, self.metrics)
         self.max_batch_size = settings.max_batch_size or default_batch_size(self.registry.device.type)
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fieldkube-infer")
+        # One forward thread per task: a segmenter batch never waits behind a counter batch (on a GPU both
+        # run at once on their own streams); within a task, batches run one after another.
+        self._executors = {
+            task: ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"fieldkube-infer-{task}")
+            for task in TASKS
+        }
         self.batchers: dict[Task, TileBatcher] = {
             task: TileBatcher(
                 task,
@@ -45,7 +50,7 @@ class Service:
                 max_batch_delay_s=settings.max_batch_delay_s,
                 max_queue_tiles=settings.max_queue_tiles,
                 request_timeout_s=settings.request_timeout_s,
-                executor=self._executor,
+                executor=self._executors[task],
             )
             for task in TASKS
         }
@@ -91,7 +96,8 @@ class Service:
                 await self._watcher
         for batcher in self.batchers.values():
             await batcher.stop()
-        self._executor.shutdown(wait=True, cancel_futures=True)
+        for executor in self._executors.values():
+            executor.shutdown(wait=True, cancel_futures=True)
         self.registry.close()
 
     async def predict(
