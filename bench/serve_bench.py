@@ -3,9 +3,9 @@
 batched forward pass over the same tiles (serving overhead as a ratio). Writes bench/results/serve.json.
 
 It also reports the service's own CPU time per megapixel outside the forward pass (upload, decode, tile
-cutting, stitching, encoding): the server process's CPU time over sequential requests minus the time of
-its forward passes (its `fieldkube_serve_batch_inference_seconds`, x torch threads: exact with
-`--threads 1`). `--baseline-ref REF` runs a third server from that git commit's code (a worktree on
+cutting, stitching, encoding): the server process's CPU time over sequential requests minus the CPU time
+the bare forward takes for the same tiles (CPU time on both sides, so other load on the machine does not
+enter). `--baseline-ref REF` runs a third server from that git commit's code (a worktree on
 PYTHONPATH, same models and flags), measured the same way in the same run: the before/after ratio.
 
 Models have fixed random weights (speed does not depend on training); sizes are recorded in the output.
@@ -88,24 +88,25 @@ def make_image(task: str) -> np.ndarray:
     return make_aerial_scene(rng, height, width).image
 
 
-def bare_forward_rps(
+def bare_forward(
     bundle: Path, image: np.ndarray, tile: int, overlap: int, batch: int, seconds: float
-) -> float:
-    """Images/s of the model alone: the same tiles, batched forward passes, no HTTP, decode or stitch."""
+) -> tuple[float, float]:
+    """Images/s of the model alone (the same tiles, batched forward passes, no HTTP, decode or stitch),
+    and its CPU seconds per image (this process's CPU time: the same on a loaded machine)."""
     model = load_bundle(bundle).model
     plan = plan_tiles(image.shape[0], image.shape[1], tile, overlap, max_tiles=100_000)
     tiles = batch_to_tensor(cut_tiles(image, plan))
     with torch.inference_mode():
         model(tiles[:batch])  # warm-up
         images = 0
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         while True:
             for i in range(0, len(tiles), batch):
                 model(tiles[i : i + batch])
             images += 1
             if time.perf_counter() - start >= seconds:
                 break
-    return images / (time.perf_counter() - start)
+    return images / (time.perf_counter() - start), (time.process_time() - cpu_start) / images
 
 
 class Server:
@@ -127,6 +128,8 @@ class Server:
             "--torch-threads", str(threads),
             "--log-level", "warning",
         ]  # fmt: skip
+        if code is None:  # every closed-loop request admitted: the bench measures throughput, not shedding
+            command += ["--max-inflight-pixels", str(10**9)]
         env = dict(os.environ)
         if code is not None:  # another commit's packages ahead of the installed (editable) ones
             env["PYTHONPATH"] = os.pathsep.join(
@@ -190,26 +193,17 @@ def load(url: str, body: bytes, concurrency: int, requests_total: int) -> dict[s
     }
 
 
-def metric_sum(url: str, name: str, task: str) -> float:
-    """`name`_sum{task=...} of the server's /metrics (0 before the first observation)."""
-    prefix = f'{name}_sum{{task="{task}"}} '
-    for line in requests.get(f"{url}/metrics", timeout=30).text.splitlines():
-        if line.startswith(prefix):
-            return float(line[len(prefix) :])
-    return 0.0
-
-
 def service_cpu(
-    server: Server, url: str, body: bytes, task: str, megapixels: float, n: int, threads: int
+    server: Server, url: str, body: bytes, megapixels: float, n: int, forward_cpu_s: float
 ) -> dict[str, float]:
     """CPU seconds per megapixel of the server process over `n` sequential requests: in all, in forward
-    passes, and outside them (the service's own work)."""
+    passes (the bare forward's CPU time per image: the same model on the same tiles in the same batches),
+    and outside them (the service's own work). CPU time, not wall time: a loaded machine slows both alike."""
     process = psutil.Process(server.process.pid)
-    metric = "fieldkube_serve_batch_inference_seconds"
-    cpu_before, forward_before = sum(process.cpu_times()[:2]), metric_sum(server.url, metric, task)
+    cpu_before = sum(process.cpu_times()[:2])
     load(url, body, 1, n)
     cpu = sum(process.cpu_times()[:2]) - cpu_before
-    forward = (metric_sum(server.url, metric, task) - forward_before) * threads
+    forward = n * forward_cpu_s
     served = n * megapixels
     return {
         "requests": n,
@@ -236,10 +230,11 @@ def measure_task(
         "overlap": spec["overlap"],
         "tiles_per_image": len(plan.boxes),
         "png_bytes": len(body),
-        "bare_forward_rps": bare_forward_rps(
-            bundle, image, spec["tile"], spec["overlap"], args.batch_size, args.bare_seconds
-        ),
     }
+    entry["bare_forward_rps"], forward_cpu_s = bare_forward(
+        bundle, image, spec["tile"], spec["overlap"], args.batch_size, args.bare_seconds
+    )
+    entry["bare_forward_cpu_s_per_image"] = forward_cpu_s
     for server in servers.values():
         load(server.url + spec["endpoint"], body, 1, 1)  # warm-up
     for mode in servers:
@@ -249,7 +244,7 @@ def measure_task(
     for mode, server in servers.items():
         print(f"[{task}] {mode}: service CPU per megapixel ({args.cpu_requests} requests) ...", flush=True)
         entry["service_cpu"][mode] = service_cpu(
-            server, server.url + spec["endpoint"], body, task, megapixels, args.cpu_requests, args.threads
+            server, server.url + spec["endpoint"], body, megapixels, args.cpu_requests, forward_cpu_s
         )
     for concurrency in CONCURRENCY:
         total = args.requests or max(2, concurrency)
