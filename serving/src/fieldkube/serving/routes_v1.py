@@ -182,8 +182,11 @@ def _model_headers(model: ServedModel) -> dict[str, str]:
     return {"X-Model-Name": model.name, "X-Model-Version": model.version}
 
 
-def _png_response(png: bytes, model: ServedModel, extra: dict[str, str]) -> Response:
-    return Response(png, media_type="image/png", headers={**_model_headers(model), **extra})
+def _file_response(
+    body: bytes, model: ServedModel, extra: dict[str, str], media_type: str = "image/png"
+) -> Response:
+    """A map, mask or overlay as the whole answer, with the model's headers."""
+    return Response(body, media_type=media_type, headers={**_model_headers(model), **extra})
 
 
 StretchLowQuery = Annotated[
@@ -281,16 +284,16 @@ async def count(
         headers = {"X-Count": f"{counted:.4f}"}
         if output == "png":
             png = await asyncio.to_thread(lambda: _encode_png(heatmap(np.maximum(density_map, 0))))
-            return _png_response(png, model, headers)
+            return _file_response(png, model, headers)
         if output == "geotiff":
             tiff = await asyncio.to_thread(write_geotiff, density_map, where, "flowers per pixel")
-            return Response(tiff, media_type=GEOTIFF_MEDIA_TYPE, headers={**_model_headers(model), **headers})
+            return _file_response(tiff, model, headers, GEOTIFF_MEDIA_TYPE)
         if output == "overlay" or density == "overlay":
             from fieldkube.vision.overlay import density_overlay
 
             overlay = await asyncio.to_thread(lambda: _encode_png(density_overlay(image, density_map)))
             if output == "overlay":
-                return _png_response(overlay, model, headers)
+                return _file_response(overlay, model, headers)
         response.headers.update({**_model_headers(model), **headers})
         height, width = density_map.shape
         body = CountResponse(
@@ -363,22 +366,20 @@ async def segment(
         headers = {"X-Building-Fraction": f"{fraction:.6f}"}
         if output == "png":
             png = await asyncio.to_thread(lambda: _encode_png(building * np.uint8(255)))
-            return _png_response(png, model, headers)
+            return _file_response(png, model, headers)
         if output == "geotiff":
             tiff = await asyncio.to_thread(write_geotiff, building, where, "building (1) or not (0)")
-            return Response(tiff, media_type=GEOTIFF_MEDIA_TYPE, headers={**_model_headers(model), **headers})
+            return _file_response(tiff, model, headers, GEOTIFF_MEDIA_TYPE)
         if output == "geojson":
             geojson = await asyncio.to_thread(lambda: json.dumps(mask_polygons(building, where)).encode())
-            return Response(
-                geojson, media_type=GEOJSON_MEDIA_TYPE, headers={**_model_headers(model), **headers}
-            )
+            return _file_response(geojson, model, headers, GEOJSON_MEDIA_TYPE)
         overlay_png: bytes | None = None
         if output == "overlay" or overlay:
             from fieldkube.vision.overlay import mask_overlay
 
             overlay_png = await asyncio.to_thread(lambda: _encode_png(mask_overlay(image, building)))
             if output == "overlay":
-                return _png_response(overlay_png, model, headers)
+                return _file_response(overlay_png, model, headers)
         response.headers.update({**_model_headers(model), **headers})
         height, width = building.shape
         body = SegmentResponse(
