@@ -21,6 +21,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -121,14 +122,18 @@ def run(root: Path, args: argparse.Namespace) -> dict[str, Any]:
     schedule = {"epochs": args.champion_epochs, "lr": args.champion_lr, "early_stopping_patience": 4}
     champion = root / "champion" / "model"
     reused = root / "champion-training.json"
-    if reused.is_file() and champion.is_dir():
-        champion_train = json.loads(reused.read_text())
+    recipe = {"params": params, "schedule": schedule, "images": args.champion_images}
+    recorded = json.loads(reused.read_text()) if reused.is_file() else {}
+    if champion.is_dir() and recorded.get("recipe") == recipe:  # the same champion, trained before
+        champion_train = recorded["training"]
         print(f"champion: reusing {champion}", flush=True)
     else:
+        for stale in root.glob("tuned-*"):  # fine-tuned from another champion at the same path
+            shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
         print("champion: training on the first field ...", flush=True)
         champion_train = _train({"name": "counter-fcrn", "params": params}, root / "field-train",
                                 root / "champion", schedule, args.threads)  # fmt: skip
-        reused.write_text(json.dumps(champion_train))
+        reused.write_text(json.dumps({"recipe": recipe, "training": champion_train}))
     results: dict[str, Any] = {
         "champion_mae_first_field": _mae(champion, root / "field-eval", args.threads),
         "champion_mae_shifted": _mae(champion, root / "shifted-eval", args.threads),
