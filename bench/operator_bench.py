@@ -350,6 +350,7 @@ def main() -> int:
     parser.add_argument("--idle", type=float, default=30.0, help="seconds the jobs sit idle (CPU, RSS)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench/results/operator.json")
     args = parser.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the finally block: stop the cluster
 
     harness = load_harness()
     state = Path(tempfile.mkdtemp(prefix="fieldkube-bench-operator-"))
