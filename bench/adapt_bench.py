@@ -275,7 +275,7 @@ def main() -> None:
     parser.add_argument("--tile", type=int, default=96)
     parser.add_argument("--fcrn-width", type=int, default=16)
     parser.add_argument("--champion-images", type=int, default=40)
-    parser.add_argument("--champion-epochs", type=int, default=15)
+    parser.add_argument("--champion-epochs", type=int, default=40)
     parser.add_argument("--champion-lr", type=float, default=1e-3)
     args = parser.parse_args()
     from fieldkube.trainer.dataset_format import write_json_atomic
