@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import shutil
 import tempfile
-import warnings
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -59,17 +58,18 @@ def _describe_unknown(data: bytes, declared: str) -> str:
     return f"content type {declared!r}" if declared else "data that is not an image"
 
 
-async def read_limited(request: Request, limit: int) -> bytes:
-    """The whole body in memory (/v2 tensors), refused with 413 as soon as it passes `limit` bytes."""
+def _limited(request: Request, limit: int) -> Request:
+    """`request` whose body is refused with 413: at once when its Content-Length says more than `limit`
+    bytes, else as soon as more than that has arrived."""
     length = request.headers.get("content-length")
     if length is not None and length.isdigit() and int(length) > limit:
         raise ApiError(413, f"request body is {int(length)} bytes; the limit is {limit} bytes")
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise ApiError(413, f"request body exceeds the limit of {limit} bytes")
-    return bytes(body)
+    return Request(request.scope, receive=_limited_receive(request.receive, limit))
+
+
+async def read_limited(request: Request, limit: int) -> bytes:
+    """The whole body in memory (/v2 tensors), refused with 413 as soon as it passes `limit` bytes."""
+    return b"".join([chunk async for chunk in _limited(request, limit).stream()])
 
 
 @dataclass(frozen=True)
@@ -137,11 +137,8 @@ async def receive_upload(request: Request, limit: int, directory: str | None = N
     """Stream the request's image to a temporary file as it arrives (a raw body or a multipart upload,
     field 'file'), never holding it whole in memory; 413 once it passes `limit` bytes. The file is removed
     when the block ends."""
-    length = request.headers.get("content-length")
-    if length is not None and length.isdigit() and int(length) > limit:
-        raise ApiError(413, f"request body is {int(length)} bytes; the limit is {limit} bytes")
+    limited = _limited(request, limit)
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    limited = Request(request.scope, receive=_limited_receive(request.receive, limit))
     with tempfile.NamedTemporaryFile(prefix="fieldkube-upload-", dir=directory) as handle:
         if content_type == "multipart/form-data":
             size, declared = await _write_multipart(limited, handle)
@@ -164,25 +161,11 @@ class ImageHeader:
         return self.width * self.height
 
 
-def image_size(path: Path, fmt: str) -> tuple[int, int]:
-    """(width, height) from the file header, without decoding the pixels."""
-    if fmt == "tiff":
-        import tifffile
-
-        with tifffile.TiffFile(path) as tif:
-            page = tif.pages.first
-            return int(page.imagewidth), int(page.imagelength)
-    from PIL import Image
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit is applied next
-        with Image.open(path) as img:
-            return int(img.width), int(img.height)
-
-
 def read_header(upload: Upload, max_pixels: int) -> ImageHeader:
     """Format and size of an uploaded image; raises ApiError 400/413/415 for every bad input."""
     from PIL.Image import DecompressionBombError as ImageBombError
+
+    from fieldkube.vision.imageio import image_size
 
     if upload.size == 0:
         raise ApiError(400, f"request body is empty: expected a {SUPPORTED} image")
@@ -195,7 +178,7 @@ def read_header(upload: Upload, max_pixels: int) -> ImageHeader:
             f"unsupported image type ({_describe_unknown(head, upload.declared_type)}): expected {SUPPORTED}",
         )
     try:
-        width, height = image_size(upload.path, fmt)
+        height, width = image_size(upload.path, name="uploaded image")
     except ImageBombError as error:  # Pillow refuses headers past twice its own limit before we see them
         raise ApiError(413, f"image is too large ({error}); the limit is {max_pixels} pixels") from None
     except Exception as error:

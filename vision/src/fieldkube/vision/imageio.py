@@ -201,9 +201,12 @@ def read_image(
     return _read_pil(source, label, max_pixels, percentiles, exif_orientation)
 
 
-def image_size(path: str | os.PathLike[str]) -> tuple[int, int]:
-    """(height, width) of an image file without decoding its pixels."""
-    label = str(path)
+def image_size(path: str | os.PathLike[str], name: str | None = None) -> tuple[int, int]:
+    """(height, width) of an image file without decoding its pixels; `name` labels it in errors.
+
+    Pillow's decompression-bomb warning is silenced: callers compare the size with their own limit.
+    Headers past twice Pillow's limit still raise `PIL.Image.DecompressionBombError`."""
+    label = str(path) if name is None else name
     if _head(path, label) in _TIFF_MAGIC:
         try:
             with tifffile.TiffFile(path) as tif:
@@ -212,8 +215,10 @@ def image_size(path: str | os.PathLike[str]) -> tuple[int, int]:
         except Exception as error:
             raise ImageError(f"{label}: not a readable TIFF ({error})") from None
     try:
-        with Image.open(path) as image:
-            return image.size[1], image.size[0]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                return image.size[1], image.size[0]
     except (UnidentifiedImageError, OSError) as error:
         raise ImageError(f"{label}: not a recognised image ({error})") from None
 
