@@ -8,6 +8,11 @@ the bare forward takes for the same tiles (CPU time on both sides, so other load
 enter). `--baseline-ref REF` runs a third server from that git commit's code (a worktree on
 PYTHONPATH, same models and flags), measured the same way in the same run: the before/after ratio.
 
+GPU mode (`--gpu`, `make bench-serve-gpu`): the server and the bare forward run on CUDA in the service's
+default GPU precision (bf16 autocast, channels_last), batching on only; each concurrency level is recorded
+with its ratio to the bare forward. It runs from the packages' src/ folders, so a GPU host with torch and
+the wheels of `make gpu-wheels` is enough (bench/README.md); `--gpu --device cpu` is a dry run anywhere.
+
 Models have fixed random weights (speed does not depend on training); sizes are recorded in the output.
 Traffic goes only to a server this script starts on 127.0.0.1 and stops at the end.
 """
@@ -29,20 +34,24 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import psutil
-import requests
-import torch
-
-from fieldkube.serving.inference import cut_tiles, plan_tiles
-from fieldkube.serving.settings import default_batch_size
-from fieldkube.vision.bundle import load_bundle, save_bundle
-from fieldkube.vision.imageio import encode_png
-from fieldkube.vision.models import build_model, count_parameters
-from fieldkube.vision.normalize import batch_to_tensor
-from fieldkube.vision.synthetic import make_aerial_scene, make_field_image
-
 ROOT = Path(__file__).resolve().parents[1]
+SRC = [ROOT / d / "src" for d in ("contract", "vision", "serving")]
+sys.path[:0] = [str(p) for p in SRC]  # a GPU host runs the packages from here, not installed
+
+import numpy as np  # noqa: E402
+import psutil  # noqa: E402
+import requests  # noqa: E402
+import torch  # noqa: E402
+
+from fieldkube.serving.inference import cut_tiles, plan_tiles  # noqa: E402
+from fieldkube.serving.served_model import pick_dtype  # noqa: E402
+from fieldkube.serving.settings import default_batch_size  # noqa: E402
+from fieldkube.vision.bundle import load_bundle, save_bundle  # noqa: E402
+from fieldkube.vision.imageio import encode_png  # noqa: E402
+from fieldkube.vision.models import build_model, count_parameters  # noqa: E402
+from fieldkube.vision.normalize import batch_to_tensor  # noqa: E402
+from fieldkube.vision.synthetic import make_aerial_scene, make_field_image  # noqa: E402
+
 CONCURRENCY = (1, 4, 16)
 WORKLOADS: dict[str, dict[str, Any]] = {
     "count": {
@@ -89,23 +98,45 @@ def make_image(task: str) -> np.ndarray:
 
 
 def bare_forward(
-    bundle: Path, image: np.ndarray, tile: int, overlap: int, batch: int, seconds: float
+    bundle: Path,
+    image: np.ndarray,
+    tile: int,
+    overlap: int,
+    batch: int,
+    seconds: float,
+    device: torch.device,
+    dtype: torch.dtype,
 ) -> tuple[float, float]:
     """Images/s of the model alone (the same tiles, batched forward passes, no HTTP, decode or stitch),
-    and its CPU seconds per image (this process's CPU time: the same on a loaded machine)."""
-    model = load_bundle(bundle).model
+    and its CPU seconds per image (this process's CPU time: the same on a loaded machine). On CUDA the
+    tiles are on the device already, normalised and channels_last, as the service's model sees them, in
+    the service's precision; the clock stops after the device has finished."""
+    model = load_bundle(bundle, device=device).model
     plan = plan_tiles(image.shape[0], image.shape[1], tile, overlap, max_tiles=100_000)
-    tiles = batch_to_tensor(cut_tiles(image, plan))
+    tiles = batch_to_tensor(cut_tiles(image, plan)).to(device)
+    if device.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+        tiles = tiles.contiguous(memory_format=torch.channels_last)
+
+    def one_image() -> None:
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            for i in range(0, len(tiles), batch):
+                model(tiles[i : i + batch])
+
     with torch.inference_mode():
-        model(tiles[:batch])  # warm-up
+        for _ in range(2):  # warm-up (cuDNN picks its kernels)
+            one_image()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
         images = 0
         start, cpu_start = time.perf_counter(), time.process_time()
         while True:
-            for i in range(0, len(tiles), batch):
-                model(tiles[i : i + batch])
+            one_image()
             images += 1
             if time.perf_counter() - start >= seconds:
                 break
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
     return images / (time.perf_counter() - start), (time.process_time() - cpu_start) / images
 
 
@@ -113,28 +144,34 @@ class Server:
     """fieldkube-serve as a subprocess on a free loopback port."""
 
     def __init__(
-        self, bundles: dict[str, Path], batch_size: int, threads: int, log: Path, code: Path | None = None
+        self,
+        bundles: dict[str, Path],
+        batch_size: int,
+        args: Any,
+        log: Path,
+        code: Path | None = None,
     ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         command = [
-            str(Path(sys.executable).parent / "fieldkube-serve"),
+            sys.executable, "-m", "fieldkube.serving.cli",
             "--counter", str(bundles["count"]),
             "--segmenter", str(bundles["segment"]),
             "--port", str(self.port),
             "--max-batch-size", str(batch_size),
             "--max-queue-tiles", "100000",
             "--request-timeout-s", "600",
-            "--torch-threads", str(threads),
+            "--torch-threads", str(args.threads),
+            "--device", args.device,
+            "--precision", args.precision,
             "--log-level", "warning",
         ]  # fmt: skip
         if code is None:  # every closed-loop request admitted: the bench measures throughput, not shedding
             command += ["--max-inflight-pixels", str(10**9)]
-        env = dict(os.environ)
-        if code is not None:  # another commit's packages ahead of the installed (editable) ones
-            env["PYTHONPATH"] = os.pathsep.join(
-                str(code / d / "src") for d in ("serving", "vision", "contract")
-            )
+        sources = SRC if code is None else [code / d / "src" for d in ("contract", "vision", "serving")]
+        # this code's packages, or another commit's, ahead of the installed (editable) ones
+        path = [*(str(p) for p in sources), os.environ.get("PYTHONPATH", "")]
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(path).rstrip(os.pathsep)}
         self._log = log.open("wb")
         self.process = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + 300
@@ -232,7 +269,14 @@ def measure_task(
         "png_bytes": len(body),
     }
     entry["bare_forward_rps"], forward_cpu_s = bare_forward(
-        bundle, image, spec["tile"], spec["overlap"], args.batch_size, args.bare_seconds
+        bundle,
+        image,
+        spec["tile"],
+        spec["overlap"],
+        args.batch_size,
+        args.bare_seconds,
+        torch.device(args.device),
+        args.dtype,
     )
     entry["bare_forward_cpu_s_per_image"] = forward_cpu_s
     for server in servers.values():
@@ -247,10 +291,12 @@ def measure_task(
             server, server.url + spec["endpoint"], body, megapixels, args.cpu_requests, forward_cpu_s
         )
     for concurrency in CONCURRENCY:
-        total = args.requests or max(2, concurrency)
+        total = args.requests or max(2, concurrency) * (4 if args.gpu else 1)
         for mode, server in servers.items():
             print(f"[{task}] {mode} concurrency {concurrency}: {total} requests ...", flush=True)
-            entry[mode][str(concurrency)] = load(server.url + spec["endpoint"], body, concurrency, total)
+            level = load(server.url + spec["endpoint"], body, concurrency, total)
+            level["ratio_to_bare"] = level["rps"] / entry["bare_forward_rps"]
+            entry[mode][str(concurrency)] = level
     return entry
 
 
@@ -276,6 +322,18 @@ def main() -> int:
         "--baseline-ref", default="", help="also serve (batching on) with this git commit's code, e.g. HEAD~3"
     )
     parser.add_argument(
+        "--gpu",
+        action="store_true",
+        help="GPU mode: device cuda (unless --device says otherwise), batching on only, 4x the requests",
+    )
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument(
+        "--precision",
+        choices=("auto", "fp32", "bf16"),
+        default="auto",
+        help="server and bare forward (auto: bf16 on a GPU that supports it, fp32 on CPU)",
+    )
+    parser.add_argument(
         "--default-models",
         action="store_true",
         help="the models at their default sizes instead of the small ones (what a trained bundle has)",
@@ -286,7 +344,10 @@ def main() -> int:
             spec["params"] = {}
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the finally blocks: stop the server
     torch.set_num_threads(args.threads)
-    args.batch_size = args.batch_size or default_batch_size("cuda" if torch.cuda.is_available() else "cpu")
+    if args.device == "auto":
+        args.device = "cuda" if args.gpu or torch.cuda.is_available() else "cpu"
+    args.dtype = pick_dtype(args.precision, torch.device(args.device))
+    args.batch_size = args.batch_size or default_batch_size(args.device)
     started = time.time()
     load_at_start = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="serve-bench-") as tmp:
@@ -294,19 +355,21 @@ def main() -> int:
         bundles = make_bundles(root)
         bodies = {task: encode_png(make_image(task)) for task in WORKLOADS}
         results: dict[str, Any] = {}
-        modes = {"batching_on": args.batch_size, "batching_off": 1}
+        modes = {"batching_on": args.batch_size}
+        if not args.gpu:  # a GPU host's minutes go to the configuration it serves with
+            modes["batching_off"] = 1
         servers: dict[str, Server] = {}
         baseline = root / "baseline"
         try:
             for mode, batch_size in modes.items():  # both run at once; measurements alternate between them
-                servers[mode] = Server(bundles, batch_size, args.threads, root / f"serve-{mode}.log")
+                servers[mode] = Server(bundles, batch_size, args, root / f"serve-{mode}.log")
             if args.baseline_ref:
                 git = ["git", "-C", str(ROOT)]
                 subprocess.run(
                     [*git, "worktree", "add", "--detach", str(baseline), args.baseline_ref], check=True
                 )
                 servers["baseline"] = Server(
-                    bundles, args.batch_size, args.threads, root / "serve-baseline.log", code=baseline
+                    bundles, args.batch_size, args, root / "serve-baseline.log", code=baseline
                 )
             for task, spec in WORKLOADS.items():
                 results[task] = measure_task(task, spec, bundles[task], bodies[task], servers, args)
@@ -321,10 +384,11 @@ def main() -> int:
             entry = results[task]
             best = max(CONCURRENCY, key=lambda c: entry["batching_on"][str(c)]["rps"])
             best_on = entry["batching_on"][str(best)]["rps"]
-            best_off = max(level["rps"] for level in entry["batching_off"].values())
             entry["best_concurrency"] = best
             entry["overhead_ratio"] = best_on / entry["bare_forward_rps"]
-            entry["batching_gain"] = best_on / best_off
+            if "batching_off" in entry:
+                best_off = max(level["rps"] for level in entry["batching_off"].values())
+                entry["batching_gain"] = best_on / best_off
             if "baseline" in entry:
                 old = max(level["rps"] for level in entry["baseline"].values())
                 entry["baseline_overhead_ratio"] = old / entry["bare_forward_rps"]
@@ -340,12 +404,15 @@ def main() -> int:
             "platform": platform.platform(),
             "python": platform.python_version(),
             "torch": torch.__version__,
-            "device": "cuda" if torch.cuda.is_available() else "cpu",
+            "device": args.device,
+            "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None,
+            "precision": str(args.dtype).removeprefix("torch."),
             "load_average_at_start": load_at_start,
             "load_average_at_end": os.getloadavg()[0],
         },
         "definitions": {
             "rps": "completed requests per second (closed loop, PNG upload to JSON answer)",
+            "ratio_to_bare": "rps at this concurrency / bare_forward_rps",
             "bare_forward_rps": "images per second of the model's batched forward over the same tiles alone",
             "overhead_ratio": "served rps with batching at the best concurrency / bare_forward_rps",
             "batching_gain": "best rps with batching on / best rps with batching off (max batch size 1)",
@@ -366,6 +433,7 @@ def main() -> int:
                     k: results[t][k]
                     for k in (
                         "bare_forward_rps",
+                        "best_concurrency",
                         "overhead_ratio",
                         "batching_gain",
                         "baseline_overhead_ratio",

@@ -12,7 +12,7 @@ bench-train:  ## images/s of fieldkube-train vs a bare loop, Horovod vs DDP, loa
 bench-train-gpu:  ## on a GPU host: per model, fieldkube-train vs the bare step, MFU, stall, loader wait -> bench/results/train_gpu.json
 	$(PY) bench/train_gpu_bench.py --out bench/results/train_gpu.json $(GPU_BENCH_ARGS)
 
-gpu-wheels:  ## the wheels a torch-only GPU host needs to run bench/train_gpu_bench.py from src/ -> build/gpu-wheels/
+gpu-wheels:  ## the wheels a torch-only GPU host needs to run the GPU benchmarks (train, serve) from src/ -> build/gpu-wheels/
 	@hack/gpu-wheels.sh $(GPU_PYTHON)
 
 bench-loader:  ## loader CPU ms per sample: batched (PNG, raw pixels; CPU and GPU split) vs the per-sample path -> bench/results/loader.json

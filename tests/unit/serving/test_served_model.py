@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from fieldkube.serving.served_model import ModelCheckError, load_served_model
+from fieldkube.serving.served_model import ModelCheckError, load_served_model, pick_dtype
 from fieldkube.vision.bundle import SPEC_FILE, WEIGHTS_FILE, save_bundle
 from fieldkube.vision.density import density_map_from_points
 from fieldkube.vision.golden import GoldenSample, expected_answer
@@ -157,3 +157,23 @@ def test_a_golden_sample_failure_is_rejected_by_the_registry_not_retried(golden_
         assert "golden sample count" in registry.last_error["counter"]
     finally:
         registry.close()
+
+
+def test_auto_precision_is_fp32_on_cpu_and_explicit_choices_hold() -> None:
+    assert pick_dtype("auto", CPU) == torch.float32
+    assert pick_dtype("bf16", CPU) == torch.bfloat16
+    assert pick_dtype("fp32", CPU) == torch.float32
+
+
+def test_a_bf16_forward_passes_the_golden_sample_and_returns_float32_maps(golden_counter_bundle) -> None:
+    """The precision a GPU serves in by default, run here under CPU autocast: the golden check holds (its
+    tolerance is sized for bf16), maps come back float32 and close to fp32's."""
+    fp32 = load_served_model(golden_counter_bundle, "counter", None, None, CPU, "here")
+    bf16 = load_served_model(golden_counter_bundle, "counter", None, None, CPU, "here", torch.bfloat16)
+    assert bf16.dtype == torch.bfloat16
+    assert bf16.golden is not None
+    tiles = np.stack([bf16.golden.image] * 2)
+    exact, approx = fp32.forward(tiles), bf16.forward(tiles)
+    assert approx.dtype == np.float32 and approx.shape == exact.shape
+    assert not np.array_equal(approx, exact)  # bf16 did run
+    assert abs(approx.sum() - exact.sum()) <= 0.03 * abs(exact.sum()) + 0.05

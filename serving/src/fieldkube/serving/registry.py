@@ -36,6 +36,7 @@ from fieldkube.serving.served_model import (
     Task,
     load_served_model,
     pick_device,
+    pick_dtype,
 )
 from fieldkube.serving.settings import ServeSettings
 from fieldkube.vision.bundle import BundleError, find_bundle_dir
@@ -71,6 +72,7 @@ class ModelRegistry:
         self._settings = settings
         self._metrics = metrics
         self._device = pick_device(settings.device)
+        self._dtype = pick_dtype(settings.precision, self._device)
         self.sources: dict[Task, ModelSource] = {}
         if settings.counter:
             self.sources["counter"] = parse_model_source(settings.counter)
@@ -158,7 +160,15 @@ class ModelRegistry:
         self._metrics.set_model(task, model.name, model.version, model.architecture, model.loaded_at)
         self._metrics.model_reloads.labels(task, "loaded").inc()
         if old is None:
-            log.info("serving %s model %s version %s from %s", task, model.name, model.version, source.uri)
+            log.info(
+                "serving %s model %s version %s from %s (%s on %s)",
+                task,
+                model.name,
+                model.version,
+                source.uri,
+                str(model.dtype).removeprefix("torch."),
+                model.device,
+            )
         else:
             log.info(
                 "hot-reloaded %s model %s: version %s -> %s", task, model.name, old.version, model.version
@@ -222,7 +232,9 @@ class ModelRegistry:
 
     def _load(self, task: Task, source: ModelSource, resolved: ResolvedVersion) -> ServedModel:
         if source.kind == "path":
-            return load_served_model(Path(source.uri), task, None, None, self._device, source.uri)
+            return load_served_model(
+                Path(source.uri), task, None, None, self._device, source.uri, self._dtype
+            )
         import mlflow.artifacts
 
         target = Path(tempfile.mkdtemp(prefix=f"{task}-", dir=self._cache))
@@ -233,7 +245,9 @@ class ModelRegistry:
                 tracking_uri=self._settings.mlflow_tracking_uri,
             )
             bundle = find_bundle_dir(Path(local))
-            return load_served_model(bundle, task, resolved.name, resolved.version, self._device, source.uri)
+            return load_served_model(
+                bundle, task, resolved.name, resolved.version, self._device, source.uri, self._dtype
+            )
         finally:
             shutil.rmtree(target, ignore_errors=True)  # weights are in memory now
 

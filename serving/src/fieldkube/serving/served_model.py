@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from fieldkube.serving.settings import Precision
 from fieldkube.vision.bundle import WEIGHTS_FILE, load_bundle
 from fieldkube.vision.golden import GoldenSample, compare_answers, summarise_map
 from fieldkube.vision.normalize import normalize_batch
@@ -42,6 +43,19 @@ def pick_device(requested: str) -> torch.device:
     return torch.device(requested)
 
 
+def pick_dtype(requested: Precision, device: torch.device) -> torch.dtype:
+    """The forward pass's compute type. `auto` means bf16 autocast on a GPU that has it (1.1-1.5x the
+    tiles/s of fp32 on an H200, no loss scaling needed at inference) and fp32 elsewhere: on CPUs without
+    bf16 units autocast is slower, and the CPU path keeps its figures."""
+    if requested == "bf16":
+        return torch.bfloat16
+    if requested == "fp32":
+        return torch.float32
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
 @dataclass(frozen=True, eq=False)
 class ServedModel:
     """One model ready to serve. `forward` maps uint8 RGB tiles (N, t, t, 3) to maps (N, 1, t, t),
@@ -49,6 +63,8 @@ class ServedModel:
 
     Counter maps are counts per pixel (already divided by the bundle's density_scale); segmenter maps
     are probabilities (sigmoid applied). `golden` is the bundle's golden sample, checked by `warm_up`.
+    `dtype` is the compute type (bf16: under autocast; maps come back float32 either way); on a GPU the
+    module and its input are channels_last, the layout cuDNN's fastest convolutions read.
     """
 
     task: Task
@@ -60,6 +76,7 @@ class ServedModel:
     module: nn.Module
     device: torch.device
     source: str
+    dtype: torch.dtype = torch.float32
     golden: GoldenSample | None = field(default=None, repr=False)
     loaded_at: float = field(default_factory=time.time)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -77,12 +94,19 @@ class ServedModel:
                 stream = self._stream or torch.cuda.current_stream(self.device)
                 with torch.cuda.stream(stream):
                     x = x.pin_memory().to(self.device, non_blocking=True)
-                    y = self._activate(self.module(self._normalised(x))).to("cpu", non_blocking=True)
+                    x = self._normalised(x).contiguous(memory_format=torch.channels_last)
+                    y = self._maps(x).to("cpu", non_blocking=True)
                 stream.synchronize()
             else:
-                y = self._activate(self.module(self._normalised(x)))
-        out: np.ndarray = y.float().numpy()
+                y = self._maps(self._normalised(x))
+        out: np.ndarray = y.numpy()
         return out
+
+    def _maps(self, x: torch.Tensor) -> torch.Tensor:
+        """float32 maps of normalised input, computed in `dtype`."""
+        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
+            y = self.module(x)
+        return self._activate(y.float())
 
     @staticmethod
     def _normalised(x: torch.Tensor) -> torch.Tensor:
@@ -149,11 +173,19 @@ def weights_digest(bundle_dir: Path) -> str:
 
 
 def load_served_model(
-    bundle_dir: Path, task: Task, name: str | None, version: str | None, device: torch.device, source: str
+    bundle_dir: Path,
+    task: Task,
+    name: str | None,
+    version: str | None,
+    device: torch.device,
+    source: str,
+    dtype: torch.dtype = torch.float32,
 ) -> ServedModel:
     """Load a bundle directory safely (safetensors), check its task, warm it up (on its golden sample when
-    it has one)."""
+    it has one) in the precision it will serve in."""
     loaded = load_bundle(bundle_dir, device=device)
+    if device.type == "cuda":
+        loaded.model.to(memory_format=torch.channels_last)
     spec = loaded.spec
     if spec.task != task:
         raise ModelCheckError(
@@ -170,6 +202,7 @@ def load_served_model(
         module=loaded.model,
         device=device,
         source=source,
+        dtype=dtype,
         golden=loaded.golden,
         _stream=stream,
     )

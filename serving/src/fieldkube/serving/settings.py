@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 ENV_PREFIX = "FIELDKUBE_SERVE_"
 
 Device = Literal["auto", "cpu", "cuda"]
+Precision = Literal["auto", "fp32", "bf16"]
 
 
 class SettingsError(ValueError):
@@ -85,6 +86,11 @@ class ServeSettings(BaseModel):
     load_retry_max_s: float = Field(60.0, gt=0, description="longest wait between model load retries")
     torch_threads: int | None = Field(None, ge=1, description="CPU threads for inference (default: torch's)")
     device: Device = Field("auto", description="where models run: auto (cuda when present), cpu, cuda")
+    precision: Precision = Field(
+        "auto",
+        description="forward-pass precision: auto (bf16 autocast on a GPU that supports it, else fp32), "
+        "fp32, bf16; a model whose golden sample moves beyond its tolerance in bf16 is refused",
+    )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     @model_validator(mode="after")
