@@ -19,9 +19,9 @@ CHART_CRD_PATH = ROOT / "charts/fieldkube/crds/trainingjobs.yaml"
 
 def generated_training_schema() -> dict[str, Any]:
     """The trainer's TrainingConfig as a structural schema minus the operator-owned paths."""
+    from fieldkube.contract.config import TrainingConfig
     from fieldkube.operator.openapi import remove_paths, structural_schema
     from fieldkube.operator.training_schema import OPERATOR_OWNED
-    from fieldkube.contract.config import TrainingConfig
 
     full = structural_schema(TrainingConfig.model_json_schema())
     return remove_paths(full, sorted(OPERATOR_OWNED))

@@ -3,7 +3,7 @@
 fieldkube-operator run [--namespace NS]... [--mlflow-tracking-uri URI] [--metrics-port 8080]
                        [--mlflow-credentials-secret NAME [--mlflow-credentials-env VAR,...]]
                        [--health-port 8081] [--bind-address 0.0.0.0]
-                       [--standalone | --lease-namespace NS --lease-name NAME] [--workers 8]
+                       [--standalone | --lease-namespace NS --lease-name NAME] [--workers 16]
 fieldkube-operator crd > manifests/crd/trainingjobs.yaml
 """
 
@@ -13,6 +13,8 @@ import argparse
 import os
 import re
 import sys
+
+from fieldkube.operator.workqueue import DEFAULT_WORKERS
 
 # The MLflow client's own credential variables (basic auth); object-store keys are added by the user.
 DEFAULT_CREDENTIALS_ENV = "MLFLOW_TRACKING_USERNAME,MLFLOW_TRACKING_PASSWORD"
@@ -63,7 +65,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--workers",
         type=int,
-        default=int(os.environ.get("FIELDKUBE_WORKERS", "8")),
+        default=int(os.environ.get("FIELDKUBE_WORKERS", str(DEFAULT_WORKERS))),
         help="threads syncing jobs in parallel",
     )
     run.add_argument("--verbose", action="store_true")

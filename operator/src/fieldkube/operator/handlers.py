@@ -27,6 +27,7 @@ from fieldkube.operator.kube import Cluster, load_config
 from fieldkube.operator.leader import LeaderElector
 from fieldkube.operator.mpijob_builder import MlflowCredentials
 from fieldkube.operator.reconcile import OperatorConfig, Reconciler, run_every
+from fieldkube.operator.workqueue import DEFAULT_WORKERS
 
 TJ = (spec.GROUP, spec.VERSION, spec.PLURAL)
 PROGRESS_INTERVAL_S = float(os.environ.get("FIELDKUBE_SYNC_INTERVAL_SECONDS", "10"))
@@ -100,7 +101,7 @@ def configure(settings: kopf.OperatorSettings, logger: kopf.Logger, **_: Any) ->
         # A job synced before its MPIJob is known would create that MPIJob a second time (409).
         if not informer.synced.wait(INFORMER_SYNC_TIMEOUT_S):
             raise kopf.PermanentError(f"the {informer.what} watch did not list in {INFORMER_SYNC_TIMEOUT_S}s")
-    for i in range(int(os.environ.get("FIELDKUBE_WORKERS", "8"))):
+    for i in range(int(os.environ.get("FIELDKUBE_WORKERS", str(DEFAULT_WORKERS)))):
         threading.Thread(target=rec.work, name=f"sync-{i}", daemon=True).start()
     run_every(PROGRESS_INTERVAL_S, controller.stop, rec.poll_progress_when_leading, "mlflow-progress")
     if os.environ.get("FIELDKUBE_LEADER_ELECTION", "1") == "0":
