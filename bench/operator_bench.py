@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import signal
 import socket
 import statistics
@@ -393,7 +394,7 @@ def main() -> int:
     state = Path(tempfile.mkdtemp(prefix="fieldkube-bench-operator-"))
     cluster = harness.LocalCluster(state, nodes=args.nodes)
     cluster.start()
-    operator = None
+    operator, succeeded = None, False
     try:
         sa = cluster.service_account_kubeconfig("fieldkube-system", "fieldkube-operator", create=False)
         log = (state / "operator.log").open("w")
@@ -447,11 +448,16 @@ def main() -> int:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=2) + "\n")
         print(json.dumps(result, indent=2))
+        succeeded = True
     finally:
         if operator is not None:
             os.killpg(operator.pid, signal.SIGTERM)
             operator.wait(timeout=30)
         cluster.stop()
+        if succeeded:  # 0.5 GB of etcd data and logs at 1,000 jobs; a failed run keeps them to read
+            shutil.rmtree(state, ignore_errors=True)
+        else:
+            print(f"logs of the failed run: {state}", file=sys.stderr)
     return 0
 
 
