@@ -621,6 +621,10 @@ class LocalCluster:
                 "--allow-privileged=true",
                 "--max-requests-inflight=1600",
                 "--max-mutating-requests-inflight=800",
+                # A collection DELETE (namespace cleanup, `bench-operator`) removes its objects with this
+                # many workers instead of one at a time: 1,000 TrainingJobs in 34-45 s instead of 122-137 s
+                # on the 2-core VM (bench/README.md), and within the API server's 60 s request timeout.
+                "--delete-collection-workers=8",
                 "--profiling=false",
                 f"--audit-policy-file={write_file(self.state_dir / 'audit-policy.yaml', AUDIT_POLICY)}",
                 f"--audit-log-path={self.audit_log}",
