@@ -20,8 +20,8 @@ K = TypeVar("K")
 DEFAULT_WORKERS = 16
 """Sync threads by default. A sync is mostly waiting on the API server (an MPIJob POST, a status PATCH), so
 threads, not cores, set the pace: with 8, a burst of 1,000 TrainingJobs from 4 clients (about 27 per
-second on the 2-core bench VM) queued up (reconcile p95 14.1 s, last MPIJob 7.8 s after the last job);
-with 16 the operator kept pace (p95 2.2 s, 0.9 s). bench/README.md, bench-operator."""
+second on the 2-core bench VM) left the last MPIJob 7.8 s behind the last job; with 16, 0.9-2.7 s in three
+runs (bench/README.md, bench-operator)."""
 
 
 class WorkQueue(Generic[K]):
