@@ -29,6 +29,7 @@ import tempfile
 import threading
 import time
 import urllib.request
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, cast
@@ -175,14 +176,14 @@ def pod_count(namespace: str) -> int:
     return len(page.items) + (rest or 0)
 
 
-def settle_pods(namespace: str, quiet_s: float = 5.0, timeout: float = 600.0) -> float:
-    """The monotonic time at which the number of pods in ``namespace`` last changed, once it has stayed
-    the same for ``quiet_s`` seconds (or the timeout)."""
+def settle(read: Callable[[], float], quiet_s: float = 5.0, timeout: float = 600.0) -> float:
+    """The monotonic time at which ``read()`` (polled each second) last changed, once it has stayed the
+    same for ``quiet_s`` seconds (or the timeout)."""
     deadline = time.monotonic() + timeout
-    last, last_change = pod_count(namespace), time.monotonic()
+    last, last_change = read(), time.monotonic()
     while time.monotonic() < deadline:
         time.sleep(1)
-        now = pod_count(namespace)
+        now = read()
         if now != last:
             last, last_change = now, time.monotonic()
         elif time.monotonic() - last_change >= quiet_s:
@@ -241,21 +242,6 @@ def syncs_done(metrics_port: int) -> float:
 
 def status_writes(metrics_port: int) -> float:
     return operator_metric(metrics_port, "fieldkube_operator_status_writes_total")
-
-
-def settle_statuses(metrics_port: int, quiet_s: float = 5.0, timeout: float = 600.0) -> float:
-    """The monotonic time at which the operator went ``quiet_s`` seconds without a sync (or the timeout):
-    after a burst it still writes the statuses of the jobs it created, which is work, not idling."""
-    deadline = time.monotonic() + timeout
-    last, last_change = syncs_done(metrics_port), time.monotonic()
-    while time.monotonic() < deadline:
-        time.sleep(1)
-        now = syncs_done(metrics_port)
-        if now != last:
-            last, last_change = now, time.monotonic()
-        elif time.monotonic() - last_change >= quiet_s:
-            break
-    return last_change
 
 
 def submit(kind: str, namespace: str, docs: list[dict[str, Any]], clients: int) -> dict[str, float]:
@@ -327,7 +313,8 @@ def run_one(
     mj_watch.stop_flag = True
     compared = f" (direct {baseline['direct_mpijobs_seconds']:.1f}s)" if baseline else ""
     print(f"[{n} jobs] all MPIJobs in {all_s:.1f}s{compared}; idle for {idle_s:.0f}s", flush=True)
-    settled_s = settle_statuses(metrics_port, timeout=long_s) - t0
+    # After a burst the operator still writes the statuses of the jobs it created: work, not idling.
+    settled_s = settle(lambda: syncs_done(metrics_port), timeout=long_s) - t0
     writes = status_writes(metrics_port) - writes_before
     print(f"[{n} jobs] statuses settled {settled_s:.1f}s after the create", flush=True)
     syncs_before = syncs_done(metrics_port)
@@ -385,7 +372,7 @@ def direct_round(
     watcher.stop_flag = True
     # Deleted once the mpi-operator has made their pods, as the TrainingJobs are (after their statuses
     # settle): the same objects for the garbage collector to remove.
-    settled_s = settle_pods(namespace, timeout=long_s) - t0
+    settled_s = settle(lambda: pod_count(namespace), timeout=long_s) - t0
     delete_s, pods_gone_s = delete_collection("mpijobs", namespace, long_s)
     print(
         f"[{n} jobs] direct: created in {created_s:.1f}s, pods settled after {settled_s:.1f}s, "
