@@ -138,6 +138,33 @@ class RssSampler(threading.Thread):
             time.sleep(0.1)
 
 
+class CpuMeter:
+    """CPU seconds per process of the cluster (and the operator) over a window: where a round's time goes
+    on a machine whose cores every component shares."""
+
+    def __init__(self, cluster: Any, operator_pid: int) -> None:
+        pids = {name: proc.pid for name, proc in cluster._processes.items()}
+        pids["operator"] = operator_pid
+        pids["bench"] = os.getpid()
+        self.procs = {name: psutil.Process(pid) for name, pid in pids.items()}
+        self.start = self._read()
+
+    def _read(self) -> dict[str, float]:
+        seconds = {}
+        for name, proc in self.procs.items():
+            try:
+                seconds[name] = sum(proc.cpu_times()[:2])
+            except psutil.Error:
+                seconds[name] = 0.0
+        return seconds
+
+    def seconds(self) -> dict[str, float]:
+        """CPU seconds per process since this meter was made, the busiest first."""
+        now = self._read()
+        used = {name: round(now[name] - self.start[name], 1) for name in now}
+        return dict(sorted(used.items(), key=lambda item: -item[1]))
+
+
 def operator_processes(pid: int) -> list[psutil.Process]:
     root = psutil.Process(pid)
     return [root, *root.children(recursive=True)]
@@ -292,7 +319,7 @@ def run_one(
 ) -> dict[str, Any]:
     direct_ns, operator_ns = f"direct-{run_id}", f"operator-{run_id}"
     long_s = max(1800.0, 2.0 * n)  # creating or deleting all of them: about 10 per second on 2 cores
-    baseline = direct_round(api, n, direct_ns, long_s, clients, cluster) if direct else {}
+    baseline = direct_round(api, n, direct_ns, long_s, clients, cluster, operator_pid) if direct else {}
 
     cluster.create_namespace(operator_ns)
 
@@ -303,16 +330,19 @@ def run_one(
     sampler = RssSampler(operator_pid)
     sampler.start()
     docs = trainingjobs(n)
+    meter = CpuMeter(cluster, operator_pid)
     t0 = time.monotonic()
     acknowledged = submit("trainingjobs", operator_ns, docs, clients)
     tj_submit_s = max(acknowledged.values()) - t0
     names = [d["metadata"]["name"] for d in docs]
     all_s = wait_all(mj_watch, names, 2 * long_s) - t0
+    cpu = meter.seconds()
     latencies = [mj_watch.seen[name] - acknowledged[name] for name in names]
     time.sleep(2)
     mj_watch.stop_flag = True
     compared = f" (direct {baseline['direct_mpijobs_seconds']:.1f}s)" if baseline else ""
     print(f"[{n} jobs] all MPIJobs in {all_s:.1f}s{compared}; idle for {idle_s:.0f}s", flush=True)
+    print(f"[{n} jobs] CPU seconds until then: {cpu}", flush=True)
     # After a burst the operator still writes the statuses of the jobs it created: work, not idling.
     settled_s = settle(lambda: syncs_done(metrics_port), timeout=long_s) - t0
     writes = status_writes(metrics_port) - writes_before
@@ -345,6 +375,7 @@ def run_one(
         "statuses_settled_seconds": round(settled_s, 3),
         "status_writes_per_job": round(writes / n, 2),
         "overhead_ratio": round(all_s / direct_s, 2) if direct_s > 0 else None,
+        "cpu_seconds_until_all_mpijobs": cpu,
         "idle_seconds": idle_s,
         "idle_operator_cpu_percent_of_one_core": round(100 * idle_cpu, 2),
         "idle_operator_rss_mb": round(idle_rss, 1),
@@ -357,8 +388,14 @@ def run_one(
 
 
 def direct_round(
-    api: client.CustomObjectsApi, n: int, namespace: str, long_s: float, clients: int, cluster: Any
-) -> dict[str, float]:
+    api: client.CustomObjectsApi,
+    n: int,
+    namespace: str,
+    long_s: float,
+    clients: int,
+    cluster: Any,
+    operator_pid: int,
+) -> dict[str, Any]:
     """The baseline: the same N MPIJobs created by the same clients, then deleted as one collection
     (the garbage collector then removes their pods, Services, ConfigMaps and Secrets, as for TrainingJobs)."""
     cluster.create_namespace(namespace)
@@ -366,9 +403,11 @@ def direct_round(
     watcher.start()
     watcher.ready.wait()
     docs = mpijobs(n, namespace)
+    meter = CpuMeter(cluster, operator_pid)
     t0 = time.monotonic()
     submitted_s = max(submit("mpijobs", namespace, docs, clients).values()) - t0
     created_s = wait_all(watcher, [d["metadata"]["name"] for d in docs], long_s) - t0
+    cpu = meter.seconds()
     watcher.stop_flag = True
     # Deleted once the mpi-operator has made their pods, as the TrainingJobs are (after their statuses
     # settle): the same objects for the garbage collector to remove.
@@ -376,7 +415,7 @@ def direct_round(
     delete_s, pods_gone_s = delete_collection("mpijobs", namespace, long_s)
     print(
         f"[{n} jobs] direct: created in {created_s:.1f}s, pods settled after {settled_s:.1f}s, "
-        f"deleted in {delete_s:.1f}s (pods {pods_gone_s:.1f}s)",
+        f"deleted in {delete_s:.1f}s (pods {pods_gone_s:.1f}s); CPU seconds until all created: {cpu}",
         flush=True,
     )
     return {
@@ -385,6 +424,7 @@ def direct_round(
         "direct_pods_settled_seconds": round(settled_s, 3),
         "direct_delete_mpijobs_seconds": round(delete_s, 3),
         "direct_delete_until_pods_gone_seconds": round(pods_gone_s, 3),
+        "direct_cpu_seconds_until_all_mpijobs": cpu,
     }
 
 

@@ -4,6 +4,7 @@ fieldkube-operator run [--namespace NS]... [--mlflow-tracking-uri URI] [--metric
                        [--mlflow-credentials-secret NAME [--mlflow-credentials-env VAR,...]]
                        [--health-port 8081] [--bind-address 0.0.0.0]
                        [--standalone | --lease-namespace NS --lease-name NAME] [--workers 16]
+                       [--status-writes-per-second 20]
 fieldkube-operator crd > manifests/crd/trainingjobs.yaml
 """
 
@@ -15,6 +16,7 @@ import re
 import sys
 
 from fieldkube.operator.workqueue import DEFAULT_WORKERS
+from fieldkube.operator.write_budget import DEFAULT_WRITES_PER_SECOND
 
 # The MLflow client's own credential variables (basic auth); object-store keys are added by the user.
 DEFAULT_CREDENTIALS_ENV = "MLFLOW_TRACKING_USERNAME,MLFLOW_TRACKING_PASSWORD"
@@ -68,6 +70,13 @@ def _parser() -> argparse.ArgumentParser:
         default=int(os.environ.get("FIELDKUBE_WORKERS", str(DEFAULT_WORKERS))),
         help="threads syncing jobs in parallel",
     )
+    run.add_argument(
+        "--status-writes-per-second",
+        type=float,
+        default=float(os.environ.get("FIELDKUBE_STATUS_WRITES_PER_SECOND", str(DEFAULT_WRITES_PER_SECOND))),
+        help="status writes of all jobs together, on average (bursts of 50 go at once); MPIJob creation "
+        f"is not limited (default {DEFAULT_WRITES_PER_SECOND:g})",
+    )
     run.add_argument("--verbose", action="store_true")
     sub.add_parser("crd", help="print the CustomResourceDefinitions (YAML)")
     return parser
@@ -101,7 +110,13 @@ def main(argv: list[str] | None = None) -> None:
         os.environ["FIELDKUBE_MLFLOW_CREDENTIALS_ENV"] = ",".join(names)
     if args.workers < 1:
         sys.exit(f"fieldkube-operator: error: --workers must be at least 1 (got {args.workers})")
+    if args.status_writes_per_second <= 0:
+        sys.exit(
+            "fieldkube-operator: error: --status-writes-per-second must be positive "
+            f"(got {args.status_writes_per_second:g})"
+        )
     os.environ["FIELDKUBE_WORKERS"] = str(args.workers)
+    os.environ["FIELDKUBE_STATUS_WRITES_PER_SECOND"] = str(args.status_writes_per_second)
     os.environ["FIELDKUBE_NAMESPACES"] = ",".join(args.namespace)
     os.environ["FIELDKUBE_LEADER_ELECTION"] = "0" if args.standalone else "1"
     os.environ["FIELDKUBE_LEASE_NAMESPACE"] = args.lease_namespace

@@ -28,6 +28,7 @@ from fieldkube.operator.leader import LeaderElector
 from fieldkube.operator.mpijob_builder import MlflowCredentials
 from fieldkube.operator.reconcile import OperatorConfig, Reconciler, run_every
 from fieldkube.operator.workqueue import DEFAULT_WORKERS
+from fieldkube.operator.write_budget import DEFAULT_WRITES_PER_SECOND, WriteBudget
 
 TJ = (spec.GROUP, spec.VERSION, spec.PLURAL)
 PROGRESS_INTERVAL_S = float(os.environ.get("FIELDKUBE_SYNC_INTERVAL_SECONDS", "10"))
@@ -71,7 +72,8 @@ def configure(settings: kopf.OperatorSettings, logger: kopf.Logger, **_: Any) ->
     api = load_config()
     api.user_agent = f"{USER_AGENT} ({identity})"
     cluster = Cluster(api)
-    rec = Reconciler(cluster, config)
+    rate = float(os.environ.get("FIELDKUBE_STATUS_WRITES_PER_SECOND", str(DEFAULT_WRITES_PER_SECOND)))
+    rec = Reconciler(cluster, config, budget=WriteBudget(rate))
     controller = Controller(rec)
     for namespace in _namespaces():
         controller.informers += [

@@ -38,6 +38,7 @@ from fieldkube.operator.status import (
 )
 from fieldkube.operator.status_model import TrainingJobStatus
 from fieldkube.operator.workqueue import WorkQueue
+from fieldkube.operator.write_budget import WriteBudget
 
 log = logging.getLogger("fieldkube.operator")
 # Pods whose FailedScheduling events are read when no pod condition explains a pending job, and how old a
@@ -116,6 +117,10 @@ class Reconciler:
     """Warning events that say why a job's pods are not created or do not start (pod_events)."""
     queue: WorkQueue[Key] = field(default_factory=WorkQueue)
     leading: threading.Event = field(default_factory=threading.Event)
+    budget: WriteBudget = field(default_factory=WriteBudget)
+    """Status writes of all jobs together (MPIJob creation is never held back by it)."""
+    _slots: dict[Key, float] = field(default_factory=dict)
+    """Jobs waiting for their reserved status write: the monotonic time of the slot."""
     _tracking: dict[str, Tracking] = field(default_factory=dict)
     _deleted: dict[Key, Obj] = field(default_factory=dict)
     _failures: dict[Key, int] = field(default_factory=dict)
@@ -351,12 +356,16 @@ class Reconciler:
         old = tj.get("status") or {}
         patch = merge_patch(old, new)
         if not patch:
+            self._release_slot(key)
             return
-        since = time.monotonic() - self._written.get(key, float("-inf"))
+        now = time.monotonic()
+        since = now - self._written.get(key, float("-inf"))
         if new.get("phase") == old.get("phase") and since < STATUS_INTERVAL_S:
             self.queue.add_after(key, STATUS_INTERVAL_S - since)  # the state then, not every one between
             return
-        self._written[key] = time.monotonic()
+        if not self._take_slot(key, now):
+            return
+        self._written[key] = now
         metrics.STATUS_WRITES.inc()
         try:
             stored = self.cluster.patch_trainingjob_status(key[0], key[1], patch)
@@ -366,6 +375,28 @@ class Reconciler:
             raise
         if self.jobs.get(key) is not None:
             self.jobs.put(stored)  # the next sync starts from what was written, not from the older event
+
+    def _take_slot(self, key: Key, now: float) -> bool:
+        """Whether the job may write its status now; if not, its sync is queued for its reserved slot."""
+        with self._guard:
+            slot = self._slots.get(key)
+            if slot is not None:  # reserved earlier: an event's sync before the slot leaves it to the slot's
+                if slot > now:
+                    return False
+                del self._slots[key]
+                return True
+            wait = self.budget.reserve()
+            if wait <= 0:
+                return True
+            self._slots[key] = now + wait
+        self.queue.add_after(key, wait)
+        return False
+
+    def _release_slot(self, key: Key) -> None:
+        with self._guard:
+            held = self._slots.pop(key, None) is not None
+        if held:
+            self.budget.cancel()
 
     def _schedule(
         self,
@@ -480,7 +511,9 @@ class Reconciler:
         meta, status = body["metadata"], body.get("status") or {}
         with self._guard:
             self._tracking.pop(meta["uid"], None)
-        self._written.pop((str(meta["namespace"]), str(meta["name"])), None)
+        key = (str(meta["namespace"]), str(meta["name"]))
+        self._written.pop(key, None)
+        self._release_slot(key)
         metrics.forget_job(meta["uid"])
         if is_terminal(status):
             return
