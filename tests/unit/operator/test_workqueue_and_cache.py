@@ -35,6 +35,21 @@ def test_a_key_added_while_a_worker_holds_it_waits_for_that_worker() -> None:
     assert queue.get() == "a"  # synced once more after the first sync ended
 
 
+def test_a_parked_key_waits_until_no_urgent_key_does() -> None:
+    queue: WorkQueue[str] = WorkQueue()
+    queue.add("new-1", urgent=True)
+    queue.add("new-2", urgent=True)
+    assert queue.urgent_waiting()
+    queue.add_when_no_urgent("status")  # a status write while new jobs wait for their MPIJobs
+    queue.add("other")
+    assert queue.get() == "new-1"
+    assert queue.get() == "new-2"
+    assert not queue.urgent_waiting()
+    assert [queue.get(), queue.get()] == ["other", "status"]
+    queue.add_when_no_urgent("again")  # nothing urgent waits: queued at once
+    assert queue.get() == "again"
+
+
 def test_deadlines_come_due_in_order_and_not_before() -> None:
     queue: WorkQueue[str] = WorkQueue()
     start = time.monotonic()

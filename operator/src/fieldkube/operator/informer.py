@@ -169,13 +169,11 @@ class Informer(threading.Thread):
         self.selector = selector if selector is not None else {"label_selector": names.JOB_LABEL}
         self.synced = threading.Event()
         self._stop = threading.Event()
-        self._response: Any = None
 
     def stop(self) -> None:
+        """Stop after the current event (the thread is a daemon: a watch waiting for its next event does
+        not hold the process; closing its connection from here could block on the reading thread)."""
         self._stop.set()
-        response = self._response
-        if response is not None:  # ends a read that waits for the next event
-            response.close()
 
     def run(self) -> None:
         version: str | None = None
@@ -220,7 +218,6 @@ class Informer(threading.Thread):
             timeout_seconds=WATCH_TIMEOUT_S,
             _preload_content=False,
         )
-        self._response = response
         try:
             for line in watch.watch.iter_resp_lines(response):
                 if line.strip():

@@ -363,6 +363,10 @@ class Reconciler:
         if new.get("phase") == old.get("phase") and since < STATUS_INTERVAL_S:
             self.queue.add_after(key, STATUS_INTERVAL_S - since)  # the state then, not every one between
             return
+        if self.queue.urgent_waiting():  # new jobs wait for a worker: their MPIJobs first
+            self._release_slot(key)
+            self.queue.add_when_no_urgent(key)
+            return
         if not self._take_slot(key, now):
             return
         self._written[key] = now

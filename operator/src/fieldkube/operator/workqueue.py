@@ -3,7 +3,9 @@
 Events only name a job; the sync reads the caches, so ten events for one job while it waits cost one sync.
 A key added while a worker holds it is queued again when that worker is done. Urgent keys (a job without
 its MPIJob yet) are served before the others, so a burst of new jobs gets its MPIJobs before the status
-updates of the jobs already started. Keys can also be added for later (pending timeouts, TTLs, retries
+updates of the jobs already started; a sync that finds new jobs waiting parks its status write
+(``add_when_no_urgent``) until none waits, so the workers' time goes to creating MPIJobs first. Keys can
+also be added for later (pending timeouts, TTLs, retries
 after an error): one heap of deadlines serves every job, instead of a timer per job.
 """
 
@@ -32,6 +34,7 @@ class WorkQueue(Generic[K]):
         self._queued: set[K] = set()
         self._active: set[K] = set()
         self._again: set[K] = set()
+        self._parked: set[K] = set()
         self._later: list[tuple[float, int, K]] = []
         self._sequence = 0
         self._closed = False
@@ -50,6 +53,19 @@ class WorkQueue(Generic[K]):
         elif urgent and key in self._queue:  # queued as ordinary, now urgent: move it ahead
             self._queue.remove(key)
             self._urgent.append(key)
+
+    def urgent_waiting(self) -> bool:
+        """Whether an urgent key waits for a worker."""
+        with self._cond:
+            return bool(self._urgent)
+
+    def add_when_no_urgent(self, key: K) -> None:
+        """Add ``key`` once no urgent key waits (at once when none does)."""
+        with self._cond:
+            if self._urgent:
+                self._parked.add(key)
+            else:
+                self._add(key)
 
     def add_after(self, key: K, seconds: float) -> None:
         """Add ``key`` once ``seconds`` have passed (at once when not positive)."""
@@ -70,6 +86,10 @@ class WorkQueue(Generic[K]):
                 now = time.monotonic()
                 while self._later and self._later[0][0] <= now:
                     self._add(heapq.heappop(self._later)[2])
+                if self._parked and not self._urgent:
+                    for parked in self._parked:
+                        self._add(parked)
+                    self._parked.clear()
                 if self._urgent or self._queue:
                     key = (self._urgent or self._queue).popleft()
                     self._queued.discard(key)
@@ -91,4 +111,4 @@ class WorkQueue(Generic[K]):
 
     def __len__(self) -> int:
         with self._cond:
-            return len(self._queue) + len(self._urgent)
+            return len(self._queue) + len(self._urgent) + len(self._parked)
