@@ -338,7 +338,17 @@ def main() -> int:
         action="store_true",
         help="the models at their default sizes instead of the small ones (what a trained bundle has)",
     )
+    parser.add_argument(
+        "--tasks",
+        default=",".join(WORKLOADS),
+        help="comma-separated workloads to measure (default: all; on a CPU the default-size segmenter "
+        "takes minutes per request, so it is best run on its own with fewer requests)",
+    )
     args = parser.parse_args()
+    tasks = [task for task in args.tasks.split(",") if task]
+    unknown = sorted(set(tasks) - set(WORKLOADS))
+    if unknown or not tasks:
+        parser.error(f"--tasks: expected some of {', '.join(WORKLOADS)}, got {args.tasks!r}")
     if args.default_models:
         for spec in WORKLOADS.values():
             spec["params"] = {}
@@ -353,7 +363,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="serve-bench-") as tmp:
         root = Path(tmp)
         bundles = make_bundles(root)
-        bodies = {task: encode_png(make_image(task)) for task in WORKLOADS}
+        bodies = {task: encode_png(make_image(task)) for task in tasks}
         results: dict[str, Any] = {}
         modes = {"batching_on": args.batch_size}
         if not args.gpu:  # a GPU host's minutes go to the configuration it serves with
@@ -371,7 +381,8 @@ def main() -> int:
                 servers["baseline"] = Server(
                     bundles, args.batch_size, args, root / "serve-baseline.log", code=baseline
                 )
-            for task, spec in WORKLOADS.items():
+            for task in tasks:
+                spec = WORKLOADS[task]
                 results[task] = measure_task(task, spec, bundles[task], bodies[task], servers, args)
         finally:
             for server in servers.values():
@@ -380,7 +391,7 @@ def main() -> int:
                 subprocess.run(
                     ["git", "-C", str(ROOT), "worktree", "remove", "--force", str(baseline)], check=False
                 )
-        for task in WORKLOADS:
+        for task in tasks:
             entry = results[task]
             best = max(CONCURRENCY, key=lambda c: entry["batching_on"][str(c)]["rps"])
             best_on = entry["batching_on"][str(best)]["rps"]
