@@ -94,10 +94,14 @@ def install_values() -> dict[str, Any]:
 
 
 def rollout(cluster: Any, namespace: str, deployment: str, timeout: int = 600) -> None:
-    """Wait until the Deployment is available; its pods described and their logs in the failure."""
+    """Wait until the Deployment is available; its pods described and their logs in the failure.
+
+    Its Available condition, not `kubectl rollout status`: the service's pod waits (not Ready) for its first
+    model while the job trains, which can outlast the Deployment's 600 s progress deadline; `rollout status`
+    then fails at once on ProgressDeadlineExceeded, though the pod turns Ready as soon as the model exists."""
     done = cluster.kubectl(
-        "rollout", "status", f"deployment/{deployment}", "-n", namespace, f"--timeout={timeout}s",
-        check=False, timeout=timeout + 30,
+        "wait", "--for=condition=Available", f"deployment/{deployment}", "-n", namespace,
+        f"--timeout={timeout}s", check=False, timeout=timeout + 30,
     )  # fmt: skip
     if done.returncode != 0:
         selector = f"app.kubernetes.io/instance={RELEASE}"
@@ -108,7 +112,8 @@ def rollout(cluster: Any, namespace: str, deployment: str, timeout: int = 600) -
         ).stdout  # what the registry server said meanwhile (the service's models come from it)
         pods = cluster.kubectl("get", "pods", "-n", namespace, "-o", "wide", check=False).stdout
         pytest.fail(
-            f"{deployment} not available:\n{described[-6000:]}\n{logs[-3000:]}\n--- pods ---\n{pods}"
+            f"{deployment} not available ({(done.stdout + done.stderr).strip()}):\n"
+            f"{described[-6000:]}\n{logs[-3000:]}\n--- pods ---\n{pods}"
             f"\n--- {RELEASE}-mlflow ---\n{mlflow[-3000:]}"
         )
 
