@@ -222,7 +222,8 @@ class Informer(threading.Thread):
             for line in watch.watch.iter_resp_lines(response):
                 if line.strip():
                     yield json.loads(line)
-        finally:
+        finally:  # closed first: a stream left mid-way must not go back to the pool with unread events
+            response.close()
             response.release_conn()
 
     def _follow(self, version: str) -> str:
