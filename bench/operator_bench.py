@@ -161,7 +161,7 @@ class CpuMeter:
     on a machine whose cores every component shares."""
 
     def __init__(self, cluster: Any, operator_pid: int) -> None:
-        pids = {name: proc.pid for name, proc in cluster._processes.items()}
+        pids = {name: pid for name, (pid, _) in cluster.process_table().items()}
         pids["operator"] = operator_pid
         pids["bench"] = os.getpid()
         self.procs = {name: psutil.Process(pid) for name, pid in pids.items()}

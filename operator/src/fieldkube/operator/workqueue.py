@@ -5,8 +5,8 @@ A key added while a worker holds it is queued again when that worker is done. Ur
 its MPIJob yet) are served before the others, so a burst of new jobs gets its MPIJobs before the status
 updates of the jobs already started; a sync that finds new jobs waiting parks its status write
 (``add_when_no_urgent``) until none waits, so the workers' time goes to creating MPIJobs first. Keys can
-also be added for later (pending timeouts, TTLs, retries
-after an error): one heap of deadlines serves every job, instead of a timer per job.
+also be added for later (pending timeouts, TTLs, retries after an error): one heap of deadlines serves
+every job, instead of a timer per job.
 """
 
 from __future__ import annotations
