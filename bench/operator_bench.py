@@ -8,8 +8,9 @@ client → its MPIJob seen by the watching client) and the operator's peak
 RSS; (3) once the operator has written their statuses (no sync for 5 s), the N jobs left alone for --idle
 seconds: the operator's CPU share, syncs and RSS with them live;
 (4) one delete of the TrainingJob collection, timed until they, their MPIJobs and their pods are gone,
-beside the same delete of the MPIJob collection in (1). --jobs-large adds a second round through the
-operator alone (--large-direct: with its baseline too).
+beside the same delete of the MPIJob collection in (1). --repeat runs (1)-(4) again, the direct round
+last in every second repeat; the summary's ratio is the median. --jobs-large adds a larger round through
+the operator alone (--large-direct: with its baseline too), its jobs suspended unless --no-large-suspended.
 Writes bench/results/operator.json.
 """
 
@@ -31,6 +32,7 @@ import time
 import urllib.request
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
@@ -73,10 +75,13 @@ def wait_healthy(port: int, proc: subprocess.Popen[bytes], log: Path, timeout: f
     raise SystemExit(f"the operator did not answer /healthz in {timeout}s:\n{log.read_text()[-3000:]}")
 
 
-def job_spec() -> dict[str, Any]:
+def job_spec(suspended: bool = False) -> dict[str, Any]:
     """One GPU worker; the launcher runs for a day (kwok), so jobs that start keep running and the rest stay
-    pending: with the jobs live and nothing changing, the idle window measures the operator alone."""
+    pending: with the jobs live and nothing changing, the idle window measures the operator alone.
+    Suspended jobs get their MPIJobs, and the mpi-operator their Services, ConfigMaps, Secrets and suspended
+    launcher Jobs, but no pods."""
     return {
+        "runPolicy": {"suspend": suspended},
         "dataset": {"path": "prepared/x"},
         "workers": 1,
         "gpusPerWorker": 1,
@@ -85,20 +90,20 @@ def job_spec() -> dict[str, Any]:
     }
 
 
-def trainingjobs(n: int) -> list[dict[str, Any]]:
+def trainingjobs(n: int, suspended: bool = False) -> list[dict[str, Any]]:
     return [
         {
             "apiVersion": "fieldkube.io/v1alpha1",
             "kind": "TrainingJob",
             "metadata": {"name": f"tj-{i:04d}"},
-            "spec": job_spec(),
+            "spec": job_spec(suspended),
         }
         for i in range(n)
     ]
 
 
-def mpijobs(n: int, namespace: str) -> list[dict[str, Any]]:
-    spec = parse_spec(job_spec())
+def mpijobs(n: int, namespace: str, suspended: bool = False) -> list[dict[str, Any]]:
+    spec = parse_spec(job_spec(suspended))
     return [build_mpijob(f"mj-{i:04d}", namespace, f"uid-{i}", spec) for i in range(n)]
 
 
@@ -324,22 +329,56 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
+@dataclass
+class Setup:
+    """What every round shares: the cluster, a client, the operator's process and metrics, the load."""
+
+    cluster: Any
+    api: client.CustomObjectsApi
+    operator_pid: int
+    metrics_port: int
+    clients: int
+    idle_s: float
+
+
 def run_one(
-    cluster: Any,
-    api: client.CustomObjectsApi,
+    setup: Setup,
     n: int,
-    operator_pid: int,
-    metrics_port: int,
     run_id: str,
-    idle_s: float,
-    clients: int,
     direct: bool = True,
+    direct_first: bool = True,
+    suspended: bool = False,
 ) -> dict[str, Any]:
+    """One round through the operator and, with ``direct``, its baseline before or after it (repeated
+    rounds alternate the order, so neither side always meets a cluster that has just done the other)."""
     direct_ns, operator_ns = f"direct-{run_id}", f"operator-{run_id}"
     long_s = max(1800.0, 2.0 * n)  # creating or deleting all of them: about 10 per second on 2 cores
-    baseline = direct_round(api, n, direct_ns, long_s, clients, cluster, operator_pid) if direct else {}
+    baseline: dict[str, Any] = {}
+    if direct and direct_first:
+        baseline = direct_round(setup, n, direct_ns, long_s, suspended)
+    through = operator_round(setup, n, operator_ns, long_s, suspended)
+    if direct and not direct_first:
+        baseline = direct_round(setup, n, direct_ns, long_s, suspended)
+    direct_s = baseline.get("direct_mpijobs_seconds", 0.0)
+    direct_delete_s = baseline.get("direct_delete_mpijobs_seconds", 0.0)
+    all_s, mpijobs_gone_s = through["seconds_until_all_mpijobs"], through["delete_until_mpijobs_gone_seconds"]
+    if direct_s:
+        print(f"[{n} jobs, {run_id}] all MPIJobs through the operator / directly: {all_s / direct_s:.2f}")
+    return {
+        "jobs": n,
+        "suspended": suspended,
+        "direct_first": direct_first,
+        **through,
+        **baseline,
+        "overhead_ratio": round(all_s / direct_s, 2) if direct_s > 0 else None,
+        "delete_ratio": round(mpijobs_gone_s / direct_delete_s, 2) if direct_delete_s > 0 else None,
+    }
 
-    cluster.create_namespace(operator_ns)
+
+def operator_round(setup: Setup, n: int, operator_ns: str, long_s: float, suspended: bool) -> dict[str, Any]:
+    """N TrainingJobs through the operator: until every MPIJob exists, their statuses, idle, deletion."""
+    api, operator_pid, metrics_port, idle_s = setup.api, setup.operator_pid, setup.metrics_port, setup.idle_s
+    setup.cluster.create_namespace(operator_ns)
 
     mj_watch = Watcher(api, "kubeflow.org", "v2beta1", "mpijobs", operator_ns)
     mj_watch.start()
@@ -347,10 +386,10 @@ def run_one(
     writes_before = status_writes(metrics_port)
     sampler = RssSampler(operator_pid)
     sampler.start()
-    docs = trainingjobs(n)
-    meter = CpuMeter(cluster, operator_pid)
+    docs = trainingjobs(n, suspended)
+    meter = CpuMeter(setup.cluster, operator_pid)
     t0 = time.monotonic()
-    acknowledged = submit("trainingjobs", operator_ns, docs, clients)
+    acknowledged = submit("trainingjobs", operator_ns, docs, setup.clients)
     tj_submit_s = max(acknowledged.values()) - t0
     names = [d["metadata"]["name"] for d in docs]
     all_s = wait_all(mj_watch, names, 2 * long_s) - t0
@@ -358,8 +397,7 @@ def run_one(
     latencies = [mj_watch.seen[name] - acknowledged[name] for name in names]
     time.sleep(2)
     mj_watch.stop_flag = True
-    compared = f" (direct {baseline['direct_mpijobs_seconds']:.1f}s)" if baseline else ""
-    print(f"[{n} jobs] all MPIJobs in {all_s:.1f}s{compared}; idle for {idle_s:.0f}s", flush=True)
+    print(f"[{n} jobs] all MPIJobs in {all_s:.1f}s; idle for {idle_s:.0f}s", flush=True)
     print(f"[{n} jobs] CPU seconds until then: {cpu}", flush=True)
     # After a burst the operator still writes the statuses of the jobs it created: work, not idling.
     settled_s = settle(lambda: syncs_done(metrics_port), timeout=long_s) - t0
@@ -379,20 +417,15 @@ def run_one(
         f"pods {pods_gone_s:.1f}s)",
         flush=True,
     )
-    direct_s = baseline.get("direct_mpijobs_seconds", 0.0)
-    direct_delete_s = baseline.get("direct_delete_mpijobs_seconds", 0.0)
     return {
-        "jobs": n,
         "seconds_until_all_mpijobs": round(all_s, 3),
         "reconcile_p50_s": round(percentile(latencies, 0.5), 3),
         "reconcile_p95_s": round(percentile(latencies, 0.95), 3),
         "reconcile_mean_s": round(statistics.fmean(latencies), 3),
         "operator_peak_rss_mb": round(sampler.peak / 2**20, 1),
-        **baseline,
         "trainingjobs_submitted_seconds": round(tj_submit_s, 3),
         "statuses_settled_seconds": round(settled_s, 3),
         "status_writes_per_job": round(writes / n, 2),
-        "overhead_ratio": round(all_s / direct_s, 2) if direct_s > 0 else None,
         "cpu_seconds_until_all_mpijobs": cpu,
         "idle_seconds": idle_s,
         "idle_operator_cpu_percent_of_one_core": round(100 * idle_cpu, 2),
@@ -401,29 +434,20 @@ def run_one(
         "delete_all_trainingjobs_seconds": round(delete_s, 3),
         "delete_until_mpijobs_gone_seconds": round(mpijobs_gone_s, 3),
         "delete_until_pods_gone_seconds": round(pods_gone_s, 3),
-        "delete_ratio": round(mpijobs_gone_s / direct_delete_s, 2) if direct_delete_s > 0 else None,
     }
 
 
-def direct_round(
-    api: client.CustomObjectsApi,
-    n: int,
-    namespace: str,
-    long_s: float,
-    clients: int,
-    cluster: Any,
-    operator_pid: int,
-) -> dict[str, Any]:
+def direct_round(setup: Setup, n: int, namespace: str, long_s: float, suspended: bool) -> dict[str, Any]:
     """The baseline: the same N MPIJobs created by the same clients, then deleted as one collection
     (the garbage collector then removes their pods, Services, ConfigMaps and Secrets, as for TrainingJobs)."""
-    cluster.create_namespace(namespace)
-    watcher = Watcher(api, "kubeflow.org", "v2beta1", "mpijobs", namespace)
+    setup.cluster.create_namespace(namespace)
+    watcher = Watcher(setup.api, "kubeflow.org", "v2beta1", "mpijobs", namespace)
     watcher.start()
     watcher.ready.wait()
-    docs = mpijobs(n, namespace)
-    meter = CpuMeter(cluster, operator_pid)
+    docs = mpijobs(n, namespace, suspended)
+    meter = CpuMeter(setup.cluster, setup.operator_pid)
     t0 = time.monotonic()
-    submitted_s = max(submit("mpijobs", namespace, docs, clients).values()) - t0
+    submitted_s = max(submit("mpijobs", namespace, docs, setup.clients).values()) - t0
     created_s = wait_all(watcher, [d["metadata"]["name"] for d in docs], long_s) - t0
     cpu = meter.seconds()
     watcher.stop_flag = True
@@ -455,6 +479,21 @@ def main() -> int:
         action=argparse.BooleanOptionalAction,
         default=False,
         help="also time the direct-apply baseline in the larger round (it doubles a 10,000-job run)",
+    )
+    parser.add_argument(
+        "--large-suspended",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="submit the larger round's jobs suspended: the operator creates and follows every MPIJob, the "
+        "mpi-operator makes their Services, ConfigMaps, Secrets and launcher Jobs but no pods (a 2-core "
+        "cluster creates about 2 pods per second: 10,000 jobs' pods alone would take over an hour)",
+    )
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="rounds of --jobs, each with its baseline, the order alternating (direct first, then last); "
+        "the summary's ratio is their median",
     )
     parser.add_argument("--nodes", type=int, default=16)
     parser.add_argument(
@@ -495,23 +534,20 @@ def main() -> int:
         wait_healthy(health_port, operator, state / "operator.log")
         config.load_kube_config(str(cluster.kubeconfig))
         api = client.CustomObjectsApi()
-        rounds = [run_one(cluster, api, args.jobs, operator.pid, metrics_port, "a", args.idle, args.clients)]
+        setup = Setup(cluster, api, operator.pid, metrics_port, args.clients, args.idle)
+        rounds = [run_one(setup, args.jobs, f"a{i}", direct_first=i % 2 == 0) for i in range(args.repeat)]
+        ratios = [r["overhead_ratio"] for r in rounds]
+        summary = {
+            **rounds[0],
+            "overhead_ratio": round(statistics.median(ratios), 2),
+            "overhead_ratios": ratios,
+        }
         if args.jobs_large:
             rounds.append(
-                run_one(
-                    cluster,
-                    api,
-                    args.jobs_large,
-                    operator.pid,
-                    metrics_port,
-                    "b",
-                    args.idle,
-                    args.clients,
-                    args.large_direct,
-                )
+                run_one(setup, args.jobs_large, "b", args.large_direct, suspended=args.large_suspended)
             )
         result = {
-            **rounds[0],
+            **summary,
             "rounds": rounds,
             "command": " ".join(["bench/operator_bench.py", *sys.argv[1:]]),
             "nodes": args.nodes,

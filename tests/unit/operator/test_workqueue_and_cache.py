@@ -39,15 +39,39 @@ def test_a_parked_key_waits_until_no_urgent_key_does() -> None:
     queue: WorkQueue[str] = WorkQueue()
     queue.add("new-1", urgent=True)
     queue.add("new-2", urgent=True)
-    assert queue.urgent_waiting()
-    queue.add_when_no_urgent("status")  # a status write while new jobs wait for their MPIJobs
+    assert queue.holding()
+    queue.park("status")  # a status write while new jobs wait for their MPIJobs
     queue.add("other")
     assert queue.get() == "new-1"
     assert queue.get() == "new-2"
-    assert not queue.urgent_waiting()
+    assert not queue.holding()
     assert [queue.get(), queue.get()] == ["other", "status"]
-    queue.add_when_no_urgent("again")  # nothing urgent waits: queued at once
+    queue.park("again")  # nothing holds: queued at once
     assert queue.get() == "again"
+
+
+def test_a_hold_keeps_parked_keys_until_it_ends() -> None:
+    queue: WorkQueue[str] = WorkQueue()
+    start = time.monotonic()
+    queue.hold(0.3)  # an MPIJob was just created
+    queue.park("status")
+    queue.add("event")
+    assert queue.get() == "event"  # other work goes on meanwhile
+    queue.hold(0.2)  # a later creation extends the hold only if it ends later
+    assert queue.get() == "status"
+    assert time.monotonic() - start >= 0.3
+
+
+def test_a_key_parked_longer_than_the_limit_is_served_under_a_lasting_hold() -> None:
+    queue: WorkQueue[str] = WorkQueue(max_park_s=0.3)
+    start = time.monotonic()
+    queue.hold(60)  # new jobs keep arriving
+    queue.park("status")
+    queue.hold(60)
+    queue.park("second")  # parked later: released with the first
+    assert sorted([queue.get(), queue.get()]) == ["second", "status"]
+    assert 0.3 <= time.monotonic() - start < 5
+    assert queue.holding()  # the hold itself lasts: keys parked from now on wait again
 
 
 def test_deadlines_come_due_in_order_and_not_before() -> None:

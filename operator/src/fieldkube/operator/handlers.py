@@ -9,7 +9,6 @@ loop and, unless standalone, the Lease election that lets only one replica act.
 
 from __future__ import annotations
 
-import copy
 import importlib.metadata
 import logging
 import os
@@ -36,6 +35,22 @@ INFORMER_SYNC_TIMEOUT_S = 120.0
 USER_AGENT = f"fieldkube-operator/{importlib.metadata.version('fieldkube-operator')}"
 
 
+class NoDiffBase(kopf.DiffBaseStorage):
+    """No diff base: this operator registers no change handlers (create, update, delete), only an event
+    handler, so the diff kopf computes on every event is never read. kopf's default builds its base by
+    deep-copying the whole object (managedFields included) on every event: in a burst of 1,000 new jobs,
+    with the handler's own copy, a sixth of the operator's CPU."""
+
+    def build(self, *, body: kopf.Body, extra_fields: Any = None) -> kopf.BodyEssence:
+        return kopf.BodyEssence()
+
+    def fetch(self, *, body: kopf.Body) -> kopf.BodyEssence | None:
+        return None
+
+    def store(self, *, body: kopf.Body, patch: kopf.Patch, essence: kopf.BodyEssence) -> None:
+        return None
+
+
 @dataclass
 class Controller:
     reconciler: Reconciler
@@ -57,6 +72,7 @@ def configure(settings: kopf.OperatorSettings, logger: kopf.Logger, **_: Any) ->
     """Caches filled before the first TrainingJob event, workers, progress loop, election, /metrics."""
     global _controller
     settings.posting.level = logging.WARNING
+    settings.persistence.diffbase_storage = NoDiffBase()
     settings.watching.server_timeout = 300
     secret = os.environ.get("FIELDKUBE_MLFLOW_CREDENTIALS_SECRET") or None
     env_names = os.environ.get("FIELDKUBE_MLFLOW_CREDENTIALS_ENV", "")
@@ -146,7 +162,11 @@ def shutdown(**_: Any) -> None:
 
 @kopf.on.event(*TJ)
 async def trainingjob_event(type: str | None, body: kopf.Body, **_: Any) -> None:
-    """Every TrainingJob event (the initial listing too) updates the cache and queues the job."""
+    """Every TrainingJob event (the initial listing too) updates the cache and queues the job.
+
+    The body is the event's freshly parsed object, which kopf does not change afterwards, and nothing in the
+    operator changes a cached job, so a shallow copy is enough (a deep copy of every event was measurable).
+    """
     if _controller is None:
         raise kopf.TemporaryError("operator not started yet", delay=1)
-    _controller.reconciler.trainingjob_event(type or None, copy.deepcopy(dict(body)))
+    _controller.reconciler.trainingjob_event(type or None, dict(body))

@@ -3,10 +3,13 @@
 Events only name a job; the sync reads the caches, so ten events for one job while it waits cost one sync.
 A key added while a worker holds it is queued again when that worker is done. Urgent keys (a job without
 its MPIJob yet) are served before the others, so a burst of new jobs gets its MPIJobs before the status
-updates of the jobs already started; a sync that finds new jobs waiting parks its status write
-(``add_when_no_urgent``) until none waits, so the workers' time goes to creating MPIJobs first. Keys can
-also be added for later (pending timeouts, TTLs, retries after an error): one heap of deadlines serves
-every job, instead of a timer per job.
+updates of the jobs already started. A sync that finds new jobs arriving parks its status write
+(``park``): parked keys wait while an urgent key waits or while a hold lasts (the reconciler holds them
+for a second after each MPIJob it creates), so in a burst of new jobs the API server's time goes to
+creating their MPIJobs, and the statuses follow once the burst pauses; a key parked longer than
+``max_park_s`` is served anyway, so a steady stream of new jobs delays statuses but never starves them.
+Keys can also be added for later (pending timeouts, TTLs, retries after an error): one heap of deadlines
+serves every job, instead of a timer per job.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from typing import Generic, TypeVar
 
 K = TypeVar("K")
 
+DEFAULT_MAX_PARK_S = 30.0
 DEFAULT_WORKERS = 16
 """Sync threads by default. A sync is mostly waiting on the API server (an MPIJob POST, a status PATCH), so
 threads, not cores, set the pace: with 8, a burst of 1,000 TrainingJobs from 4 clients (about 27 per
@@ -27,7 +31,8 @@ runs (bench/README.md, bench-operator)."""
 
 
 class WorkQueue(Generic[K]):
-    def __init__(self) -> None:
+    def __init__(self, max_park_s: float = DEFAULT_MAX_PARK_S) -> None:
+        self.max_park_s = max_park_s
         self._cond = threading.Condition()
         self._queue: deque[K] = deque()
         self._urgent: deque[K] = deque()
@@ -35,6 +40,8 @@ class WorkQueue(Generic[K]):
         self._active: set[K] = set()
         self._again: set[K] = set()
         self._parked: set[K] = set()
+        self._parked_since = 0.0
+        self._hold_until = 0.0
         self._later: list[tuple[float, int, K]] = []
         self._sequence = 0
         self._closed = False
@@ -54,18 +61,32 @@ class WorkQueue(Generic[K]):
             self._queue.remove(key)
             self._urgent.append(key)
 
-    def urgent_waiting(self) -> bool:
-        """Whether an urgent key waits for a worker."""
+    def hold(self, seconds: float) -> None:
+        """Keep parked keys waiting for at least ``seconds`` more (new jobs are arriving)."""
         with self._cond:
-            return bool(self._urgent)
+            self._hold_until = max(self._hold_until, time.monotonic() + seconds)
 
-    def add_when_no_urgent(self, key: K) -> None:
-        """Add ``key`` once no urgent key waits (at once when none does)."""
+    def holding(self) -> bool:
+        """Whether a key parked now would wait (an urgent key waits, or a hold lasts)."""
         with self._cond:
-            if self._urgent:
-                self._parked.add(key)
-            else:
+            return self._holding(time.monotonic())
+
+    def _holding(self, now: float) -> bool:
+        if self._parked and now - self._parked_since >= self.max_park_s:
+            return False
+        return bool(self._urgent) or now < self._hold_until
+
+    def park(self, key: K) -> None:
+        """Add ``key`` once nothing holds parked keys (at once when nothing does)."""
+        with self._cond:
+            now = time.monotonic()
+            if not self._holding(now):
                 self._add(key)
+                return
+            if not self._parked:
+                self._parked_since = now
+            self._parked.add(key)
+            self._cond.notify()  # a waiting worker recomputes when to release the parked keys
 
     def add_after(self, key: K, seconds: float) -> None:
         """Add ``key`` once ``seconds`` have passed (at once when not positive)."""
@@ -86,7 +107,7 @@ class WorkQueue(Generic[K]):
                 now = time.monotonic()
                 while self._later and self._later[0][0] <= now:
                     self._add(heapq.heappop(self._later)[2])
-                if self._parked and not self._urgent:
+                if self._parked and not self._holding(now):
                     for parked in self._parked:
                         self._add(parked)
                     self._parked.clear()
@@ -95,7 +116,14 @@ class WorkQueue(Generic[K]):
                     self._queued.discard(key)
                     self._active.add(key)
                     return key
-                self._cond.wait(self._later[0][0] - now if self._later else None)
+                self._cond.wait(self._next_wake(now))
+
+    def _next_wake(self, now: float) -> float | None:
+        """Seconds until the next deadline or the parked keys' release (None: until notified)."""
+        wakes = [self._later[0][0]] if self._later else []
+        if self._parked:
+            wakes.append(min(self._hold_until, self._parked_since + self.max_park_s))
+        return max(0.0, min(wakes) - now) if wakes else None
 
     def done(self, key: K) -> None:
         with self._cond:
