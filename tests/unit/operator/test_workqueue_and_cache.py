@@ -40,21 +40,20 @@ def test_a_parked_key_waits_until_no_urgent_key_does() -> None:
     queue.add("new-1", urgent=True)
     queue.add("new-2", urgent=True)
     assert queue.holding()
-    queue.park("status")  # a status write while new jobs wait for their MPIJobs
+    assert queue.park_if_held("status")  # a status write while new jobs wait for their MPIJobs
     queue.add("other")
     assert queue.get() == "new-1"
     assert queue.get() == "new-2"
     assert not queue.holding()
     assert [queue.get(), queue.get()] == ["other", "status"]
-    queue.park("again")  # nothing holds: queued at once
-    assert queue.get() == "again"
+    assert not queue.park_if_held("again")  # nothing holds: the write goes on
 
 
 def test_a_hold_keeps_parked_keys_until_it_ends() -> None:
     queue: WorkQueue[str] = WorkQueue()
     start = time.monotonic()
     queue.hold(0.3)  # an MPIJob was just created
-    queue.park("status")
+    assert queue.park_if_held("status")
     queue.add("event")
     assert queue.get() == "event"  # other work goes on meanwhile
     queue.hold(0.2)  # a later creation extends the hold only if it ends later
@@ -66,12 +65,15 @@ def test_a_key_parked_longer_than_the_limit_is_served_under_a_lasting_hold() -> 
     queue: WorkQueue[str] = WorkQueue(max_park_s=0.3)
     start = time.monotonic()
     queue.hold(60)  # new jobs keep arriving
-    queue.park("status")
+    assert queue.park_if_held("status")
     queue.hold(60)
-    queue.park("second")  # parked later: released with the first
+    assert queue.park_if_held("second")  # parked later: released with the first
     assert sorted([queue.get(), queue.get()]) == ["second", "status"]
     assert 0.3 <= time.monotonic() - start < 5
-    assert queue.holding()  # the hold itself lasts: keys parked from now on wait again
+    assert queue.holding()  # the hold itself lasts
+    assert not queue.park_if_held("status")  # but a released key writes, once, instead of parking again
+    assert queue.park_if_held("status")  # its next write waits like any other
+    assert queue.park_if_held("third")
 
 
 def test_deadlines_come_due_in_order_and_not_before() -> None:

@@ -368,9 +368,10 @@ class Reconciler:
         if new.get("phase") == old.get("phase") and since < STATUS_INTERVAL_S:
             self.queue.add_after(key, STATUS_INTERVAL_S - since)  # the state then, not every one between
             return
-        if self.queue.holding():  # new jobs are arriving: their MPIJobs first
-            self._release_slot(key)
-            self.queue.park(key)
+        with self._guard:
+            reserved = key in self._slots
+        # New jobs are arriving: their MPIJobs first. A job that holds a reserved slot passed this already.
+        if not reserved and self.queue.park_if_held(key):
             return
         if not self._take_slot(key, now):
             return

@@ -4,8 +4,8 @@ Events only name a job; the sync reads the caches, so ten events for one job whi
 A key added while a worker holds it is queued again when that worker is done. Urgent keys (a job without
 its MPIJob yet) are served before the others, so a burst of new jobs gets its MPIJobs before the status
 updates of the jobs already started. A sync that finds new jobs arriving parks its status write
-(``park``): parked keys wait while an urgent key waits or while a hold lasts (the reconciler holds them
-for a second after each MPIJob it creates), so in a burst of new jobs the API server's time goes to
+(``park_if_held``): parked keys wait while an urgent key waits or while a hold lasts (the reconciler holds
+them for a second after each MPIJob it creates), so in a burst of new jobs the API server's time goes to
 creating their MPIJobs, and the statuses follow once the burst pauses; a key parked longer than
 ``max_park_s`` is served anyway, so a steady stream of new jobs delays statuses but never starves them.
 Keys can also be added for later (pending timeouts, TTLs, retries after an error): one heap of deadlines
@@ -41,6 +41,7 @@ class WorkQueue(Generic[K]):
         self._again: set[K] = set()
         self._parked: set[K] = set()
         self._parked_since = 0.0
+        self._overdue: set[K] = set()
         self._hold_until = 0.0
         self._later: list[tuple[float, int, K]] = []
         self._sequence = 0
@@ -67,7 +68,7 @@ class WorkQueue(Generic[K]):
             self._hold_until = max(self._hold_until, time.monotonic() + seconds)
 
     def holding(self) -> bool:
-        """Whether a key parked now would wait (an urgent key waits, or a hold lasts)."""
+        """Whether parked keys wait now (an urgent key waits, or a hold lasts)."""
         with self._cond:
             return self._holding(time.monotonic())
 
@@ -76,17 +77,21 @@ class WorkQueue(Generic[K]):
             return False
         return bool(self._urgent) or now < self._hold_until
 
-    def park(self, key: K) -> None:
-        """Add ``key`` once nothing holds parked keys (at once when nothing does)."""
+    def park_if_held(self, key: K) -> bool:
+        """Park ``key`` (True) if parked keys wait now; False: go on. A key released because it waited
+        ``max_park_s`` goes on once, though the hold lasts, or a long burst would park it again forever."""
         with self._cond:
+            if key in self._overdue:
+                self._overdue.discard(key)
+                return False
             now = time.monotonic()
             if not self._holding(now):
-                self._add(key)
-                return
+                return False
             if not self._parked:
                 self._parked_since = now
             self._parked.add(key)
             self._cond.notify()  # a waiting worker recomputes when to release the parked keys
+            return True
 
     def add_after(self, key: K, seconds: float) -> None:
         """Add ``key`` once ``seconds`` have passed (at once when not positive)."""
@@ -108,6 +113,8 @@ class WorkQueue(Generic[K]):
                 while self._later and self._later[0][0] <= now:
                     self._add(heapq.heappop(self._later)[2])
                 if self._parked and not self._holding(now):
+                    if self._urgent or now < self._hold_until:  # released by max_park_s, not by the hold
+                        self._overdue = set(self._parked)  # marks older than one release are dropped
                     for parked in self._parked:
                         self._add(parked)
                     self._parked.clear()
