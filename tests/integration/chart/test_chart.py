@@ -220,6 +220,8 @@ def test_every_option_of_the_inference_service_reaches_its_pod() -> None:
     assert serve["envFrom"] == [{"secretRef": {"name": "mlflow-client-credentials"}}]
     (hpa,) = by_kind(docs, "HorizontalPodAutoscaler")
     assert (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (2, 8)
+    (deployment,) = [d for d in by_kind(docs, "Deployment") if d["metadata"]["name"].endswith("-serve")]
+    assert deployment["spec"]["progressDeadlineSeconds"] == 7200
 
 
 def test_the_pod_monitor_scrapes_every_rank_of_the_pods_the_operator_builds() -> None:
