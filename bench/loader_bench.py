@@ -3,7 +3,7 @@
 One run, side by side, on the same prepared tiles (synthetic field data, counter task, default
 augmentation plus colour jitter), one process, one torch thread, CPU time (not wall time, so other
 load on the machine does not count):
-  - per-sample (before): one Parquet row to Python objects, PNG decode, density map in numpy,
+  - per-sample (before): one Parquet row to Python objects, PNG decode by Pillow, density map in numpy,
     flips/turn/jitter in numpy, to_tensor, torch's default collate (kept here as the reference)
   - batched, finished on the CPU (what a CPU run's loader workers do now), PNG and raw-pixel shards
   - batched, raw batch only (what a GPU run's loader workers do now: the rest runs on the GPU)
@@ -13,6 +13,7 @@ Writes JSON (--out) and a bar chart next to it (.png).
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import subprocess
@@ -23,13 +24,13 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 
 from fieldkube.contract.config import DataConfig
 from fieldkube.trainer.augment import Augment
 from fieldkube.trainer.loader import PreparedDataset, epoch_batches
 from fieldkube.trainer.scale import BIN, launcher_env
 from fieldkube.vision.density import density_map_from_points
-from fieldkube.vision.imageio import read_image
 from fieldkube.vision.normalize import to_tensor
 
 
@@ -38,7 +39,7 @@ def per_sample(dataset: PreparedDataset, key: tuple[int, int], augment: Augment)
     epoch, index = key
     file_index, row = dataset.index[index]
     rec = dataset._table(file_index).slice(row, 1).to_pylist()[0]
-    image = read_image(rec["image"])
+    image = np.asarray(Image.open(io.BytesIO(rec["image"])).convert("RGB"))  # the decoder before: Pillow
     points = np.asarray(rec["points"] or [], dtype=np.float64).reshape(-1, 2)
     target = density_map_from_points(points, image.shape[:2], sigma=dataset.sigma)
     rng = np.random.default_rng([dataset.seed, epoch, index])

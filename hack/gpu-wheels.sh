@@ -16,6 +16,7 @@ names=(
   fastapi starlette anyio idna uvicorn click h11 python-multipart annotated-doc    # the service
   opentelemetry-api importlib_metadata zipp affine attrs
   psutil requests urllib3 certifi charset-normalizer                               # bench/serve_bench.py
+  pyspng                                                                           # PNG decoding (fieldkube.vision)
 )
 for name in "${names[@]}"; do
   pattern="^$(sed 's/[-_.]/[-_.]/g' <<<"$name")=="  # pip's name normalisation: - _ . are one
@@ -24,5 +25,5 @@ for name in "${names[@]}"; do
 done
 mkdir -p "$out"
 .venv/bin/python -m pip download --quiet --dest "$out" --only-binary=:all: --no-deps \
-  --python-version "$version" --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 "${pins[@]}"
+  --python-version "$version" --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 "${pins[@]}"
 echo "gpu-wheels: $(ls "$out" | wc -l) wheels for Python $version in $out ($(du -sh "$out" | cut -f1))"

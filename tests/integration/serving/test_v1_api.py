@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import re
 
 import numpy as np
 import pytest
@@ -158,6 +159,10 @@ def test_metrics_record_requests_batches_and_drift_signals(server, images) -> No
     assert 'fieldkube_serve_batch_size_count{task="counter"}' in text
     assert 'fieldkube_serve_queue_wait_seconds_count{task="counter"}' in text
     assert 'fieldkube_serve_batch_inference_seconds_count{task="counter"}' in text
+    forward_cpu = re.search(
+        r'^fieldkube_serve_forward_cpu_seconds_total\{task="counter"\} (\S+)$', text, re.M
+    )
+    assert forward_cpu is not None and float(forward_cpu.group(1)) > 0
     assert "fieldkube_serve_predicted_count_count" in text
     assert "fieldkube_serve_mask_fraction_bucket" in text
     assert 'fieldkube_serve_model_info{architecture="segmenter-unet"' in text

@@ -131,6 +131,41 @@ def test_errors_name_the_file(tmp_path: Path) -> None:
         read_image(tmp_path)
 
 
+@pytest.mark.parametrize("mode", ["RGB", "RGBA", "L", "P", "LA"])
+def test_every_8_bit_png_kind_decodes_as_pillow_does(tmp_path: Path, picture: np.ndarray, mode: str) -> None:
+    image = Image.fromarray(picture).convert(mode)
+    image.save(tmp_path / "a.png")
+    expected = np.asarray(image.convert("RGB"))
+    np.testing.assert_array_equal(read_image(tmp_path / "a.png"), expected)
+    np.testing.assert_array_equal(read_image((tmp_path / "a.png").read_bytes()), expected)
+
+
+def test_plain_pngs_take_the_fast_decoder_and_the_rest_pillow(
+    tmp_path: Path, picture: np.ndarray, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Grey, RGB and RGBA 8-bit PNGs never reach Pillow; palette PNGs and, when orientation is applied,
+    PNGs with an EXIF block do."""
+
+    def no_pillow(*args: object, **kwargs: object) -> None:
+        raise AssertionError("Pillow was asked to decode")
+
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buffer = io.BytesIO()
+    Image.fromarray(picture).save(buffer, format="PNG", exif=exif)
+    with_exif = buffer.getvalue()
+    Image.fromarray(picture).convert("P").save(tmp_path / "palette.png")
+    monkeypatch.setattr(Image, "open", no_pillow)
+    rgba = np.dstack([picture, np.full(picture.shape[:2], 9, np.uint8)])
+    for stored, expected in ((picture, picture), (rgba, picture), (picture[..., 1], picture[..., [1, 1, 1]])):
+        np.testing.assert_array_equal(read_image(encode_png(stored)), expected)
+    np.testing.assert_array_equal(read_image(with_exif), picture)  # orientation not asked: EXIF not read
+    with pytest.raises(AssertionError, match="Pillow was asked"):
+        read_image(tmp_path / "palette.png")
+    with pytest.raises(AssertionError, match="Pillow was asked"):
+        read_image(with_exif, exif_orientation=True)
+
+
 def test_pixel_limit_is_checked_before_decoding(tmp_path: Path) -> None:
     write_png(tmp_path / "big.png", np.zeros((200, 300, 3), np.uint8))
     with pytest.raises(ImageError, match=r"big\.png: 300x200 = 60000 pixels exceeds the limit of 10000"):

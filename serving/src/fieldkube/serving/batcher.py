@@ -25,6 +25,13 @@ from fieldkube.serving.served_model import ServedModel
 log = logging.getLogger(__name__)
 
 
+def _timed_forward(model: ServedModel, batch: np.ndarray) -> tuple[np.ndarray, float]:
+    """The forward pass and the CPU time it took on this (worker) thread."""
+    began = time.thread_time()
+    output = model.forward(batch)
+    return output, time.thread_time() - began
+
+
 class OverloadedError(RuntimeError):
     """The queue is full; the client should retry after `retry_after_s`."""
 
@@ -229,7 +236,7 @@ class TileBatcher:
             batch = np.concatenate([job.tiles[start:stop] for job, start, stop in parts])
             model = parts[0][0].model
             try:
-                output = await loop.run_in_executor(self._executor, model.forward, batch)
+                output, cpu_s = await loop.run_in_executor(self._executor, _timed_forward, model, batch)
             except Exception as error:
                 log.exception("%s forward pass of %d tiles failed", self.task, batch_size)
                 for job, _, _ in parts:
@@ -239,6 +246,7 @@ class TileBatcher:
             elapsed = time.perf_counter() - now
             self._metrics.batch_size.labels(self.task).observe(batch_size)
             self._metrics.inference_seconds.labels(self.task).observe(elapsed)
+            self._metrics.forward_cpu_seconds.labels(self.task).inc(cpu_s)
             rate = batch_size / max(elapsed, 1e-6)
             self._tiles_per_s = rate if not self._tiles_per_s else 0.8 * self._tiles_per_s + 0.2 * rate
             offset = 0

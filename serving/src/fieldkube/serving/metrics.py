@@ -52,6 +52,13 @@ class ServeMetrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+        self.forward_cpu_seconds = Counter(
+            "fieldkube_serve_forward_cpu_seconds",
+            "CPU time of the thread that runs the forward passes (all of it with --torch-threads 1; torch's "
+            "own intra-op threads are not counted): the rest of the process's CPU is the service's own work",
+            ["task"],
+            registry=r,
+        )
         self.batch_size = Histogram(
             "fieldkube_serve_batch_size",
             "tiles per forward pass",

@@ -16,6 +16,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+import pyspng
 import tifffile
 from PIL import Image, ImageOps, UnidentifiedImageError
 
@@ -25,6 +26,9 @@ MAX_PIXELS = 100_000_000
 DEFAULT_PERCENTILES: tuple[float, float] = (0.5, 99.5)
 """Where deep (more than 8-bit) samples are cut: below the low percentile is 0, above the high one 255."""
 _TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_SPNG_COLOUR_TYPES = (0, 2, 6)
+"""PNG colour types libspng decodes here: grey, RGB, RGBA (palette and grey+alpha go through Pillow)."""
 
 Source = str | os.PathLike[str] | bytes
 
@@ -143,6 +147,35 @@ def _read_tiff(source: Source, label: str, max_pixels: int, percentiles: tuple[f
     return to_rgb8(array, label, percentiles)
 
 
+def _read_png_spng(source: Source, label: str, max_pixels: int, exif_orientation: bool) -> np.ndarray | None:
+    """A plain 8-bit PNG decoded by libspng, or None where Pillow must read it.
+
+    Pillow is kept for palette and grey+alpha images, deeper samples (stretched by percentiles) and, when
+    the orientation is applied, any PNG that may hold an EXIF block (a chance byte match only costs the
+    faster decoder)."""
+    if isinstance(source, bytes):
+        data = source
+    else:
+        with Path(source).open("rb") as handle:
+            head = handle.read(33)
+            if len(head) < 33 or not head.startswith(_PNG_SIGNATURE):
+                return None
+            data = head + handle.read()
+    # signature (8), IHDR length (4) and type (4), width, height (4 each), bit depth, colour type, ...
+    if len(data) < 33 or not data.startswith(_PNG_SIGNATURE) or data[12:16] != b"IHDR":
+        return None
+    width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    depth, colour = data[24], data[25]
+    if depth != 8 or colour not in _SPNG_COLOUR_TYPES or (exif_orientation and b"eXIf" in data):
+        return None
+    _check_pixels(label, height, width, max_pixels)
+    try:
+        pixels: np.ndarray = pyspng.load(data, format="RGB")
+    except RuntimeError as error:
+        raise ImageError(f"{label}: corrupt or truncated image ({error})") from None
+    return pixels
+
+
 def _read_pil(
     source: Source, label: str, max_pixels: int, percentiles: tuple[float, float], exif_orientation: bool
 ) -> np.ndarray:
@@ -198,6 +231,10 @@ def read_image(
         raise ImageError(f"{label}: empty file, expected a JPEG, PNG or TIFF image")
     if head in _TIFF_MAGIC:
         return _read_tiff(source, label, max_pixels, percentiles)
+    if head == _PNG_SIGNATURE[:4]:
+        fast = _read_png_spng(source, label, max_pixels, exif_orientation)
+        if fast is not None:
+            return fast
     return _read_pil(source, label, max_pixels, percentiles, exif_orientation)
 
 
