@@ -164,11 +164,11 @@ class Server:
             "--request-timeout-s", "600",
             "--torch-threads", str(args.threads),
             "--device", args.device,
-            "--precision", args.precision,
             "--log-level", "warning",
         ]  # fmt: skip
-        if code is None:  # every closed-loop request admitted: the bench measures throughput, not shedding
-            command += ["--max-inflight-pixels", str(10**9)]
+        if code is None:  # flags the baseline's code may not know (it runs fp32 on a CPU, as auto does)
+            # every closed-loop request admitted: the bench measures throughput, not shedding
+            command += ["--precision", args.precision, "--max-inflight-pixels", str(10**9)]
         sources = SRC if code is None else [code / d / "src" for d in ("contract", "vision", "serving")]
         # this code's packages, or another commit's, ahead of the installed (editable) ones
         path = [*(str(p) for p in sources), os.environ.get("PYTHONPATH", "")]

@@ -25,13 +25,6 @@ from fieldkube.serving.served_model import ServedModel
 log = logging.getLogger(__name__)
 
 
-def _timed_forward(model: ServedModel, batch: np.ndarray) -> tuple[np.ndarray, float]:
-    """The forward pass and the CPU time it took on this (worker) thread."""
-    began = time.thread_time()
-    output = model.forward(batch)
-    return output, time.thread_time() - began
-
-
 class OverloadedError(RuntimeError):
     """The queue is full; the client should retry after `retry_after_s`."""
 
@@ -236,7 +229,7 @@ class TileBatcher:
             batch = np.concatenate([job.tiles[start:stop] for job, start, stop in parts])
             model = parts[0][0].model
             try:
-                output, cpu_s = await loop.run_in_executor(self._executor, _timed_forward, model, batch)
+                output, cpu_s = await loop.run_in_executor(self._executor, model.forward_timed, batch)
             except Exception as error:
                 log.exception("%s forward pass of %d tiles failed", self.task, batch_size)
                 for job, _, _ in parts:

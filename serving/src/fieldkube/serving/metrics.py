@@ -54,8 +54,9 @@ class ServeMetrics:
         )
         self.forward_cpu_seconds = Counter(
             "fieldkube_serve_forward_cpu_seconds",
-            "CPU time of the thread that runs the forward passes (all of it with --torch-threads 1; torch's "
-            "own intra-op threads are not counted): the rest of the process's CPU is the service's own work",
+            "CPU time of the model in forward passes, on the thread that runs them (all of it with "
+            "--torch-threads 1; torch's intra-op threads are not counted; tile normalisation is not the "
+            "model's): the rest of the process's CPU is the service's own work",
             ["task"],
             registry=r,
         )

@@ -84,23 +84,35 @@ class ServedModel:
 
     def forward(self, tiles: np.ndarray) -> np.ndarray:
         """Run one batch; safe to call from worker threads (one forward at a time per model)."""
+        return self.forward_timed(tiles)[0]
+
+    def forward_timed(self, tiles: np.ndarray) -> tuple[np.ndarray, float]:
+        """`forward`, and the CPU seconds this thread spent in the model itself (the module and its
+        activation; not normalising the tiles or copying them), so the service can tell its own CPU work
+        from the model's."""
         return self._run(torch.from_numpy(np.ascontiguousarray(tiles, dtype=np.uint8)))
 
-    def _run(self, x: torch.Tensor) -> np.ndarray:
-        """Maps of a batch: uint8 (N, t, t, 3) tiles are normalised on the device; float32 (N, 3, t, t)
-        input is taken as already normalised (the warm-up's zero tile)."""
+    def _run(self, x: torch.Tensor) -> tuple[np.ndarray, float]:
+        """Maps of a batch and the model's CPU seconds on this thread: uint8 (N, t, t, 3) tiles are
+        normalised on the device; float32 (N, 3, t, t) input is taken as already normalised (the warm-up's
+        zero tile)."""
         with self._lock, torch.inference_mode():
             if self.device.type == "cuda":
                 stream = self._stream or torch.cuda.current_stream(self.device)
                 with torch.cuda.stream(stream):
                     x = x.pin_memory().to(self.device, non_blocking=True)
                     x = self._normalised(x).contiguous(memory_format=torch.channels_last)
+                    began = time.thread_time()
                     y = self._maps(x).to("cpu", non_blocking=True)
-                stream.synchronize()
+                    stream.synchronize()
+                    model_cpu_s = time.thread_time() - began
             else:
-                y = self._maps(self._normalised(x))
+                x = self._normalised(x)
+                began = time.thread_time()
+                y = self._maps(x)
+                model_cpu_s = time.thread_time() - began
         out: np.ndarray = y.numpy()
-        return out
+        return out, model_cpu_s
 
     def _maps(self, x: torch.Tensor) -> torch.Tensor:
         """float32 maps of normalised input, computed in `dtype`."""
@@ -135,7 +147,7 @@ class ServedModel:
         else:
             x = torch.from_numpy(self.golden.image[None].copy())
         try:
-            out = self._run(x)
+            out, _ = self._run(x)
         except torch.cuda.OutOfMemoryError:
             raise  # the device, not the model: worth retrying
         except Exception as error:
