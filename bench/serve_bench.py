@@ -235,12 +235,13 @@ def forward_cpu_seconds(server: Server) -> float | None:
     """The server's `fieldkube_serve_forward_cpu_seconds_total` over all tasks, or None where its code
     does not export it (a baseline from before it existed)."""
     text = requests.get(f"{server.url}/metrics", timeout=30).text
-    values = [
+    if "# TYPE fieldkube_serve_forward_cpu_seconds" not in text:
+        return None
+    return sum(
         float(line.rsplit(" ", 1)[1])
         for line in text.splitlines()
         if line.startswith("fieldkube_serve_forward_cpu_seconds_total{")
-    ]
-    return sum(values) if values else None
+    )
 
 
 def service_cpu(
