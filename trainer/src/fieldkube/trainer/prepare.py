@@ -329,7 +329,7 @@ def _parser() -> argparse.ArgumentParser:
         "--pixels",
         choices=PIXELS,
         default="png",
-        help="how tiles are stored: png (compact; the loader decodes each tile, about 2.4 ms of CPU for "
+        help="how tiles are stored: png (compact; the loader decodes each tile, about 1.3 ms of CPU for "
         "256 px) or raw (uint8, no decode; larger shards): raw when loader CPU limits a GPU",
     )
     parser.add_argument("--shards", type=int, default=None, help="number of shards (default: 2 x workers)")
