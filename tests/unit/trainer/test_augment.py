@@ -23,7 +23,7 @@ from fieldkube.trainer.augment import (
     jitter_and_normalise,
 )
 from fieldkube.vision.density import density_map_from_points
-from fieldkube.vision.normalize import MEAN_RGB, STD_RGB, to_tensor
+from fieldkube.vision.normalize import MEAN_RGB, STD_RGB, batch_to_tensor, to_tensor
 
 TILE = 24
 SIGMA = 2.0
@@ -95,6 +95,13 @@ def test_colour_jitter_is_saturation_then_contrast_then_brightness() -> None:
         reference = np.clip(pixels * params[i, BRIGHTNESS], 0, 255)
         expected = (reference / 255.0 - np.array(MEAN_RGB)) / np.array(STD_RGB)
         np.testing.assert_allclose(out[i].permute(1, 2, 0).numpy(), expected, atol=1e-5)
+
+
+def test_unjittered_training_input_is_the_served_input_bit_for_bit() -> None:
+    images = np.random.default_rng(1).integers(0, 256, size=(3, 16, 16, 3), dtype=np.uint8)
+    params = np.ones((3, 6), np.float32)
+    trained = jitter_and_normalise(torch.from_numpy(images), torch.from_numpy(params), jittered=False)
+    assert torch.equal(trained, batch_to_tensor(images))
 
 
 def test_a_sample_is_the_same_whatever_batch_or_rank_loads_it() -> None:
