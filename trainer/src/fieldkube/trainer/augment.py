@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from fieldkube.contract.config import DataConfig
-from fieldkube.vision.normalize import MEAN_RGB, STD_RGB
+from fieldkube.vision.normalize import standardise_
 
 # Columns of a sample's parameters: flip left-right, flip up-down, quarter turns (counter-clockwise, as
 # np.rot90), brightness, contrast and saturation factors. Identity: 0, 0, 0, 1, 1, 1.
@@ -211,9 +211,7 @@ def jitter_and_normalise(images: torch.Tensor, params: torch.Tensor, jittered: b
         own, shared, offset = b * c * s, b * c * (1 - s) / 3, b * (1 - c) * mean
         gray = pixels.sum(dim=1, keepdim=True).mul_(shared.view(-1, 1, 1, 1)).add_(offset.view(-1, 1, 1, 1))
         pixels = torch.addcmul(gray, pixels, own.view(-1, 1, 1, 1)).clamp_(0, 255)
-    std = torch.tensor(STD_RGB, device=images.device).view(1, 3, 1, 1)
-    mean_rgb = torch.tensor(MEAN_RGB, device=images.device).view(1, 3, 1, 1)
-    return pixels.mul_(1 / (255.0 * std)).sub_(mean_rgb / std)
+    return standardise_(pixels)
 
 
 def finish_batch(

@@ -20,18 +20,23 @@ def _check_images(images: np.ndarray, batched: bool) -> None:
         raise ValueError(f"expected a uint8 RGB image array {expected}, got {images.dtype} {images.shape}")
 
 
+def standardise_(pixels: torch.Tensor) -> torch.Tensor:
+    """float32 (..., 3, H, W) samples on the 0..255 scale -> normalised, in place.
+
+    One scale and one shift per channel, x / (255 std) - mean / std: two passes over the floats. The
+    trainer's batched finish (`jitter_and_normalise`) ends here too, so a tile served and the same tile
+    trained on without jitter are the same tensor, bit for bit."""
+    mean = torch.tensor(MEAN_RGB, device=pixels.device).view(3, 1, 1)
+    std = torch.tensor(STD_RGB, device=pixels.device).view(3, 1, 1)
+    return pixels.mul_(1 / (255.0 * std)).sub_(mean / std)
+
+
 def _standardise(chw: torch.Tensor) -> torch.Tensor:
     """uint8 (..., 3, H, W) in any memory layout, on any device -> normalised float32, contiguous.
 
     The permuted uint8 view is made contiguous first: the float arithmetic then runs over contiguous
-    memory, in place (6x faster on an 81-tile batch than the same ops on the permuted view). One scale
-    and one shift per channel, x / (255 std) - mean / std: two passes over the floats instead of three,
-    and the same float32 operations as the trainer's batched finish (`jitter_and_normalise`), so a
-    tile served and the same tile trained on without jitter are the same tensor, bit for bit."""
-    mean = torch.tensor(MEAN_RGB, device=chw.device).view(3, 1, 1)
-    std = torch.tensor(STD_RGB, device=chw.device).view(3, 1, 1)
-    out = chw.contiguous().to(torch.float32)
-    return out.mul_(1 / (255.0 * std)).sub_(mean / std)
+    memory, in place (6x faster on an 81-tile batch than the same ops on the permuted view)."""
+    return standardise_(chw.contiguous().to(torch.float32))
 
 
 def to_tensor(image: np.ndarray) -> torch.Tensor:
