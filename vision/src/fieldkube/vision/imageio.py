@@ -153,14 +153,7 @@ def _read_png_spng(source: Source, label: str, max_pixels: int, exif_orientation
     Pillow is kept for palette and grey+alpha images, deeper samples (stretched by percentiles) and, when
     the orientation is applied, any PNG that may hold an EXIF block (a chance byte match only costs the
     faster decoder)."""
-    if isinstance(source, bytes):
-        data = source
-    else:
-        with Path(source).open("rb") as handle:
-            head = handle.read(33)
-            if len(head) < 33 or not head.startswith(_PNG_SIGNATURE):
-                return None
-            data = head + handle.read()
+    data = source if isinstance(source, bytes) else Path(source).read_bytes()
     # signature (8), IHDR length (4) and type (4), width, height (4 each), bit depth, colour type, ...
     if len(data) < 33 or not data.startswith(_PNG_SIGNATURE) or data[12:16] != b"IHDR":
         return None
