@@ -85,7 +85,10 @@ def test_layer_sums_fit_inside_the_measured_phases_and_iteration(profiled: Path)
         row = totals[it]
         assert float(row["layers_total_s"]) == pytest.approx(forward + backward + optimizer, rel=1e-6)
         coverage = float(row["coverage"])
-        assert 0.3 < coverage <= 1.0
+        # the share the layers take is a timing (on a loaded machine a 32 px tile spends most of an
+        # iteration in Python), so no floor: what is exact is that it is their sum over the iteration
+        assert coverage == pytest.approx((forward + backward + optimizer) / total, rel=1e-6)
+        assert 0 < coverage <= 1.0
         assert float(row["error_percent"]) == pytest.approx(100 * (1 - coverage), abs=1e-4)
         # the accounting rows (named rows and the gaps between timers) tile the iteration exactly
         assert sum(float(row[key]) for key in ACCOUNT_ROWS) == pytest.approx(total, rel=1e-6)
