@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import threading
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 
 import numpy as np
 import pytest
 import torch
 
-from fieldkube.serving.batcher import InferenceTimeoutError, OverloadedError, TileBatcher
+from fieldkube.serving.batcher import BATCHES_IN_FLIGHT, InferenceTimeoutError, OverloadedError, TileBatcher
 from fieldkube.serving.metrics import ServeMetrics
-from fieldkube.serving.served_model import ServedModel
+from fieldkube.serving.served_model import PendingBatch, ServedModel
 from fieldkube.vision.models import build_model
 
 
@@ -40,7 +43,7 @@ def _batch_sizes(metrics: ServeMetrics) -> tuple[float, float]:
 def _run(coro_factory, **batcher_args):  # type: ignore[no-untyped-def]
     async def main():  # type: ignore[no-untyped-def]
         metrics = ServeMetrics(gpu=False)
-        with ThreadPoolExecutor(max_workers=1) as executor:
+        with ThreadPoolExecutor(max_workers=BATCHES_IN_FLIGHT) as executor:
             args = {
                 "max_batch_size": 8,
                 "max_batch_delay_s": 0.05,
@@ -124,3 +127,85 @@ def test_every_rejection_reason_is_exported_at_zero_before_the_first_rejection()
     for reason in REJECT_REASONS:
         assert f'fieldkube_serve_rejected_requests_total{{reason="{reason}",task="counter"}} 0.0' in text
     assert 'task="segmenter"' not in text
+
+
+class _GatedModule(torch.nn.Module):
+    """Wraps a model: each forward pass logs itself and waits until the test lets one through."""
+
+    def __init__(self, inner: torch.nn.Module, log: list[tuple[str, int]]) -> None:
+        super().__init__()
+        self.inner = inner
+        self.log = log
+        self.gate = threading.Semaphore(0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.log.append(("forward", int(x.shape[0])))
+        assert self.gate.acquire(timeout=30), "the test never let this forward pass through"
+        return self.inner(x)
+
+
+@dataclass(frozen=True, eq=False)
+class _LoggedModel(ServedModel):
+    """The real model, logging each batch it prepares."""
+
+    log: list[tuple[str, int]] = field(default_factory=list)
+
+    def prepare(self, parts: Sequence[np.ndarray | torch.Tensor]) -> PendingBatch:
+        self.log.append(("prepare", sum(int(p.shape[0]) for p in parts)))
+        return super().prepare(parts)
+
+
+def test_the_next_batch_is_prepared_while_one_runs_and_no_further() -> None:
+    plain = _model()
+    log: list[tuple[str, int]] = []
+    gated = _GatedModule(plain.module, log)
+    model = _LoggedModel(**{**plain.__dict__, "module": gated, "log": log})
+    rng = np.random.default_rng(1)
+    requests = [rng.integers(0, 256, (8, 32, 32, 3), dtype=np.uint8) for _ in range(3)]
+    expected = [plain.forward(tiles) for tiles in requests]
+
+    async def until(count: int) -> None:
+        for _ in range(300):
+            if len(log) >= count:
+                return
+            await asyncio.sleep(0.01)
+        raise AssertionError(f"expected {count} steps, saw {log}")
+
+    async def scenario(batcher: TileBatcher) -> list[np.ndarray]:
+        jobs = [asyncio.create_task(batcher.infer(model, tiles)) for tiles in requests]
+        try:
+            await until(3)  # batch 1 prepared and running; batch 2 prepared meanwhile
+            await asyncio.sleep(0.3)
+            assert log[0] == ("prepare", 8), log
+            assert sorted(log[1:]) == [("forward", 8), ("prepare", 8)], log  # batch 3 waits for a slot
+            gated.gate.release()
+            await until(5)  # batch 1 done: batch 2 runs, batch 3 is prepared
+            assert sorted(log[3:]) == [("forward", 8), ("prepare", 8)], log
+        finally:
+            gated.gate.release(3)  # whatever happened, no forward pass stays blocked
+        return list(await asyncio.gather(*jobs))
+
+    results, metrics = _run(scenario)
+    for got, want in zip(results, expected, strict=True):
+        np.testing.assert_array_equal(got, want)
+    assert _batch_sizes(metrics) == (3, 24)
+
+
+def test_a_failed_forward_fails_its_requests_and_the_next_batch_still_runs() -> None:
+    plain = _model()
+    log: list[tuple[str, int]] = []
+    gated = _GatedModule(plain.module, log)
+    model = _LoggedModel(**{**plain.__dict__, "module": gated, "log": log})
+    broken = _LoggedModel(**{**plain.__dict__, "module": torch.nn.Conv2d(1, 1, 1), "log": log})
+    tiles = np.zeros((8, 32, 32, 3), dtype=np.uint8)
+
+    async def scenario(batcher: TileBatcher) -> np.ndarray:
+        gated.gate.release()
+        failing = asyncio.create_task(batcher.infer(broken, tiles))
+        working = asyncio.create_task(batcher.infer(model, tiles))
+        with pytest.raises(RuntimeError, match="channels"):
+            await failing
+        return await working
+
+    result, _ = _run(scenario)
+    np.testing.assert_array_equal(result, plain.forward(tiles))

@@ -1,8 +1,10 @@
 """Dynamic batching: tiles of one image and of concurrent requests share forward passes.
 
 Requests enqueue their tiles; one worker per batcher takes up to `max_batch_size` tiles (oldest first,
-same model and tile size) as soon as the batch is full or the oldest tile has waited `max_batch_delay_s`,
-and runs the forward pass in a worker thread so the event loop keeps serving. The queue is bounded in
+same model and tile size) as soon as the batch is full or the oldest tile has waited `max_batch_delay_s`.
+Worker threads do the rest so the event loop keeps serving: one prepares a batch (concatenates and
+normalises it, on a GPU copies it there and queues its forward pass) while another waits for the
+previous batch's maps, so the model never waits for the host between batches. The queue is bounded in
 tiles (429 + Retry-After beyond it) and each request waits at most `request_timeout_s` (503).
 """
 
@@ -20,7 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from fieldkube.serving.metrics import ServeMetrics
-from fieldkube.serving.served_model import ServedModel
+from fieldkube.serving.served_model import PendingBatch, ServedModel
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +69,10 @@ class _Job:
         return self.tiles.shape[0] - self.next_tile
 
 
+BATCHES_IN_FLIGHT = 2
+"""Batches of one task between being taken from the queue and their maps being back: the one running and
+the next, prepared meanwhile (more would only hold tiles that later requests could have joined)."""
+
 REJECT_REASONS = ("queue_full", "pixel_budget", "timeout")
 """The ``reason`` label values of ``fieldkube_serve_rejected_requests_total``."""
 
@@ -96,6 +102,9 @@ class TileBatcher:
         self._wakeup = asyncio.Event()
         self._worker: asyncio.Task[None] | None = None
         self._tiles_per_s = 0.0  # running estimate, for Retry-After
+        self._last_done = 0.0
+        self._in_flight = asyncio.Semaphore(BATCHES_IN_FLIGHT)
+        self._finishing: set[asyncio.Task[None]] = set()
         self._closing = False
         # Exported at 0 from the start: a counter that appears with its first rejection gives rate() and
         # increase() nothing to compare, so the shedding alert and panel would miss the first burst.
@@ -122,6 +131,10 @@ class TileBatcher:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._worker
             self._worker = None
+        for finishing in list(self._finishing):
+            finishing.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await finishing
         for job in self._jobs:
             if not job.future.done():
                 job.future.set_exception(RuntimeError("the server is shutting down"))
@@ -197,27 +210,35 @@ class TileBatcher:
     def _ready_tiles(self, key: tuple[int, tuple[int, ...]]) -> int:
         return sum(job.waiting for job in self._jobs if job.key == key)
 
+    async def _next_batch(self) -> list[tuple[_Job, int, int]]:
+        """Wait for tiles, then for a full batch or the head job's deadline; take the batch (it may be
+        empty when every waiting job was dropped meanwhile)."""
+        while not self._jobs:
+            self._wakeup.clear()
+            await self._wakeup.wait()
+        head = self._jobs[0]
+        deadline = head.enqueued_at + self.max_batch_delay_s
+        while self._ready_tiles(head.key) < self.max_batch_size:
+            remaining = deadline - time.perf_counter()
+            if remaining <= 0:
+                break
+            self._wakeup.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wakeup.wait(), timeout=remaining)
+            if not self._jobs or self._jobs[0] is not head:
+                break
+        return self._take_batch() if self._jobs else []
+
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            if not self._jobs:
-                self._wakeup.clear()
-                await self._wakeup.wait()
+            # A slot first: while the running batch and the prepared one hold both, tiles keep joining the
+            # queue, so the batch taken next is as full as the wait allowed.
+            await self._in_flight.acquire()
+            parts = await self._next_batch()
+            if not parts:
+                self._in_flight.release()
                 continue
-            head = self._jobs[0]
-            deadline = head.enqueued_at + self.max_batch_delay_s
-            while self._ready_tiles(head.key) < self.max_batch_size:
-                remaining = deadline - time.perf_counter()
-                if remaining <= 0:
-                    break
-                self._wakeup.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wakeup.wait(), timeout=remaining)
-                if not self._jobs or self._jobs[0] is not head:
-                    break
-            if not self._jobs:
-                continue
-            parts = self._take_batch()
             batch_size = sum(stop - start for _, start, stop in parts)
             self._queued -= batch_size
             self._metrics.queued_tiles.labels(self.task).set(self._queued)
@@ -226,32 +247,58 @@ class TileBatcher:
                 if not job.started:
                     job.started = True
                     self._metrics.queue_seconds.labels(self.task).observe(now - job.enqueued_at)
-            batch = np.concatenate([job.tiles[start:stop] for job, start, stop in parts])
             model = parts[0][0].model
             try:
-                output, cpu_s = await loop.run_in_executor(self._executor, model.forward_timed, batch)
+                pending = await loop.run_in_executor(
+                    self._executor, model.prepare, [job.tiles[start:stop] for job, start, stop in parts]
+                )
             except Exception as error:
-                log.exception("%s forward pass of %d tiles failed", self.task, batch_size)
-                for job, _, _ in parts:
-                    if not job.future.done():
-                        job.future.set_exception(error)
+                self._in_flight.release()
+                self._fail(parts, error, batch_size)
                 continue
-            elapsed = time.perf_counter() - now
-            self._metrics.batch_size.labels(self.task).observe(batch_size)
-            self._metrics.inference_seconds.labels(self.task).observe(elapsed)
-            self._metrics.forward_cpu_seconds.labels(self.task).inc(cpu_s)
-            rate = batch_size / max(elapsed, 1e-6)
-            self._tiles_per_s = rate if not self._tiles_per_s else 0.8 * self._tiles_per_s + 0.2 * rate
-            offset = 0
-            for job, start, stop in parts:
-                size = stop - start
-                if job.future.done():
-                    offset += size
-                    continue
-                if job.output is None:
-                    job.output = np.empty((job.tiles.shape[0], *output.shape[1:]), dtype=output.dtype)
-                job.output[start:stop] = output[offset : offset + size]
+            finishing = loop.create_task(self._finish(parts, pending, batch_size, now))
+            self._finishing.add(finishing)
+            finishing.add_done_callback(self._finishing.discard)
+
+    def _fail(self, parts: list[tuple[_Job, int, int]], error: Exception, batch_size: int) -> None:
+        log.error("%s batch of %d tiles failed", self.task, batch_size, exc_info=error)
+        for job, _, _ in parts:
+            if not job.future.done():
+                job.future.set_exception(error)
+
+    async def _finish(
+        self, parts: list[tuple[_Job, int, int]], pending: PendingBatch, batch_size: int, taken_at: float
+    ) -> None:
+        """Wait for a prepared batch's maps (in the executor: a second thread, so the next batch is prepared
+        meanwhile) and hand each job its slice; a job whose tiles are all back gets its result."""
+        loop = asyncio.get_running_loop()
+        try:
+            output, cpu_s = await loop.run_in_executor(self._executor, pending.result)
+        except Exception as error:
+            self._fail(parts, error, batch_size)
+            return
+        finally:
+            self._in_flight.release()
+        now = time.perf_counter()
+        self._metrics.batch_size.labels(self.task).observe(batch_size)
+        self._metrics.inference_seconds.labels(self.task).observe(now - taken_at)
+        self._metrics.forward_cpu_seconds.labels(self.task).inc(cpu_s)
+        # the rate batches complete at: measured from the later of this batch being taken and the previous
+        # one completing, since a batch prepared ahead waits for the one before it
+        busy = now - max(taken_at, self._last_done)
+        self._last_done = now
+        rate = batch_size / max(busy, 1e-6)
+        self._tiles_per_s = rate if not self._tiles_per_s else 0.8 * self._tiles_per_s + 0.2 * rate
+        offset = 0
+        for job, start, stop in parts:
+            size = stop - start
+            if job.future.done():
                 offset += size
-                job.done_tiles += size
-                if job.done_tiles == job.tiles.shape[0]:
-                    job.future.set_result(job.output)
+                continue
+            if job.output is None:
+                job.output = np.empty((job.tiles.shape[0], *output.shape[1:]), dtype=output.dtype)
+            job.output[start:stop] = output[offset : offset + size]
+            offset += size
+            job.done_tiles += size
+            if job.done_tiles == job.tiles.shape[0]:
+                job.future.set_result(job.output)

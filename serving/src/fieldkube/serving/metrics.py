@@ -47,14 +47,15 @@ class ServeMetrics:
         )
         self.inference_seconds = Histogram(
             "fieldkube_serve_batch_inference_seconds",
-            "time of one batched forward pass",
+            "time from a batch taken off the queue to its maps on the host (a forward pass, and the wait for "
+            "the batch before it when this one was prepared while that one ran)",
             ["task"],
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
         self.forward_cpu_seconds = Counter(
             "fieldkube_serve_forward_cpu_seconds",
-            "CPU time of the model in forward passes, on the thread that runs them (all of it with "
+            "CPU time of the model in forward passes, on the threads that run them (all of it with "
             "--torch-threads 1; torch's intra-op threads are not counted; tile normalisation is not the "
             "model's): the rest of the process's CPU is the service's own work",
             ["task"],

@@ -10,6 +10,7 @@ import hashlib
 import logging
 import threading
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -56,6 +57,18 @@ def pick_dtype(requested: Precision, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
+class PendingBatch:
+    """A batch staged by `ServedModel.prepare`: `result()` gives its maps (N, 1, t, t) and the CPU seconds
+    the model took on the calling threads (launching kernels or running them; not preparing the batch),
+    so the service can tell its own CPU work from the model's. Call it once."""
+
+    def __init__(self, finish: Callable[[], tuple[np.ndarray, float]]) -> None:
+        self._finish = finish
+
+    def result(self) -> tuple[np.ndarray, float]:
+        return self._finish()
+
+
 @dataclass(frozen=True, eq=False)
 class ServedModel:
     """One model ready to serve. `forward` maps uint8 RGB tiles (N, t, t, 3) to maps (N, 1, t, t),
@@ -84,35 +97,65 @@ class ServedModel:
 
     def forward(self, tiles: np.ndarray) -> np.ndarray:
         """Run one batch; safe to call from worker threads (one forward at a time per model)."""
-        return self.forward_timed(tiles)[0]
+        return self.prepare([tiles]).result()[0]
 
-    def forward_timed(self, tiles: np.ndarray) -> tuple[np.ndarray, float]:
-        """`forward`, and the CPU seconds this thread spent in the model itself (the module and its
-        activation; not normalising the tiles or copying them), so the service can tell its own CPU work
-        from the model's."""
-        return self._run(torch.from_numpy(np.ascontiguousarray(tiles, dtype=np.uint8)))
+    def prepare(self, parts: Sequence[np.ndarray | torch.Tensor]) -> PendingBatch:
+        """Stage one batch, the concatenation of `parts`, where the model runs; `result()` runs it.
 
-    def _run(self, x: torch.Tensor) -> tuple[np.ndarray, float]:
-        """Maps of a batch and the model's CPU seconds on this thread: uint8 (N, t, t, 3) tiles are
-        normalised on the device; float32 (N, 3, t, t) input is taken as already normalised (the warm-up's
-        zero tile)."""
+        Splitting a batch's life in two lets the batcher prepare the next batch while this one runs. On
+        the CPU, preparing is concatenating and normalising the uint8 tiles, and `result()` is the forward
+        pass. On a GPU, preparing copies each part to the device (asynchronously from pinned memory: the
+        parts stay referenced until the result is read), normalises there and queues the forward pass and
+        the copy of its maps back on the model's stream; `result()` only waits for them, so the device
+        runs batches back to back while the host prepares the next. uint8 (N, t, t, 3) parts are
+        normalised; float32 (N, 3, t, t) ones are taken as already normalised (the warm-up's zero tile).
+        """
+        tensors = [
+            p if isinstance(p, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(p)) for p in parts
+        ]
+        if self.device.type == "cuda":
+            return self._queue_on_device(tensors)
+        x = self._normalised(tensors[0] if len(tensors) == 1 else torch.cat(tensors))
+        return PendingBatch(lambda: self._forward_here(x))
+
+    def _forward_here(self, x: torch.Tensor) -> tuple[np.ndarray, float]:
+        """Maps of a normalised batch on this thread, and the CPU seconds the model took."""
         with self._lock, torch.inference_mode():
-            if self.device.type == "cuda":
-                stream = self._stream or torch.cuda.current_stream(self.device)
-                with torch.cuda.stream(stream):
-                    x = x.pin_memory().to(self.device, non_blocking=True)
-                    x = self._normalised(x).contiguous(memory_format=torch.channels_last)
-                    began = time.thread_time()
-                    y = self._maps(x).to("cpu", non_blocking=True)
-                    stream.synchronize()
-                    model_cpu_s = time.thread_time() - began
-            else:
-                x = self._normalised(x)
-                began = time.thread_time()
-                y = self._maps(x)
-                model_cpu_s = time.thread_time() - began
+            began = time.thread_time()
+            y = self._maps(x)
+            model_cpu_s = time.thread_time() - began
         out: np.ndarray = y.numpy()
         return out, model_cpu_s
+
+    def _queue_on_device(self, tensors: list[torch.Tensor]) -> PendingBatch:
+        """Queue copy in, normalisation, forward and copy out on the model's stream; nothing waits here."""
+        first = tensors[0]
+        count = sum(int(t.shape[0]) for t in tensors)
+        with self._lock, torch.inference_mode():
+            stream = self._stream or torch.cuda.current_stream(self.device)
+            with torch.cuda.stream(stream):
+                x = torch.empty((count, *first.shape[1:]), dtype=first.dtype, device=self.device)
+                offset = 0
+                for part in tensors:
+                    x[offset : offset + part.shape[0]].copy_(part, non_blocking=True)
+                    offset += int(part.shape[0])
+                x = self._normalised(x).contiguous(memory_format=torch.channels_last)
+                began = time.thread_time()
+                y = self._maps(x)
+                host = torch.empty(y.shape, dtype=y.dtype, pin_memory=True)
+                host.copy_(y, non_blocking=True)
+                done = torch.cuda.Event()
+                done.record(stream)
+                launch_cpu_s = time.thread_time() - began
+
+        def wait() -> tuple[np.ndarray, float]:
+            began = time.thread_time()
+            done.synchronize()
+            del tensors[:]  # the copies in have finished: the host memory they read may go
+            out: np.ndarray = host.numpy()
+            return out, launch_cpu_s + time.thread_time() - began
+
+        return PendingBatch(wait)
 
     def _maps(self, x: torch.Tensor) -> torch.Tensor:
         """float32 maps of normalised input, computed in `dtype`."""
@@ -147,7 +190,7 @@ class ServedModel:
         else:
             x = torch.from_numpy(self.golden.image[None].copy())
         try:
-            out, _ = self._run(x)
+            out, _ = self.prepare([x]).result()
         except torch.cuda.OutOfMemoryError:
             raise  # the device, not the model: worth retrying
         except Exception as error:

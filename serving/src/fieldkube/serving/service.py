@@ -15,7 +15,7 @@ import torch
 from fastapi import Request
 
 from fieldkube.serving.admission import PixelBudget
-from fieldkube.serving.batcher import TileBatcher
+from fieldkube.serving.batcher import BATCHES_IN_FLIGHT, TileBatcher
 from fieldkube.serving.inference import TilePlan, TilingError, plan_tiles, predict_map
 from fieldkube.serving.metrics import ServeMetrics
 from fieldkube.serving.registry import ModelRegistry
@@ -36,10 +36,13 @@ class Service:
         self.registry = ModelRegistry(settings, self.metrics)
         self.pixels = PixelBudget(settings.max_inflight_pixels, self.metrics)
         self.max_batch_size = settings.max_batch_size or default_batch_size(self.registry.device.type)
-        # One forward thread per task: a segmenter batch never waits behind a counter batch (on a GPU both
-        # run at once on their own streams); within a task, batches run one after another.
+        # Threads of their own per task: a segmenter batch never waits behind a counter batch (on a GPU
+        # both run at once on their own streams). Within a task batches run one after another, and the
+        # second thread prepares the next batch while one runs.
         self._executors = {
-            task: ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"fieldkube-infer-{task}")
+            task: ThreadPoolExecutor(
+                max_workers=BATCHES_IN_FLIGHT, thread_name_prefix=f"fieldkube-infer-{task}"
+            )
             for task in TASKS
         }
         self.batchers: dict[Task, TileBatcher] = {
