@@ -22,6 +22,7 @@ Traffic goes only to a server this script starts on 127.0.0.1 and stops at the e
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -142,6 +143,14 @@ def bare_forward(
     return images / (time.perf_counter() - start), (time.process_time() - cpu_start) / images
 
 
+@functools.cache
+def _cli_help(pythonpath: str) -> str:
+    """fieldkube-serve's --help as the code on this PYTHONPATH prints it: which flags a commit knows."""
+    env = {**os.environ, "PYTHONPATH": pythonpath}
+    command = [sys.executable, "-m", "fieldkube.serving.cli", "--help"]
+    return subprocess.run(command, env=env, capture_output=True, text=True, check=True).stdout
+
+
 class Server:
     """fieldkube-serve as a subprocess on a free loopback port."""
 
@@ -167,13 +176,15 @@ class Server:
             "--device", args.device,
             "--log-level", "warning",
         ]  # fmt: skip
-        if code is None:  # flags the baseline's code may not know (it runs fp32 on a CPU, as auto does)
-            # every closed-loop request admitted: the bench measures throughput, not shedding
-            command += ["--precision", args.precision, "--max-inflight-pixels", str(10**9)]
         sources = SRC if code is None else [code / d / "src" for d in ("contract", "vision", "serving")]
         # this code's packages, or another commit's, ahead of the installed (editable) ones
         path = [*(str(p) for p in sources), os.environ.get("PYTHONPATH", "")]
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(path).rstrip(os.pathsep)}
+        # every closed-loop request admitted (the bench measures throughput, not shedding), in the
+        # precision asked for; an older commit's server without these flags runs fp32 on a CPU, as auto does
+        for flag, value in (("--precision", args.precision), ("--max-inflight-pixels", str(10**9))):
+            if code is None or flag in _cli_help(env["PYTHONPATH"]):
+                command += [flag, value]
         self._log = log.open("wb")
         self.process = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + 300
