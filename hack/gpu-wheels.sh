@@ -16,7 +16,7 @@ names=(
   fastapi starlette anyio idna uvicorn click h11 python-multipart annotated-doc    # the service
   opentelemetry-api importlib_metadata zipp affine attrs
   psutil requests urllib3 certifi charset-normalizer                               # bench/serve_bench.py
-  pyspng                                                                           # PNG decoding (fieldkube.vision)
+  imagecodecs                                                                      # PNG decoding, compressed TIFF (fieldkube.vision)
 )
 for name in "${names[@]}"; do
   pattern="^$(sed 's/[-_.]/[-_.]/g' <<<"$name")=="  # pip's name normalisation: - _ . are one

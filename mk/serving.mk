@@ -12,6 +12,9 @@ serve:  ## run fieldkube-serve on 127.0.0.1:8080 (MLFLOW_TRACKING_URI must point
 test-serving:  ## the inference service's unit and integration tests
 	$(PY) -m pytest tests/unit/serving tests/integration/serving
 
+bench-decode:  ## PNG decode: imagecodecs (libspng) vs Pillow, CPU ms per image and speed-up on every core -> bench/results/decode.json
+	$(PY) bench/decode_bench.py --out bench/results/decode.json
+
 bench-serve:  ## load benchmark of the service (concurrency 1/4/16, batching on/off, bare forward)
 	$(PY) bench/serve_bench.py --out bench/results/serve.json $(SERVE_BENCH_ARGS)
 

@@ -20,7 +20,7 @@ CRS_UTM = CRS.from_epsg(32631)  # WGS 84 / UTM zone 31N
 TRANSFORM = from_origin(500_000.0, 5_700_000.0, 0.3, 0.3)  # 30 cm pixels
 
 
-def geotiff(image: np.ndarray) -> bytes:
+def geotiff(image: np.ndarray, compress: str | None = None) -> bytes:
     height, width = image.shape[:2]
     with MemoryFile() as memory:
         with memory.open(
@@ -32,6 +32,7 @@ def geotiff(image: np.ndarray) -> bytes:
             crs=CRS_UTM,
             transform=TRANSFORM,
             photometric="RGB",
+            compress=compress,
         ) as dataset:
             dataset.write(np.moveaxis(image, -1, 0))
         return bytes(memory.read())
@@ -61,14 +62,15 @@ def threshold(server, scene) -> float:
     return float(np.median(answer.json()["outputs"][0]["data"]))
 
 
-def test_a_geotiff_mask_keeps_the_inputs_transform_and_crs(server, scene, threshold) -> None:
+@pytest.mark.parametrize("compress", [None, "lzw"])  # LZW: how GDAL and QGIS usually write GeoTIFFs
+def test_a_geotiff_mask_keeps_the_inputs_transform_and_crs(server, scene, threshold, compress) -> None:
     url = f"{server.url}/v1/segment?threshold={threshold}"
-    answer = requests.post(f"{url}&output=geotiff", data=geotiff(scene), timeout=60)
+    answer = requests.post(f"{url}&output=geotiff", data=geotiff(scene, compress), timeout=60)
     assert answer.status_code == 200, answer.text
     assert answer.headers["content-type"].startswith("image/tiff")
     mask, transform, crs = read_band(answer.content)
     assert crs == CRS_UTM and transform == TRANSFORM
-    png = requests.post(f"{url}&output=png", data=geotiff(scene), timeout=60)
+    png = requests.post(f"{url}&output=png", data=geotiff(scene), timeout=60)  # uncompressed: the same mask
     served = np.asarray(Image.open(io.BytesIO(png.content))) // 255
     assert mask.dtype == np.uint8 and mask.shape == (192, 256)
     np.testing.assert_array_equal(mask, served)

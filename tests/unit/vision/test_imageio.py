@@ -27,6 +27,25 @@ def test_png_and_tiff_round_trip_exactly(tmp_path: Path, picture: np.ndarray) ->
     np.testing.assert_array_equal(read_image(encode_png(picture)), picture)
 
 
+@pytest.mark.parametrize("compression", ["lzw", "packbits", "zstd", "jpeg"])
+def test_compressed_tiffs_as_gis_tools_write_them_are_read(
+    tmp_path: Path, picture: np.ndarray, compression: str
+) -> None:
+    """LZW is GDAL's and QGIS's usual GeoTIFF compression; JPEG-in-TIFF is common for orthophotos."""
+    if compression == "jpeg":  # lossy: a smooth picture, as photographs are, comes back close
+        ramp = np.linspace(0, 255, 80)[None, :, None] * np.linspace(0.2, 1.0, 60)[:, None, None]
+        picture = np.broadcast_to(ramp, (60, 80, 3)).astype(np.uint8)
+    tifffile.imwrite(tmp_path / "a.tif", picture, compression=compression, tile=(32, 32))
+    read = read_image(tmp_path / "a.tif")
+    window = read_tiff_window(tmp_path / "a.tif", Box(10, 20, 50, 70))
+    if compression == "jpeg":
+        assert read.shape == picture.shape and np.abs(read.astype(int) - picture).mean() < 3
+        np.testing.assert_array_equal(window, read[10:50, 20:70])
+    else:
+        np.testing.assert_array_equal(read, picture)
+        np.testing.assert_array_equal(window, picture[10:50, 20:70])
+
+
 def test_jpeg_is_decoded_to_rgb(tmp_path: Path) -> None:
     ys, xs = np.mgrid[0:60, 0:80]
     smooth = np.stack([xs * 3, ys * 4, np.full_like(xs, 128)], axis=2).astype(np.uint8)
