@@ -329,6 +329,10 @@ save_image() {
   image_size=$(buildah images --format '{{.Size}}' "$ref")  # uncompressed, as buildah shows it ("5.3 GB")
   index put "$name" "$ref" "$archive" "$digest" "$image_size" "$key" "$image_id"
   log "$name: saved $ref $digest ($image_size, archive $(du -h "$archive" | cut -f1)) in $(( $(date +%s) - t0 ))s"
+  # The image this build replaced lost its tag: drop untagged images (with the cache layers only they
+  # used), so the storage holds one image per name, not one per build. Without it every rebuild of the
+  # trainer and serving images left gigabytes behind until the disk filled (15 GB after a day, 7 after).
+  buildah rmi --prune >/dev/null 2>&1 || log "$name: could not drop untagged images (buildah rmi --prune); continuing"
 }
 
 cmd_build() {
