@@ -10,7 +10,7 @@ TYPED_SCRIPTS := hack/dashboards.py hack/render_dashboards.py hack/dashboards_ex
 -include mk/*.mk
 
 .PHONY: dev test unit integration lint fmt typecheck cluster cluster-down demo demo-down demo-cluster \
-        bench-train bench-train-gpu gpu-wheels bench-loader bench-decode bench-serve bench-serve-gpu bench-accuracy bench-operator dashboards dashboards-png \
+        bench-train bench-train-gpu gpu-wheels bench-layout bench-loader bench-decode bench-serve bench-serve-gpu bench-accuracy bench-operator dashboards dashboards-png \
         dashboards-example clean
 
 dev:  ## set up Debian packages, .venv, Horovod and the local control plane binaries

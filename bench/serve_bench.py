@@ -111,15 +111,14 @@ def bare_forward(
     dtype: torch.dtype,
 ) -> tuple[float, float]:
     """Images/s of the model alone (the same tiles, batched forward passes, no HTTP, decode or stitch),
-    and its CPU seconds per image (this process's CPU time: the same on a loaded machine). On CUDA the
-    tiles are on the device already, normalised and channels_last, as the service's model sees them, in
-    the service's precision; the clock stops after the device has finished."""
+    and its CPU seconds per image (this process's CPU time: the same on a loaded machine). The tiles are
+    where the model is already, normalised, and model and tiles are channels_last, as the service runs
+    them on every device, in the service's precision; on CUDA the clock stops after the device has
+    finished."""
     model = load_bundle(bundle, device=device).model
     plan = plan_tiles(image.shape[0], image.shape[1], tile, overlap, max_tiles=100_000)
     tiles = batch_to_tensor(cut_tiles(image, plan)).to(device)
-    if device.type == "cuda":
-        model.to(memory_format=torch.channels_last)
-        tiles = tiles.contiguous(memory_format=torch.channels_last)
+    model.to(memory_format=torch.channels_last)
 
     def one_image() -> None:
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):

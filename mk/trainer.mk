@@ -1,7 +1,7 @@
-# Trainer targets: benchmarks (`make bench-train`, `make bench-loader`, `make bench-accuracy`, `make bench-adapt`,
+# Trainer targets: benchmarks (`make bench-train`, `make bench-layout`, `make bench-loader`, `make bench-accuracy`, `make bench-adapt`,
 # `make bench-profile`, `make bench-scale`) and the trainer's own tests. Extra flags for bench-accuracy:
 # ACCURACY_BENCH_ARGS="--counter-heads linear clamp relu softplus --seeds 0 1 --no-segmenter".
-.PHONY: test-trainer bench-train bench-train-gpu gpu-wheels bench-loader bench-accuracy bench-adapt bench-profile bench-scale
+.PHONY: test-trainer bench-train bench-train-gpu gpu-wheels bench-layout bench-loader bench-accuracy bench-adapt bench-profile bench-scale
 
 test-trainer:  ## unit + integration tests of fieldkube-train / -prepare / -profile / -scale and fieldkube.vision
 	$(PY) -m pytest tests/unit/vision tests/unit/trainer tests/integration/trainer
@@ -14,6 +14,9 @@ bench-train-gpu:  ## on a GPU host: per model, fieldkube-train vs the bare step,
 
 gpu-wheels:  ## the wheels a torch-only GPU host needs to run the GPU benchmarks (train, serve) from src/ -> build/gpu-wheels/
 	@hack/gpu-wheels.sh $(GPU_PYTHON)
+
+bench-layout:  ## convolution layouts: contiguous vs channels_last inputs vs channels_last model, CPU ms per inference pass and training step -> bench/results/layout.json
+	$(PY) bench/layout_bench.py --out bench/results/layout.json
 
 bench-loader:  ## loader CPU ms per sample: batched (PNG, raw pixels; CPU and GPU split) vs the per-sample path -> bench/results/loader.json
 	$(PY) bench/loader_bench.py --out bench/results/loader.json

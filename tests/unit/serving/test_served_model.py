@@ -59,6 +59,23 @@ def test_a_prepared_batch_is_its_parts_in_order_and_reports_the_models_cpu_time(
     assert 0 < model_cpu_s <= result_cpu_s
 
 
+def test_the_model_and_its_batches_are_channels_last_and_answer_as_the_contiguous_model(
+    counter_bundle,
+) -> None:
+    """The served layout changes the speed, not the answer: the maps equal the plain model's on the same
+    normalised tiles (the convolutions' summation order may differ in the last bits)."""
+    from fieldkube.vision.bundle import load_bundle
+
+    model = load_served_model(counter_bundle, "counter", None, None, CPU, "here")
+    conv = next(m for m in model.module.modules() if isinstance(m, torch.nn.Conv2d))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last) and not conv.weight.is_contiguous()
+    tiles = np.random.default_rng(3).integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)
+    plain = load_bundle(counter_bundle, device=CPU).model.eval()
+    with torch.inference_mode():
+        expected = (plain(batch_to_tensor(tiles).contiguous()) / model.density_scale).numpy()
+    np.testing.assert_allclose(model.forward(tiles), expected, rtol=1e-5, atol=1e-6)
+
+
 def _trained_counter(steps: int = 30) -> torch.nn.Module:
     """A small MCNN trained for a few Adam steps on synthetic field tiles (targets x DENSITY_SCALE)."""
     torch.manual_seed(0)

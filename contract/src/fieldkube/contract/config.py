@@ -178,7 +178,9 @@ class RuntimeConfig(_Section):
         description="Training precision on CUDA: auto = bf16 autocast where the GPU supports it, else "
         "fp16 autocast with loss scaling; fp32 turns autocast off. CPU training is fp32.",
     )
-    channels_last: bool = Field(True, description="channels_last memory format (CUDA only).")
+    channels_last: bool = Field(
+        True, description="Feed the model channels_last (NHWC) batches: faster convolutions on CPU and GPU."
+    )
     compile: bool = Field(
         False, description="torch.compile the model (CUDA only); faster for some models, slower for others."
     )

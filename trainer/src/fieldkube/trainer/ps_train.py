@@ -155,10 +155,12 @@ def _run(config: TrainingConfig, rank: int, workers: int, servers: int, mode: st
     model.train()
     plan = BatchPlan(len(train_set), global_batch, rank, workers, t.seed, t.epochs, total_steps)
     loader = make_loader(train_set, plan, config.data.loader_workers, config.data.prefetch)
+    layout = torch.channels_last if config.runtime.channels_last else torch.contiguous_format
     for step, (inputs, targets, _) in enumerate(loader, start=1):
         step_start = time.perf_counter()
         model.zero_grad()
-        loss = loss_fn(model(inputs).float(), targets)
+        # the layout the allreduce trainer feeds (loop.py)
+        loss = loss_fn(model(inputs.contiguous(memory_format=layout)).float(), targets)
         if not torch.isfinite(loss):
             raise DataError(f"loss became {float(loss)} at step {step - 1} (train.lr {t.lr} too high?)")
         loss.backward()

@@ -32,12 +32,24 @@ def standardise_(pixels: torch.Tensor) -> torch.Tensor:
 
 
 def _standardise(chw: torch.Tensor) -> torch.Tensor:
-    """uint8 (..., 3, H, W) in any memory layout, on any device -> normalised float32, contiguous.
+    """uint8 (3, H, W) in any memory layout, on any device -> normalised float32, contiguous.
 
     The permuted uint8 view becomes contiguous float32 in one pass (the conversion and the transpose are
     one copy; 15-20 % less time than making the bytes contiguous first); the arithmetic then runs over
-    contiguous memory, in place (6x faster on an 81-tile batch than the same ops on the permuted view)."""
+    contiguous memory, in place (6x faster than the same ops on the permuted view)."""
     return standardise_(chw.to(torch.float32, memory_format=torch.contiguous_format))
+
+
+def _standardise_rows_(rows: torch.Tensor) -> torch.Tensor:
+    """float32 (R, W * 3) rows of interleaved RGB samples on the 0..255 scale -> normalised, in place.
+
+    `standardise_`'s arithmetic, element for element (each sample times its channel's scale, then minus
+    its channel's shift), laid over a row of pixels so that the per-channel constants repeat along a
+    long contiguous axis: the same speed as over planar channels, without transposing the pixels."""
+    mean = torch.tensor(MEAN_RGB, device=rows.device)
+    std = torch.tensor(STD_RGB, device=rows.device)
+    width = rows.shape[1] // 3
+    return rows.mul_((1 / (255.0 * std)).repeat(width)).sub_((mean / std).repeat(width))
 
 
 def to_tensor(image: np.ndarray) -> torch.Tensor:
@@ -53,13 +65,18 @@ def batch_to_tensor(images: np.ndarray) -> torch.Tensor:
 
 
 def normalize_batch(images: torch.Tensor) -> torch.Tensor:
-    """uint8 tensor (N, H, W, 3) -> normalised float32 (N, 3, H, W) on the same device.
+    """uint8 tensor (N, H, W, 3) -> normalised float32 (N, 3, H, W), channels_last, on the same device.
 
     What the service runs where its model is: uint8 tiles travel to a GPU at a quarter of float32's
-    bytes and are normalised there."""
+    bytes and are normalised there. The result keeps the pixels' interleaved order in memory (an
+    (N, 3, H, W) view of (N, H, W, 3) floats): the channels_last layout the models run fastest in, on
+    CPUs (oneDNN) as on GPUs (cuDNN), reached without a transpose. Its values equal `standardise_`'s over
+    the contiguous layout, bit for bit."""
     if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[-1] != 3:
         raise ValueError(f"expected a uint8 tensor (N, H, W, 3), got {images.dtype} {tuple(images.shape)}")
-    return _standardise(images.permute(0, 3, 1, 2))
+    count, height, width, _ = images.shape
+    rows = images.contiguous().reshape(count * height, width * 3).to(torch.float32)
+    return _standardise_rows_(rows).view(count, height, width, 3).permute(0, 3, 1, 2)
 
 
 def to_image(tensor: torch.Tensor) -> np.ndarray:
