@@ -56,6 +56,7 @@ from fieldkube.vision.normalize import batch_to_tensor  # noqa: E402
 from fieldkube.vision.synthetic import make_aerial_scene, make_field_image  # noqa: E402
 
 CONCURRENCY = (1, 4, 16)
+SERVED_TASK = {"count": "counter", "segment": "segmenter"}  # workload -> the service's task
 WORKLOADS: dict[str, dict[str, Any]] = {
     "count": {
         "endpoint": "/v1/count",
@@ -140,6 +141,37 @@ def bare_forward(
         if device.type == "cuda":
             torch.cuda.synchronize(device)
     return images / (time.perf_counter() - start), (time.process_time() - cpu_start) / images
+
+
+def queues_without_waiting(
+    task: str, bundle: Path, image: np.ndarray, spec: dict[str, Any], args: Any
+) -> str | None:
+    """On CUDA: whether the service's model queues two batches (copy in, normalisation, forward, copy
+    out) without the host waiting for the device, checked by torch's sync debug mode, which raises on
+    any call that synchronises: "ok", or what synchronised. On a CPU the same batches run unchecked (a
+    dry run of this code) and the answer is None."""
+    from fieldkube.serving.served_model import load_served_model
+
+    cuda = args.device == "cuda"
+    device = torch.device(args.device)
+    model = load_served_model(bundle, SERVED_TASK[task], None, None, device, str(bundle), args.dtype)
+    plan = plan_tiles(image.shape[0], image.shape[1], spec["tile"], spec["overlap"], 100_000)
+    tiles = cut_tiles(image, plan, pinned=cuda)[: args.batch_size]
+    model.forward(tiles)  # the caching allocators hold what the queued batches will use
+    if cuda:
+        torch.cuda.set_sync_debug_mode("error")
+    try:
+        pending = [model.prepare([tiles]), model.prepare([tiles])]
+    except RuntimeError as error:
+        if not cuda:
+            raise
+        return f"synchronised: {error}"
+    finally:
+        if cuda:
+            torch.cuda.set_sync_debug_mode("default")
+    for batch in pending:
+        batch.result()
+    return "ok" if cuda else None
 
 
 @functools.cache
@@ -329,6 +361,7 @@ def measure_task(
         args.dtype,
     )
     entry["bare_forward_cpu_s_per_image"] = forward_cpu_s
+    entry["prepare_queues_without_waiting"] = queues_without_waiting(task, bundle, image, spec, args)
     for server in servers.values():
         load(server.url + spec["endpoint"], body, 1, 1)  # warm-up
     for mode in servers:
@@ -491,6 +524,8 @@ def main() -> int:
             "service_cpu_reduction": "baseline's outside_forward_cpu_s_per_mp_by_thread / this code's "
             "outside_forward_cpu_s_per_mp (batching on)",
             "service_cpu_reduction_by_bare": "the same, both by the bare forward's CPU (noisy)",
+            "prepare_queues_without_waiting": "CUDA: 'ok' when the service's model queued two batches "
+            "with no call that waits for the device (torch sync debug mode); null on a CPU",
         },
         "max_batch_size": args.batch_size,
         "baseline_ref": args.baseline_ref or None,

@@ -7,7 +7,14 @@ import numpy as np
 import pytest
 import torch
 
-from fieldkube.vision.normalize import batch_to_tensor, normalize_batch, standardise_, to_tensor
+from fieldkube.vision.normalize import (
+    MEAN_RGB,
+    STD_RGB,
+    batch_to_tensor,
+    normalize_batch,
+    standardise_,
+    to_tensor,
+)
 
 
 @pytest.mark.parametrize("shape", [(1, 1, 1), (3, 5, 7), (2, 32, 48)])
@@ -35,3 +42,10 @@ def test_a_wrong_dtype_or_shape_is_refused_with_what_was_expected() -> None:
         normalize_batch(torch.zeros((1, 3, 8, 8), dtype=torch.uint8))
     with pytest.raises(ValueError, match="expected a uint8 tensor"):
         normalize_batch(torch.zeros((1, 8, 8, 3)))
+
+
+def test_the_arithmetic_is_one_scale_and_one_shift_per_channel_in_float32() -> None:
+    pixels = torch.arange(256, dtype=torch.float32).repeat(3, 1).view(1, 3, 16, 16)
+    std, mean = torch.tensor(STD_RGB).view(3, 1, 1), torch.tensor(MEAN_RGB).view(3, 1, 1)
+    expected = pixels * (1 / (255.0 * std)) - mean / std
+    assert torch.equal(standardise_(pixels.clone()), expected)

@@ -6,6 +6,8 @@ ImageNet mean/std (a well-known, documented choice; models are trained from scra
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 
@@ -26,9 +28,21 @@ def standardise_(pixels: torch.Tensor) -> torch.Tensor:
     One scale and one shift per channel, x / (255 std) - mean / std: two passes over the floats. The
     trainer's batched finish (`jitter_and_normalise`) ends here too, so a tile served and the same tile
     trained on without jitter are the same tensor, bit for bit."""
-    mean = torch.tensor(MEAN_RGB, device=pixels.device).view(3, 1, 1)
-    std = torch.tensor(STD_RGB, device=pixels.device).view(3, 1, 1)
-    return pixels.mul_(1 / (255.0 * std)).sub_(mean / std)
+    scale, shift = _scale_and_shift(pixels.device)
+    return pixels.mul_(scale.view(3, 1, 1)).sub_(shift.view(3, 1, 1))
+
+
+@functools.lru_cache(maxsize=None)
+def _scale_and_shift(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 (3,) per-channel 1 / (255 std) and mean / std, made once per device.
+
+    Made here, not per batch: a tensor built from Python numbers on a GPU is a copy from pageable host
+    memory, which waits for everything already queued on the stream, so per batch it would stop the
+    host from queueing the next batch while one runs. Computed on the CPU in float32 (IEEE division:
+    the same bits a GPU computes)."""
+    std = torch.tensor(STD_RGB, dtype=torch.float32)
+    scale, shift = 1 / (255.0 * std), torch.tensor(MEAN_RGB, dtype=torch.float32) / std
+    return scale.to(device), shift.to(device)
 
 
 def _standardise(chw: torch.Tensor) -> torch.Tensor:
@@ -46,10 +60,9 @@ def _standardise_rows_(rows: torch.Tensor) -> torch.Tensor:
     `standardise_`'s arithmetic, element for element (each sample times its channel's scale, then minus
     its channel's shift), laid over a row of pixels so that the per-channel constants repeat along a
     long contiguous axis: the same speed as over planar channels, without transposing the pixels."""
-    mean = torch.tensor(MEAN_RGB, device=rows.device)
-    std = torch.tensor(STD_RGB, device=rows.device)
+    scale, shift = _scale_and_shift(rows.device)
     width = rows.shape[1] // 3
-    return rows.mul_((1 / (255.0 * std)).repeat(width)).sub_((mean / std).repeat(width))
+    return rows.mul_(scale.repeat(width)).sub_(shift.repeat(width))
 
 
 def to_tensor(image: np.ndarray) -> torch.Tensor:
