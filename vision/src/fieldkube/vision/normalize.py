@@ -32,7 +32,7 @@ def standardise_(pixels: torch.Tensor) -> torch.Tensor:
     return pixels.mul_(scale.view(3, 1, 1)).sub_(shift.view(3, 1, 1))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _scale_and_shift(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """float32 (3,) per-channel 1 / (255 std) and mean / std, made once per device.
 
