@@ -25,10 +25,13 @@ from the project's images; ``node_mlflow`` is an MLflow server its pods reach.
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import shutil
+import subprocess
+import sys
 import time
-from collections.abc import Generator, Iterator
+from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +80,25 @@ def _env_int(name: str, default: int) -> int:
     if value < 1:
         raise pytest.UsageError(f"{name} must be at least 1 (got {value})")
     return value
+
+
+@pytest.fixture
+def run_bench(tmp_path: Path) -> Callable[[str, list[str]], dict[str, Any]]:
+    """Runs a script of bench/ as `make` would, with these flags and `--out` in the test's directory, and
+    returns the JSON it wrote; a non-zero exit fails the test with the script's last output."""
+
+    def run(script: str, args: list[str]) -> dict[str, Any]:
+        out = tmp_path / f"{Path(script).stem}.json"
+        root = Path(__file__).resolve().parents[2]
+        proc = subprocess.run(
+            [sys.executable, str(root / "bench" / script), *args, "--out", str(out)],
+            capture_output=True, text=True, timeout=600, check=False,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+        result: dict[str, Any] = json.loads(out.read_text())
+        return result
+
+    return run
 
 
 @pytest.fixture(scope="session")

@@ -4,23 +4,15 @@ started from src/, the closed-loop levels and the bare forward they are compared
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[3]
+from collections.abc import Callable
+from typing import Any
 
 
-def test_the_gpu_serving_benchmark_runs_end_to_end_on_a_cpu(tmp_path: Path) -> None:
-    out = tmp_path / "serve_gpu.json"
+def test_the_gpu_serving_benchmark_runs_end_to_end_on_a_cpu(
+    run_bench: Callable[[str, list[str]], dict[str, Any]],
+) -> None:
     args = ["--gpu", "--device", "cpu", "--requests", "2", "--bare-seconds", "1", "--cpu-requests", "1"]
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "bench/serve_bench.py"), *args, "--out", str(out)],
-        capture_output=True, text=True, timeout=600, check=False,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    result = json.loads(out.read_text())
+    result = run_bench("serve_bench.py", args)
     assert result["machine"]["device"] == "cpu" and result["machine"]["gpu"] is None
     for task in ("count", "segment"):
         row = result["results"][task]

@@ -4,24 +4,15 @@ fieldkube-train from src/, the summary's figures)."""
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[3]
+from collections.abc import Callable
+from typing import Any
 
 
-def test_the_gpu_benchmark_runs_end_to_end_on_a_cpu(tmp_path: Path) -> None:
-    out = tmp_path / "train_gpu.json"
+def test_the_gpu_benchmark_runs_end_to_end_on_a_cpu(
+    run_bench: Callable[[str, list[str]], dict[str, Any]],
+) -> None:
     small = "--tiles 32 --tile 32 --epochs 2 --batch 8 --steps 2 --warmup 1 --loader-workers 1 --threads 1"
-    args = ["--device", "cpu", "--models", "counter-mcnn", *small.split()]
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "bench/train_gpu_bench.py"), *args, "--out", str(out)],
-        capture_output=True, text=True, timeout=600, check=False,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    result = json.loads(out.read_text())
+    result = run_bench("train_gpu_bench.py", ["--device", "cpu", "--models", "counter-mcnn", *small.split()])
     row = result["counter-mcnn"]
     assert row["bare_images_per_second"] > 0 and row["train_images_per_second"] > 0
     assert row["run_images_per_second"] <= row["train_images_per_second"] * 1.01  # waits count in the run

@@ -295,9 +295,12 @@ class TileBatcher:
             if job.future.done():
                 offset += size
                 continue
-            if job.output is None:
-                job.output = np.empty((job.tiles.shape[0], *output.shape[1:]), dtype=output.dtype)
-            job.output[start:stop] = output[offset : offset + size]
+            if size == job.tiles.shape[0]:  # all its tiles in this batch: its slice of the maps, no copy
+                job.output = output[offset : offset + size]
+            else:
+                if job.output is None:
+                    job.output = np.empty((job.tiles.shape[0], *output.shape[1:]), dtype=output.dtype)
+                job.output[start:stop] = output[offset : offset + size]
             offset += size
             job.done_tiles += size
             if job.done_tiles == job.tiles.shape[0]:
