@@ -7,6 +7,7 @@ import csv
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from fieldkube.trainer.errors import ConfigError, DataError
@@ -34,9 +35,14 @@ def profiles(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def test_held_out_batch_size_is_predicted_within_15_percent(
+def test_held_out_batch_size_is_predicted_from_the_line_through_the_others(
     profiles: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    """The prediction for a batch size never profiled in the fit is the fitted line at that size, and its
+    error is against the held-out run's median iteration. How close that is on this machine is
+    `make bench-profile`'s figure (bench/README.md): a bound on a timing taken while CI's other worker
+    loads both cores was a timing assertion (one run measured batch 3 as fast as batch 2: +23 %). The
+    loose bound below still catches a prediction in the wrong units or scaled by the batch twice."""
     prediction = predict([profiles], batch=3, workers=1)
     assert prediction.fitted_batches == [1, 2, 4]  # batch 3 itself is held out of the fit
     assert prediction.measured_s is not None and prediction.measured_iterations == 9
@@ -44,7 +50,17 @@ def test_held_out_batch_size_is_predicted_within_15_percent(
     with capsys.disabled():  # reported in the test log (pytest -s), whatever the outcome below
         print(f"\nheld-out batch 3: predicted {1000 * prediction.iteration_s:.1f} ms, measured "
               f"{1000 * prediction.measured_s:.1f} ms, error {prediction.error_percent:+.1f} %")  # fmt: skip
-    assert abs(prediction.error_percent) < 15
+    # per-row least-squares lines sum to the line through the summed points: evaluated at 3
+    (slope, intercept), *_ = np.linalg.lstsq(
+        np.array([[b, 1.0] for b, _ in prediction.fit_points]),
+        np.array([t for _, t in prediction.fit_points]),
+        rcond=None,
+    )
+    assert prediction.iteration_s == pytest.approx(3 * slope + intercept, rel=1e-9)
+    assert slope > 0  # a larger batch takes longer
+    expected_error = 100 * (prediction.iteration_s - prediction.measured_s) / prediction.measured_s
+    assert prediction.error_percent == pytest.approx(expected_error)
+    assert abs(prediction.error_percent) < 50
     # the prediction is the sum of its rows, and the layers carry most of it
     layers = sum(v for k, v in prediction.rows.items() if "/" in k)
     assert prediction.compute_s == pytest.approx(sum(prediction.rows.values()))
