@@ -45,15 +45,6 @@ def _scale_and_shift(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     return scale.to(device), shift.to(device)
 
 
-def _standardise(chw: torch.Tensor) -> torch.Tensor:
-    """uint8 (3, H, W) in any memory layout, on any device -> normalised float32, contiguous.
-
-    The permuted uint8 view becomes contiguous float32 in one pass (the conversion and the transpose are
-    one copy; 15-20 % less time than making the bytes contiguous first); the arithmetic then runs over
-    contiguous memory, in place (6x faster than the same ops on the permuted view)."""
-    return standardise_(chw.to(torch.float32, memory_format=torch.contiguous_format))
-
-
 def _standardise_rows_(rows: torch.Tensor) -> torch.Tensor:
     """float32 (R, W * 3) rows of interleaved RGB samples on the 0..255 scale -> normalised, in place.
 
@@ -66,9 +57,9 @@ def _standardise_rows_(rows: torch.Tensor) -> torch.Tensor:
 
 
 def to_tensor(image: np.ndarray) -> torch.Tensor:
-    """uint8 (H, W, 3) -> float32 (3, H, W), normalised."""
+    """uint8 (H, W, 3) -> float32 (3, H, W), normalised: a batch of one, channels_last like every batch."""
     _check_images(image, batched=False)
-    return _standardise(torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1))
+    return normalize_batch(torch.from_numpy(np.ascontiguousarray(image))[None])[0]
 
 
 def batch_to_tensor(images: np.ndarray) -> torch.Tensor:
