@@ -148,8 +148,10 @@ def queues_without_waiting(
 ) -> str | None:
     """On CUDA: whether the service's model queues two batches (copy in, normalisation, forward, copy
     out) without the host waiting for the device, checked by torch's sync debug mode, which raises on
-    any call that synchronises: "ok", or what synchronised. On a CPU the same batches run unchecked (a
-    dry run of this code) and the answer is None."""
+    any call that synchronises: "ok", or what synchronised. In the GPU mode's dry run on a CPU the same
+    batches run unchecked and the answer is None; the CPU mode skips it (None)."""
+    if not args.gpu:
+        return None
     from fieldkube.serving.served_model import load_served_model
 
     cuda = args.device == "cuda"
