@@ -13,6 +13,7 @@ from types import FrameType
 import uvicorn
 
 from fieldkube.serving.app import create_app
+from fieldkube.serving.heap import reuse_freed_memory
 from fieldkube.serving.service import Service
 from fieldkube.serving.settings import ServeSettings
 
@@ -31,6 +32,8 @@ class ServiceServer(uvicorn.Server):
 
 def serve(settings: ServeSettings) -> None:
     """Serve until SIGTERM/SIGINT."""
+    if settings.heap_reuse:
+        reuse_freed_memory()
     service = Service(settings)
     config = uvicorn.Config(
         create_app(settings, service),

@@ -8,6 +8,7 @@ Boxes are (y0, x0, y1, x1), half-open, in pixels.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Literal, NamedTuple
 
@@ -137,22 +138,49 @@ def stitch(
     if len(boxes) != tiles.shape[0]:
         raise ValueError(f"got {tiles.shape[0]} tiles but {len(boxes)} boxes")
     size = tiles.shape[2]
+    layout = _blend_layout(tuple(Box(*box) for box in boxes), height, width, size, blend)
     # float32 sums: a pixel adds at most four weighted tiles, so float64 bought nothing but 5x the time
-    window = blend_window(size, blend).astype(np.float32)
     total = np.zeros((tiles.shape[1], height, width), dtype=np.float32)
+    scratch = np.empty((tiles.shape[1], size, size), dtype=np.float32)
+    for tile_map, (out_box, in_box, window) in zip(tiles, layout.parts, strict=True):
+        if window is not None:
+            total[out_box] += np.multiply(tile_map[in_box], window, out=scratch[in_box])
+    total /= layout.weight
+    return total
+
+
+_Slices = tuple[slice, slice, slice]
+
+
+class _BlendLayout(NamedTuple):
+    """Per box: where it lands in the (C, H, W) map, which part of the tile that is, and that part of the
+    blend window (None for a box wholly outside); and the (H, W) sum of the windows (read-only)."""
+
+    parts: tuple[tuple[_Slices, _Slices, np.ndarray | None], ...]
+    weight: np.ndarray
+
+
+@functools.lru_cache(maxsize=8)
+def _blend_layout(boxes: tuple[Box, ...], height: int, width: int, size: int, blend: Blend) -> _BlendLayout:
+    """Cached: a service stitches images of a few sizes over and over, and the weight sum (a pass over
+    the map per tile, half the work for a one-channel map) depends on nothing else."""
+    window = blend_window(size, blend).astype(np.float32)
     weight = np.zeros((height, width), dtype=np.float32)
-    for tile_map, (y0, x0, y1, x1) in zip(tiles, boxes, strict=True):
+    parts: list[tuple[_Slices, _Slices, np.ndarray | None]] = []
+    for y0, x0, y1, x1 in boxes:
         if y1 - y0 != size or x1 - x0 != size:
             raise ValueError(f"box {(y0, x0, y1, x1)} does not match the tile size {size}")
-        cy1, cx1 = min(y1, height), min(x1, width)
-        cy0, cx0 = max(y0, 0), max(x0, 0)
+        cy0, cx0, cy1, cx1 = max(y0, 0), max(x0, 0), min(y1, height), min(x1, width)
+        out_box = (slice(None), slice(cy0, cy1), slice(cx0, cx1))
+        in_box = (slice(None), slice(cy0 - y0, cy1 - y0), slice(cx0 - x0, cx1 - x0))
         if cy0 >= cy1 or cx0 >= cx1:
+            parts.append((out_box, in_box, None))
             continue
-        w = window[cy0 - y0 : cy1 - y0, cx0 - x0 : cx1 - x0]
-        total[:, cy0:cy1, cx0:cx1] += tile_map[:, cy0 - y0 : cy1 - y0, cx0 - x0 : cx1 - x0] * w
-        weight[cy0:cy1, cx0:cx1] += w
+        part = window[in_box[1:]]
+        weight[out_box[1:]] += part
+        parts.append((out_box, in_box, part))
     if not np.all(weight > 0):
         missing = int(np.count_nonzero(weight == 0))
         raise ValueError(f"the boxes leave {missing} pixels of the {height}x{width} image uncovered")
-    total /= weight
-    return total
+    weight.flags.writeable = False
+    return _BlendLayout(tuple(parts), weight)
