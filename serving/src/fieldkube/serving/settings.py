@@ -53,7 +53,7 @@ class ServeSettings(BaseModel):
         52_000_000,
         ge=1,
         description="pixels of images served at once; a request beyond it gets 429 + Retry-After before its "
-        "image is decoded (memory above idle stays below 64 bytes per pixel admitted, 43 measured on CPU; "
+        "image is decoded (memory above idle stays below 64 bytes per pixel admitted, 50 measured on CPU; "
         "at least max_pixels)",
     )
     default_overlap: int = Field(32, ge=0, description="tile overlap when a request does not set one")

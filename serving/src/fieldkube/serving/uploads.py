@@ -104,10 +104,10 @@ async def _write_stream(request: Request, handle: IO[bytes]) -> int:
         pending += chunk
         size += len(chunk)
         if len(pending) >= _WRITE_BYTES:
-            await asyncio.to_thread(handle.write, bytes(pending))
+            await asyncio.to_thread(handle.write, pending)  # awaited: `pending` is not touched meanwhile
             pending.clear()
     if pending:
-        await asyncio.to_thread(handle.write, bytes(pending))
+        await asyncio.to_thread(handle.write, pending)
     return size
 
 
