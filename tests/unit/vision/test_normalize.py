@@ -17,7 +17,7 @@ from fieldkube.vision.normalize import (
 )
 
 
-@pytest.mark.parametrize("shape", [(1, 1, 1), (3, 5, 7), (2, 32, 48)])
+@pytest.mark.parametrize("shape", [(1, 1, 1), (3, 5, 7), (2, 32, 48), (3, 233, 256)])  # last: many CPU blocks
 def test_a_batch_is_channels_last_and_equals_the_planar_arithmetic_bit_for_bit(shape) -> None:
     images = np.random.default_rng(0).integers(0, 256, (*shape, 3), dtype=np.uint8)
     planar = standardise_(torch.from_numpy(images).permute(0, 3, 1, 2).float().contiguous())

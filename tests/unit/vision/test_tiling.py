@@ -8,6 +8,7 @@ import pytest
 from fieldkube.vision.density import count_from_density, density_map_from_points
 from fieldkube.vision.tiling import (
     Box,
+    _blend_layout,
     blend_window,
     crop_roi_to_multiple,
     grid_shape,
@@ -103,3 +104,22 @@ def test_cosine_window_fades_to_the_edges_but_never_zero() -> None:
 def test_uncovered_pixels_are_an_error() -> None:
     with pytest.raises(ValueError, match="uncovered"):
         stitch(np.zeros((1, 1, 8, 8)), [Box(0, 0, 8, 8)], 8, 16)
+
+
+def test_stitching_again_with_the_same_layout_reuses_it_without_carrying_anything_over(
+    rng: np.random.Generator,
+) -> None:
+    """The blend layout (windows, weight sum) is cached per boxes and size: a second image stitched on it
+    gets exactly what a fresh layout gives, and the cached sum cannot be written to."""
+    boxes = tile_boxes(300, 500, 128, overlap=40)
+    first = rng.random((len(boxes), 1, 128, 128)).astype(np.float32)
+    second = rng.random((len(boxes), 1, 128, 128)).astype(np.float32)
+    _blend_layout.cache_clear()
+    expected = stitch(second, boxes, 300, 500)  # on a layout made for it
+    stitch(first, boxes, 300, 500)
+    again = stitch(second, boxes, 300, 500)
+    assert np.array_equal(again, expected)
+    layout = _blend_layout(tuple(boxes), 300, 500, 128, "cosine")
+    assert layout is _blend_layout(tuple(boxes), 300, 500, 128, "cosine")
+    with pytest.raises(ValueError, match="read-only"):
+        layout.weight[0, 0] = 0.0
