@@ -46,7 +46,6 @@ import psutil  # noqa: E402
 import requests  # noqa: E402
 import torch  # noqa: E402
 
-from fieldkube.serving.heap import reuse_freed_memory  # noqa: E402
 from fieldkube.serving.inference import cut_tiles, plan_tiles  # noqa: E402
 from fieldkube.serving.served_model import pick_dtype  # noqa: E402
 from fieldkube.serving.settings import default_batch_size  # noqa: E402
@@ -440,7 +439,6 @@ def main() -> int:
             spec["params"] = {}
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the finally blocks: stop the server
     torch.set_num_threads(args.threads)
-    heap_reuse = reuse_freed_memory()  # the server's heap policy (its default), so the bare forward matches
     if args.device == "auto":
         args.device = "cuda" if args.gpu or torch.cuda.is_available() else "cpu"
     args.dtype = pick_dtype(args.precision, torch.device(args.device))
@@ -510,7 +508,6 @@ def main() -> int:
             "device": args.device,
             "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None,
             "precision": str(args.dtype).removeprefix("torch."),
-            "heap_reuse": heap_reuse,
             "load_average_at_start": load_at_start,
             "load_average_at_end": os.getloadavg()[0],
         },

@@ -23,10 +23,9 @@ from fieldkube.serving.metrics import ServeMetrics
 BYTES_PER_PIXEL = 64
 """The documented bound on the service's memory above idle, per pixel admitted: RSS stays below
 ``max_inflight_pixels * BYTES_PER_PIXEL`` above idle under any burst. Measured: one 26 MP image raised
-the RSS by 50 bytes per pixel (counter at 1024 px tiles, batches of 4, CPU; 40 with the C library's own
-heap policy instead of `heap.reuse_freed_memory`): the uint8 image, its padded copy and tiles (~10), the
-float32 tile outputs (~4.5), the stitched map and its weights (8), one batch's activations and what the
-allocator keeps (the rest)."""
+the RSS by 40 bytes per pixel (counter at 1024 px tiles, batches of 4, CPU): the uint8 image, its padded
+copy and tiles (~10), the float32 tile outputs (~4.5), the stitched map and its weights (8), one batch's
+activations and what the allocator keeps (the rest)."""
 
 
 class PixelBudget:

@@ -13,7 +13,6 @@ from types import FrameType
 import uvicorn
 
 from fieldkube.serving.app import create_app
-from fieldkube.serving.heap import reuse_freed_memory
 from fieldkube.serving.service import Service
 from fieldkube.serving.settings import ServeSettings
 
@@ -32,8 +31,6 @@ class ServiceServer(uvicorn.Server):
 
 def serve(settings: ServeSettings) -> None:
     """Serve until SIGTERM/SIGINT."""
-    if settings.heap_reuse:
-        reuse_freed_memory()
     service = Service(settings)
     config = uvicorn.Config(
         create_app(settings, service),

@@ -53,7 +53,7 @@ class ServeSettings(BaseModel):
         52_000_000,
         ge=1,
         description="pixels of images served at once; a request beyond it gets 429 + Retry-After before its "
-        "image is decoded (memory above idle stays below 64 bytes per pixel admitted, 50 measured on CPU; "
+        "image is decoded (memory above idle stays below 64 bytes per pixel admitted, 40 measured on CPU; "
         "at least max_pixels)",
     )
     default_overlap: int = Field(32, ge=0, description="tile overlap when a request does not set one")
@@ -90,12 +90,6 @@ class ServeSettings(BaseModel):
         "auto",
         description="forward-pass precision: auto (bf16 autocast on a GPU that supports it, else fp32), "
         "fp32, bf16; a model whose golden sample moves beyond its tolerance in bf16 is refused",
-    )
-    heap_reuse: bool = Field(
-        True,
-        description="glibc: keep freed memory for the next request instead of faulting fresh pages in "
-        "for every large array (measured 12-25 percent of CPU time on a CPU host); false: the C "
-        "library's own policy",
     )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
