@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import math
 import os
 import platform
 import signal
@@ -47,7 +48,7 @@ import requests  # noqa: E402
 import torch  # noqa: E402
 
 from fieldkube.serving.inference import cut_tiles, plan_tiles  # noqa: E402
-from fieldkube.serving.served_model import pick_dtype  # noqa: E402
+from fieldkube.serving.served_model import Task, pick_dtype  # noqa: E402
 from fieldkube.serving.settings import default_batch_size  # noqa: E402
 from fieldkube.vision.bundle import load_bundle, save_bundle  # noqa: E402
 from fieldkube.vision.imageio import encode_png  # noqa: E402
@@ -56,7 +57,7 @@ from fieldkube.vision.normalize import batch_to_tensor  # noqa: E402
 from fieldkube.vision.synthetic import make_aerial_scene, make_field_image  # noqa: E402
 
 CONCURRENCY = (1, 4, 16)
-SERVED_TASK = {"count": "counter", "segment": "segmenter"}  # workload -> the service's task
+SERVED_TASK: dict[str, Task] = {"count": "counter", "segment": "segmenter"}  # workload -> its task
 WORKLOADS: dict[str, dict[str, Any]] = {
     "count": {
         "endpoint": "/v1/count",
@@ -141,6 +142,52 @@ def bare_forward(
         if device.type == "cuda":
             torch.cuda.synchronize(device)
     return images / (time.perf_counter() - start), (time.process_time() - cpu_start) / images
+
+
+def own_cpu_by_step(
+    task: str, spec: dict[str, Any], body: bytes, batch: int, repeats: int = 3
+) -> dict[str, float]:
+    """CPU ms of each step of the service's own work on one image, each run alone in this process (least
+    of `repeats`, after a first call: steady state, e.g. the stitcher's cached blend layout): where the CPU
+    outside the forward goes. The same functions the service calls; what is left of the server's total is
+    HTTP, the upload, routing and the hand-offs between threads."""
+    from fieldkube.serving.inference import binary_mask, grid_counts, total_count
+    from fieldkube.serving.uploads import Upload, decode_image, read_header
+    from fieldkube.vision.normalize import normalize_batch
+    from fieldkube.vision.tiling import stitch
+
+    def cpu_ms(step: Any) -> float:
+        step()
+        best = math.inf
+        for _ in range(repeats):
+            began = time.process_time()
+            step()
+            best = min(best, time.process_time() - began)
+        return best * 1000
+
+    with tempfile.TemporaryDirectory(prefix="serve-bench-steps-") as tmp:
+        upload = Upload(Path(tmp) / "upload.png", "image/png", len(body))
+        upload.path.write_bytes(body)
+        header = read_header(upload, 10**9)
+        image = decode_image(upload, header, 10**9)
+        height, width = image.shape[:2]
+        plan = plan_tiles(height, width, spec["tile"], spec["overlap"], 100_000)
+        tiles = torch.from_numpy(cut_tiles(image, plan))
+        size = spec["tile"]
+        maps = np.random.default_rng(0).random((len(plan.boxes), 1, size, size), dtype=np.float32)
+        stitched = stitch(maps, plan.boxes, plan.padded_height, plan.padded_width)[0, :height, :width]
+        steps = {
+            "read_header": lambda: read_header(upload, 10**9),
+            "decode": lambda: decode_image(upload, header, 10**9),
+            "cut_tiles": lambda: cut_tiles(image, plan),
+            "normalise": lambda: [normalize_batch(tiles[i : i + batch]) for i in range(0, len(tiles), batch)],
+            "stitch": lambda: stitch(maps, plan.boxes, plan.padded_height, plan.padded_width),
+        }
+        if task == "count":
+            steps["counts"] = lambda: (total_count(stitched), grid_counts(stitched, size))
+        else:
+            steps["mask"] = lambda: binary_mask(stitched, 0.5).sum(dtype=np.int64)
+        return {name: cpu_ms(step) for name, step in steps.items()}
 
 
 def queues_without_waiting(
@@ -363,6 +410,7 @@ def measure_task(
         args.dtype,
     )
     entry["bare_forward_cpu_s_per_image"] = forward_cpu_s
+    entry["own_cpu_ms_by_step"] = own_cpu_by_step(task, spec, body, args.batch_size)
     entry["prepare_queues_without_waiting"] = queues_without_waiting(task, bundle, image, spec, args)
     for server in servers.values():
         load(server.url + spec["endpoint"], body, 1, 1)  # warm-up
@@ -526,6 +574,9 @@ def main() -> int:
             "service_cpu_reduction": "baseline's outside_forward_cpu_s_per_mp_by_thread / this code's "
             "outside_forward_cpu_s_per_mp (batching on)",
             "service_cpu_reduction_by_bare": "the same, both by the bare forward's CPU (noisy)",
+            "own_cpu_ms_by_step": "CPU ms of each step of the service's own work on one image, each run "
+            "alone in the bench process with this code (least of 3): read_header, decode, cut_tiles, "
+            "normalise (in batches of max_batch_size), stitch, counts or mask",
             "prepare_queues_without_waiting": "CUDA: 'ok' when the service's model queued two batches "
             "with no call that waits for the device (torch sync debug mode); null on a CPU",
         },
