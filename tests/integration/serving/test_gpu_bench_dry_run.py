@@ -23,3 +23,6 @@ def test_the_gpu_serving_benchmark_runs_end_to_end_on_a_cpu(
             assert 0 < level["p50_s"] <= level["p95_s"] <= level["p99_s"]
         assert "batching_off" not in row and "baseline" not in row  # GPU minutes go to batching on only
         assert row["prepare_queues_without_waiting"] is None  # checked on CUDA only, run here unchecked
+        steps = row["own_cpu_ms_by_step"]
+        assert {"read_header", "decode", "cut_tiles", "normalise", "stitch"} <= set(steps)
+        assert steps["decode"] > 0 and steps["stitch"] > 0
