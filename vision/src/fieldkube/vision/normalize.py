@@ -54,7 +54,8 @@ def _row_scale_and_shift(device: torch.device, width: int) -> tuple[torch.Tensor
 
 _CPU_BLOCK_FLOATS = 1 << 17
 """Floats normalised per block on a CPU (512 KiB): converted, scaled and shifted while still in cache,
-instead of three passes over the whole batch in memory (1.4-2x faster for 8-32 tiles of 224-256 px)."""
+instead of three passes over the whole batch in memory (1.1-1.5x faster for 4-32 tiles of 224-256 px:
+bench/README.md)."""
 
 
 def to_tensor(image: np.ndarray) -> torch.Tensor:

@@ -160,10 +160,11 @@ class _BlendLayout(NamedTuple):
     weight: np.ndarray
 
 
-@functools.lru_cache(maxsize=8)
+@functools.lru_cache(maxsize=4)
 def _blend_layout(boxes: tuple[Box, ...], height: int, width: int, size: int, blend: Blend) -> _BlendLayout:
     """Cached: a service stitches images of a few sizes over and over, and the weight sum (a pass over
-    the map per tile, half the work for a one-channel map) depends on nothing else."""
+    the map per tile, half the work for a one-channel map) depends on nothing else. Each layout held
+    costs 4 bytes per pixel of its map (104 MB for the largest image the service takes by default)."""
     window = blend_window(size, blend).astype(np.float32)
     weight = np.zeros((height, width), dtype=np.float32)
     parts: list[tuple[_Slices, _Slices, np.ndarray | None]] = []
