@@ -14,7 +14,6 @@ pins=()
 names=(
   pydantic pydantic_core annotated-types typing-inspection typing_extensions       # the settings models
   fastapi starlette anyio idna uvicorn click h11 python-multipart annotated-doc    # the service
-  httptools uvloop                                                                 # uvicorn's C parser and event loop
   opentelemetry-api importlib_metadata zipp affine attrs
   psutil requests urllib3 certifi charset-normalizer                               # bench/serve_bench.py
   imagecodecs                                                                      # PNG decoding, compressed TIFF (fieldkube.vision)
