@@ -22,6 +22,8 @@ def _model() -> ServedModel:
     torch.manual_seed(0)
     torch.set_num_threads(1)
     module = build_model("counter-mcnn", width=0.25).eval()
+    with torch.no_grad():  # maps above 0 (the untrained fuse clamps them all to 0): a misplaced map shows
+        module.fuse.bias.fill_(1.0)
     return ServedModel(
         task="counter",
         name="counter-mcnn",
@@ -46,6 +48,7 @@ def _run(coro_factory, **batcher_args):  # type: ignore[no-untyped-def]
         with ThreadPoolExecutor(max_workers=BATCHES_IN_FLIGHT) as executor:
             args = {
                 "max_batch_size": 8,
+                "max_batch_pixels": 8 * 32 * 32,  # full batches of the tests' 32-px tiles
                 "max_batch_delay_s": 0.05,
                 "max_queue_tiles": 64,
                 "request_timeout_s": 30.0,
@@ -67,12 +70,12 @@ def test_concurrent_requests_share_batches_and_get_their_own_results() -> None:
     requests = [rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8) for n in (3, 2, 3)]
     expected = [model.forward(tiles) for tiles in requests]
 
-    async def scenario(batcher: TileBatcher) -> list[np.ndarray]:
+    async def scenario(batcher: TileBatcher) -> list[list[np.ndarray]]:
         return list(await asyncio.gather(*(batcher.infer(model, tiles) for tiles in requests)))
 
     results, metrics = _run(scenario)
     for got, want in zip(results, expected, strict=True):
-        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(np.concatenate(got), want, rtol=1e-4, atol=1e-5)
     batches, tiles = _batch_sizes(metrics)
     assert tiles == 8
     assert batches < 3, "tiles of concurrent requests should have shared forward passes"
@@ -80,14 +83,54 @@ def test_concurrent_requests_share_batches_and_get_their_own_results() -> None:
 
 def test_batches_never_exceed_the_maximum_size() -> None:
     model = _model()
-    tiles = np.zeros((10, 32, 32, 3), dtype=np.uint8)
+    tiles = np.random.default_rng(2).integers(0, 256, (10, 32, 32, 3), dtype=np.uint8)
 
-    async def scenario(batcher: TileBatcher) -> np.ndarray:
+    async def scenario(batcher: TileBatcher) -> list[np.ndarray]:
         return await batcher.infer(model, tiles)
 
     result, metrics = _run(scenario, max_batch_size=4)
-    assert result.shape == (10, 1, 32, 32)
+    assert [piece.shape for piece in result] == [(4, 1, 32, 32), (4, 1, 32, 32), (2, 1, 32, 32)]
+    np.testing.assert_allclose(np.concatenate(result), model.forward(tiles), rtol=1e-4, atol=1e-5)
     assert _batch_sizes(metrics) == (3, 10)  # 4 + 4 + 2
+
+
+def test_a_request_split_over_batches_gets_its_maps_in_tile_order() -> None:
+    """Two requests of 5 tiles in batches of 4: each runs in two batches, one shared with the other
+    request; the pieces come back in tile order and are the maps of the request's own tiles."""
+    model = _model()
+    rng = np.random.default_rng(3)
+    requests = [rng.integers(0, 256, (5, 32, 32, 3), dtype=np.uint8) for _ in range(2)]
+    expected = [model.forward(tiles) for tiles in requests]
+    assert float(np.abs(expected[0] - expected[1]).max()) > 0, "the maps must tell the requests apart"
+
+    async def scenario(batcher: TileBatcher) -> list[list[np.ndarray]]:
+        return list(await asyncio.gather(*(batcher.infer(model, tiles) for tiles in requests)))
+
+    results, metrics = _run(scenario, max_batch_size=4)
+    assert [[piece.shape[0] for piece in pieces] for pieces in results] == [[4, 1], [3, 2]]
+    for got, want in zip(results, expected, strict=True):
+        np.testing.assert_allclose(np.concatenate(got), want, rtol=1e-4, atol=1e-5)
+    assert _batch_sizes(metrics) == (3, 10)
+
+
+def test_larger_tiles_run_in_batches_held_to_the_pixel_budget() -> None:
+    """A budget of two 64-px tiles: batches of 4 tiles of 16 or 32 px (the size limit), 2 of 64 px, and
+    a 128-px tile, above the budget alone, still runs, one per pass."""
+    metrics = ServeMetrics(gpu=False)
+    with ThreadPoolExecutor(1) as executor:
+        batcher = TileBatcher("counter", metrics, 4, 2 * 64 * 64, 0.01, 64, 5.0, executor)
+    assert [batcher.batch_limit((t, t, 3)) for t in (16, 32, 64, 128)] == [4, 4, 2, 1]
+
+    model = _model()
+    tiles = np.random.default_rng(5).integers(0, 256, (5, 64, 64, 3), dtype=np.uint8)
+
+    async def scenario(batcher: TileBatcher) -> list[np.ndarray]:
+        return await batcher.infer(model, tiles)
+
+    result, metrics = _run(scenario, max_batch_size=4, max_batch_pixels=2 * 64 * 64)
+    assert [piece.shape[0] for piece in result] == [2, 2, 1]
+    np.testing.assert_allclose(np.concatenate(result), model.forward(tiles), rtol=1e-4, atol=1e-5)
+    assert _batch_sizes(metrics) == (3, 5)
 
 
 def test_full_queue_refuses_with_a_retry_hint() -> None:
@@ -122,7 +165,7 @@ def test_every_rejection_reason_is_exported_at_zero_before_the_first_rejection()
 
     metrics = ServeMetrics(gpu=False)
     with ThreadPoolExecutor(1) as executor:
-        TileBatcher("counter", metrics, 4, 0.01, 16, 5.0, executor)
+        TileBatcher("counter", metrics, 4, 4 * 32 * 32, 0.01, 16, 5.0, executor)
     text = generate_latest(metrics.registry).decode()
     for reason in REJECT_REASONS:
         assert f'fieldkube_serve_rejected_requests_total{{reason="{reason}",task="counter"}} 0.0' in text
@@ -171,7 +214,7 @@ def test_the_next_batch_is_prepared_while_one_runs_and_no_further() -> None:
             await asyncio.sleep(0.01)
         raise AssertionError(f"expected {count} steps, saw {log}")
 
-    async def scenario(batcher: TileBatcher) -> list[np.ndarray]:
+    async def scenario(batcher: TileBatcher) -> list[list[np.ndarray]]:
         jobs = [asyncio.create_task(batcher.infer(model, tiles)) for tiles in requests]
         try:
             await until(3)  # batch 1 prepared and running; batch 2 prepared meanwhile
@@ -187,7 +230,7 @@ def test_the_next_batch_is_prepared_while_one_runs_and_no_further() -> None:
 
     results, metrics = _run(scenario)
     for got, want in zip(results, expected, strict=True):
-        np.testing.assert_array_equal(got, want)
+        np.testing.assert_array_equal(np.concatenate(got), want)
     assert _batch_sizes(metrics) == (3, 24)
 
 
@@ -197,9 +240,9 @@ def test_a_failed_forward_fails_its_requests_and_the_next_batch_still_runs() -> 
     gated = _GatedModule(plain.module, log)
     model = _LoggedModel(**{**plain.__dict__, "module": gated, "log": log})
     broken = _LoggedModel(**{**plain.__dict__, "module": torch.nn.Conv2d(1, 1, 1), "log": log})
-    tiles = np.zeros((8, 32, 32, 3), dtype=np.uint8)
+    tiles = np.random.default_rng(4).integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)
 
-    async def scenario(batcher: TileBatcher) -> np.ndarray:
+    async def scenario(batcher: TileBatcher) -> list[np.ndarray]:
         gated.gate.release()
         failing = asyncio.create_task(batcher.infer(broken, tiles))
         working = asyncio.create_task(batcher.infer(model, tiles))
@@ -208,4 +251,4 @@ def test_a_failed_forward_fails_its_requests_and_the_next_batch_still_runs() -> 
         return await working
 
     result, _ = _run(scenario)
-    np.testing.assert_array_equal(result, plain.forward(tiles))
+    np.testing.assert_array_equal(np.concatenate(result), plain.forward(tiles))

@@ -6,7 +6,7 @@ import pytest
 
 from fieldkube.serving.cli import parse_settings
 from fieldkube.serving.model_source import parse_model_source
-from fieldkube.serving.settings import SettingsError, build_settings
+from fieldkube.serving.settings import SettingsError, build_settings, default_batch_pixels
 
 
 def test_environment_fills_settings_and_flags_override_it() -> None:
@@ -26,6 +26,19 @@ def test_environment_fills_settings_and_flags_override_it() -> None:
 def test_bad_value_names_the_setting() -> None:
     with pytest.raises(SettingsError, match="max_batch_size: Input should be greater than or equal to 1"):
         build_settings({"counter": "/m", "max_batch_size": "0"}, environ={})
+
+
+def test_the_pixel_budget_of_a_batch_defaults_to_full_batches_of_256_pixel_tiles() -> None:
+    assert build_settings({"counter": "/m"}, environ={}).max_batch_pixels is None
+    assert default_batch_pixels(4) == 4 * 256 * 256
+    env = {
+        "FIELDKUBE_SERVE_COUNTER": "models:/fieldkube-counter@champion",
+        "FIELDKUBE_SERVE_MAX_BATCH_PIXELS": "9",
+    }
+    assert parse_settings([], environ=env).max_batch_pixels == 9
+    assert parse_settings(["--max-batch-pixels", "5"], environ=env).max_batch_pixels == 5
+    with pytest.raises(SettingsError, match="max_batch_pixels: Input should be greater than or equal to 1"):
+        build_settings({"counter": "/m", "max_batch_pixels": "0"}, environ={})
 
 
 def test_no_model_is_a_clear_error() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +11,7 @@ import pytest
 import tifffile
 from PIL import Image
 
+from fieldkube.vision import imageio
 from fieldkube.vision.imageio import ImageError, encode_png, read_image, read_tiff_window, write_png
 from fieldkube.vision.tiling import Box
 
@@ -183,6 +185,70 @@ def test_plain_pngs_take_the_fast_decoder_and_the_rest_pillow(
         read_image(tmp_path / "palette.png")
     with pytest.raises(AssertionError, match="Pillow was asked"):
         read_image(with_exif, exif_orientation=True)
+
+
+def _chunks(png: bytes) -> list[tuple[bytes, bytes]]:
+    """(type, data) of each chunk of a PNG."""
+    chunks, offset = [], 8
+    while offset < len(png):
+        length = int.from_bytes(png[offset : offset + 4], "big")
+        chunks.append((png[offset + 4 : offset + 8], png[offset + 8 : offset + 8 + length]))
+        offset += 12 + length
+    return chunks
+
+
+def _png(chunks: list[tuple[bytes, bytes]]) -> bytes:
+    body = b"".join(
+        len(data).to_bytes(4, "big") + kind + data + zlib.crc32(kind + data).to_bytes(4, "big")
+        for kind, data in chunks
+    )
+    return b"\x89PNG\r\n\x1a\n" + body
+
+
+def _no_pillow(*args: object, **kwargs: object) -> None:
+    raise AssertionError("Pillow was asked to decode")
+
+
+def test_an_exif_chunk_after_the_pixels_is_found_and_applied(picture: np.ndarray) -> None:
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buffer = io.BytesIO()
+    Image.fromarray(picture).save(buffer, format="PNG", exif=exif)
+    chunks = _chunks(buffer.getvalue())
+    exif_chunk = next(c for c in chunks if c[0] == b"eXIf")
+    rest = [c for c in chunks if c[0] != b"eXIf"]
+    late = _png([*rest[:-1], exif_chunk, rest[-1]])  # eXIf between the last IDAT and IEND
+    assert [kind for kind, _ in _chunks(late)][-2:] == [b"eXIf", b"IEND"]
+    np.testing.assert_array_equal(read_image(late, exif_orientation=True), np.rot90(picture, k=-1))
+
+
+def test_exif_named_in_a_text_chunk_keeps_the_fast_decoder(
+    picture: np.ndarray, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only an eXIf chunk sends a PNG to Pillow, not the four bytes elsewhere in the file."""
+    chunks = _chunks(encode_png(picture))
+    text = (b"tEXt", b"Comment\x00no eXIf here")
+    data = _png([chunks[0], text, *chunks[1:]])
+    assert b"eXIf" in data
+    monkeypatch.setattr(Image, "open", _no_pillow)
+    np.testing.assert_array_equal(read_image(data, exif_orientation=True), picture)
+
+
+def test_a_png_chunk_past_the_end_of_the_file_is_a_clear_error(picture: np.ndarray) -> None:
+    data = encode_png(picture)
+    with pytest.raises(ImageError, match=r"upload: corrupt or truncated image \(.*runs past the end"):
+        read_image(data[: len(data) // 2], name="upload", exif_orientation=True)
+
+
+def test_a_png_of_more_chunks_than_are_walked_goes_to_pillow(
+    picture: np.ndarray, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = encode_png(picture)
+    read_image(data, exif_orientation=True)  # under the cap: the fast decoder, Pillow not needed
+    monkeypatch.setattr(imageio, "_PNG_MAX_CHUNKS", 2)
+    monkeypatch.setattr(Image, "open", _no_pillow)
+    with pytest.raises(AssertionError, match="Pillow was asked"):
+        read_image(data, exif_orientation=True)
 
 
 def test_pixel_limit_is_checked_before_decoding(tmp_path: Path) -> None:

@@ -123,3 +123,16 @@ def test_stitching_again_with_the_same_layout_reuses_it_without_carrying_anythin
     assert layout is _blend_layout(tuple(boxes), 300, 500, 128, "cosine")
     with pytest.raises(ValueError, match="read-only"):
         layout.weight[0, 0] = 0.0
+
+
+def test_maps_in_several_batches_stitch_as_the_joined_maps(rng: np.random.Generator) -> None:
+    """A service gets one image's maps back in the batches they ran in; stitching those pieces gives
+    bit for bit what stitching their concatenation gives, and a miscount of tiles is an error."""
+    boxes = tile_boxes(300, 500, 128, overlap=40)
+    maps = rng.random((len(boxes), 1, 128, 128)).astype(np.float32)
+    pieces = [maps[:5], maps[5:6], maps[6:]]
+    assert np.array_equal(stitch(pieces, boxes, 300, 500), stitch(maps, boxes, 300, 500))
+    with pytest.raises(ValueError, match=f"got {len(boxes) - 1} tiles"):
+        stitch(pieces[:1] + pieces[2:], boxes, 300, 500)
+    with pytest.raises(ValueError, match="of one shape"):
+        stitch([maps[:5], maps[5:, :, :64, :64]], boxes, 300, 500)

@@ -1,7 +1,10 @@
 """Dynamic batching: tiles of one image and of concurrent requests share forward passes.
 
-Requests enqueue their tiles; one worker per batcher takes up to `max_batch_size` tiles (oldest first,
+Requests enqueue their tiles; one worker per batcher takes up to a batch's limit of tiles (oldest first,
 same model and tile size) as soon as the batch is full or the oldest tile has waited `max_batch_delay_s`.
+The limit is `max_batch_size` tiles and `max_batch_pixels` pixels, one tile at least: a request's tile
+size would otherwise set how many pixels a pass holds (`tile=1024` in batches of 4: 16 times the pixels,
+and the activations' memory, of a default batch).
 Worker threads do the rest so the event loop keeps serving: one prepares a batch (concatenates and
 normalises it, on a GPU copies it there and queues its forward pass) while another waits for the
 previous batch's maps, so the model never waits for the host between batches. The queue is bounded in
@@ -53,12 +56,13 @@ class InferenceTimeoutError(RuntimeError):
 class _Job:
     model: ServedModel
     tiles: np.ndarray  # (N, t, t, 3) uint8
-    future: asyncio.Future[np.ndarray]
+    future: asyncio.Future[list[np.ndarray]]
     enqueued_at: float = field(default_factory=time.perf_counter)
     next_tile: int = 0
     done_tiles: int = 0
     started: bool = False
-    output: np.ndarray | None = None
+    # (first tile, maps) per batch its tiles ran in: slices of the batches' maps, never copied
+    pieces: list[tuple[int, np.ndarray]] = field(default_factory=list)
 
     @property
     def key(self) -> tuple[int, tuple[int, ...]]:
@@ -85,6 +89,7 @@ class TileBatcher:
         task: str,
         metrics: ServeMetrics,
         max_batch_size: int,
+        max_batch_pixels: int,
         max_batch_delay_s: float,
         max_queue_tiles: int,
         request_timeout_s: float,
@@ -93,6 +98,7 @@ class TileBatcher:
         self.task = task
         self._metrics = metrics
         self.max_batch_size = max_batch_size
+        self.max_batch_pixels = max_batch_pixels
         self.max_batch_delay_s = max_batch_delay_s
         self.max_queue_tiles = max_queue_tiles
         self.request_timeout_s = request_timeout_s
@@ -148,11 +154,14 @@ class TileBatcher:
         rate = self._tiles_per_s or 10.0
         return max(1, min(60, math.ceil(tiles / rate)))
 
-    async def infer(self, model: ServedModel, tiles: np.ndarray) -> np.ndarray:
-        """Maps (N, 1, t, t) for uint8 tiles (N, t, t, 3), computed in shared batches."""
+    async def infer(self, model: ServedModel, tiles: np.ndarray) -> list[np.ndarray]:
+        """Maps for uint8 tiles (N, t, t, 3), computed in shared batches: (n_i, 1, t, t) arrays whose
+        tiles, in order, are the N tiles' maps. Each is a slice of the maps of the batch it ran in; they
+        are not joined, since joining would copy every map once more (21 MB for a 2048x2048 image) and
+        the stitcher reads them where they are."""
         count = int(tiles.shape[0])
         if count == 0:
-            return np.zeros((0, 1, *tiles.shape[1:3]), dtype=np.float32)
+            return []
         if self._closing:
             raise ShuttingDownError("the server is shutting down; retry")
         if self._queued + count > self.max_queue_tiles:
@@ -188,11 +197,17 @@ class TileBatcher:
         if not job.future.done():
             job.future.cancel()
 
+    def batch_limit(self, tile_shape: tuple[int, ...]) -> int:
+        """Most tiles of this (t, t, 3) shape one batch takes: `max_batch_size`, fewer where they would
+        pass `max_batch_pixels`, and one at least (a tile larger than the budget still runs)."""
+        pixels = int(tile_shape[0]) * int(tile_shape[1])
+        return max(1, min(self.max_batch_size, self.max_batch_pixels // pixels))
+
     def _take_batch(self) -> list[tuple[_Job, int, int]]:
-        """Up to max_batch_size tiles, oldest first, all of the head job's model and tile size."""
+        """Up to the batch limit of tiles, oldest first, all of the head job's model and tile size."""
         head = self._jobs[0]
         key = head.key
-        room = self.max_batch_size
+        room = self.batch_limit(key[1])
         parts: list[tuple[_Job, int, int]] = []
         for job in list(self._jobs):
             if room == 0:
@@ -218,7 +233,8 @@ class TileBatcher:
             await self._wakeup.wait()
         head = self._jobs[0]
         deadline = head.enqueued_at + self.max_batch_delay_s
-        while self._ready_tiles(head.key) < self.max_batch_size:
+        limit = self.batch_limit(head.key[1])
+        while self._ready_tiles(head.key) < limit:
             remaining = deadline - time.perf_counter()
             if remaining <= 0:
                 break
@@ -295,13 +311,9 @@ class TileBatcher:
             if job.future.done():
                 offset += size
                 continue
-            if size == job.tiles.shape[0]:  # all its tiles in this batch: its slice of the maps, no copy
-                job.output = output[offset : offset + size]
-            else:
-                if job.output is None:
-                    job.output = np.empty((job.tiles.shape[0], *output.shape[1:]), dtype=output.dtype)
-                job.output[start:stop] = output[offset : offset + size]
+            job.pieces.append((start, output[offset : offset + size]))
             offset += size
             job.done_tiles += size
             if job.done_tiles == job.tiles.shape[0]:
-                job.future.set_result(job.output)
+                # batches may finish out of order: their pieces go back in tile order
+                job.future.set_result([maps for _, maps in sorted(job.pieces, key=lambda piece: piece[0])])

@@ -38,7 +38,14 @@ from fieldkube.serving.geo import (
     read_georeference,
     write_geotiff,
 )
-from fieldkube.serving.inference import MAX_TILE, MIN_TILE, binary_mask, grid_counts, total_count
+from fieldkube.serving.inference import (
+    MAX_TILE,
+    MIN_TILE,
+    binary_mask,
+    grid_counts,
+    mask_pixels,
+    total_count,
+)
 from fieldkube.serving.served_model import ServedModel, Task
 from fieldkube.serving.service import Service, get_service
 from fieldkube.serving.uploads import decode_image, read_header, receive_upload
@@ -238,6 +245,12 @@ async def _admitted_image(
             yield image, where
 
 
+def _mask_and_pixels(probability: np.ndarray, threshold: float) -> tuple[np.ndarray, int]:
+    """The 0/1 mask and its building pixels: tens of ms for a large map, so off the event loop."""
+    building = binary_mask(probability, threshold)
+    return building, mask_pixels(building)
+
+
 def _encode_png(array: np.ndarray) -> bytes:
     from fieldkube.vision.imageio import encode_png
 
@@ -277,7 +290,7 @@ async def count(
     geo = output == "geotiff"
     async with _admitted_image(request, service, "counter", stretch_low, stretch_high, geo) as (image, where):
         density_map, plan, model = await service.predict("counter", image, tile, overlap)
-        counted = total_count(density_map)
+        counted = await asyncio.to_thread(total_count, density_map)
         finite = math.isfinite(counted)
         if finite:
             service.metrics.predicted_count.observe(max(counted, 0.0))
@@ -296,6 +309,8 @@ async def count(
                 return _file_response(overlay, model, headers)
         response.headers.update({**_model_headers(model), **headers})
         height, width = density_map.shape
+        # only the JSON answer carries the grid's cells: the other answers never sum them
+        cells = await asyncio.to_thread(grid_counts, density_map, plan.tile)
         body = CountResponse(
             model=_model_ref(model),
             count=counted if finite else None,
@@ -306,7 +321,7 @@ async def count(
             overlap=plan.overlap,
             tiles=[
                 TileCount(row=c.row, col=c.col, box=c.box, count=c.count if math.isfinite(c.count) else None)
-                for c in grid_counts(density_map, plan.tile)
+                for c in cells
             ],
         )
         if density == "array":
@@ -359,8 +374,7 @@ async def segment(
         where,
     ):
         probability, plan, model = await service.predict("segmenter", image, tile, overlap)
-        building = binary_mask(probability, threshold)
-        pixels = int(building.sum(dtype=np.int64))
+        building, pixels = await asyncio.to_thread(_mask_and_pixels, probability, threshold)
         fraction = pixels / building.size
         service.metrics.mask_fraction.observe(fraction)
         headers = {"X-Building-Fraction": f"{fraction:.6f}"}

@@ -20,7 +20,7 @@ from fieldkube.serving.inference import TilePlan, TilingError, plan_tiles, predi
 from fieldkube.serving.metrics import ServeMetrics
 from fieldkube.serving.registry import ModelRegistry
 from fieldkube.serving.served_model import TASKS, ServedModel, Task
-from fieldkube.serving.settings import ServeSettings, default_batch_size
+from fieldkube.serving.settings import ServeSettings, default_batch_pixels, default_batch_size
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +36,7 @@ class Service:
         self.registry = ModelRegistry(settings, self.metrics)
         self.pixels = PixelBudget(settings.max_inflight_pixels, self.metrics)
         self.max_batch_size = settings.max_batch_size or default_batch_size(self.registry.device.type)
+        self.max_batch_pixels = settings.max_batch_pixels or default_batch_pixels(self.max_batch_size)
         # Threads of their own per task: a segmenter batch never waits behind a counter batch (on a GPU
         # both run at once on their own streams). Within a task batches run one after another, and the
         # second thread prepares the next batch while one runs.
@@ -50,6 +51,7 @@ class Service:
                 task,
                 self.metrics,
                 max_batch_size=self.max_batch_size,
+                max_batch_pixels=self.max_batch_pixels,
                 max_batch_delay_s=settings.max_batch_delay_s,
                 max_queue_tiles=settings.max_queue_tiles,
                 request_timeout_s=settings.request_timeout_s,

@@ -64,6 +64,13 @@ class ServeSettings(BaseModel):
         description="most tiles in one forward pass (1: no batching; default 16 on CUDA, 4 on CPU, where "
         "larger batches measured slower per tile)",
     )
+    max_batch_pixels: int | None = Field(
+        None,
+        ge=1,
+        description="most pixels in one forward pass: larger tiles run in proportionally smaller batches "
+        "(one tile at least), so a request's tile size cannot multiply a pass's memory (default: "
+        "max_batch_size tiles of 256x256)",
+    )
     max_batch_delay_s: float = Field(
         0.004, ge=0, description="longest wait for more tiles before a partial batch runs"
     )
@@ -109,6 +116,16 @@ def default_batch_size(device_type: str) -> int:
     """Tiles per forward pass when not set: a GPU needs wide batches to be busy; on CPU, batches past a
     few tiles only add cache misses (bench/serve_bench.py measured 16 slower per tile than 1-8)."""
     return 16 if device_type == "cuda" else 4
+
+
+DEFAULT_BATCH_TILE = 256
+"""The tile side the default pixel budget of a batch is counted in: the models' default tiles (224 and
+256) run full batches under it."""
+
+
+def default_batch_pixels(max_batch_size: int) -> int:
+    """Pixels per forward pass when not set: `max_batch_size` tiles of `DEFAULT_BATCH_TILE` pixels."""
+    return max_batch_size * DEFAULT_BATCH_TILE * DEFAULT_BATCH_TILE
 
 
 def field_env_name(field: str) -> str:

@@ -98,16 +98,20 @@ def _limited_receive(receive: Receive, limit: int) -> Receive:
 
 
 async def _write_stream(request: Request, handle: IO[bytes]) -> int:
-    """Copy the body to `handle` in ~1 MiB writes off the event loop; the byte count."""
-    size, pending = 0, bytearray()
+    """Copy the body to `handle` off the event loop, ~1 MiB of chunks at a time; the byte count. The chunks
+    are written as they arrived (one `writelines`), not joined into one buffer first: that would copy
+    every byte of the upload once more on the event loop."""
+    pending: list[bytes] = []
+    size = pending_bytes = 0
     async for chunk in request.stream():
-        pending += chunk
+        pending.append(chunk)
         size += len(chunk)
-        if len(pending) >= _WRITE_BYTES:
-            await asyncio.to_thread(handle.write, pending)  # awaited: `pending` is not touched meanwhile
-            pending.clear()
+        pending_bytes += len(chunk)
+        if pending_bytes >= _WRITE_BYTES:
+            await asyncio.to_thread(handle.writelines, pending)
+            pending, pending_bytes = [], 0
     if pending:
-        await asyncio.to_thread(handle.write, pending)
+        await asyncio.to_thread(handle.writelines, pending)
     return size
 
 

@@ -60,7 +60,7 @@ def predict_tiled(
         if activation == "sigmoid":
             result = torch.sigmoid(result)
         outputs.append(result.float().cpu().numpy())
-    stitched = stitch(np.concatenate(outputs), boxes, padded.shape[0], padded.shape[1], blend=blend)
+    stitched = stitch(outputs, boxes, padded.shape[0], padded.shape[1], blend=blend)
     return stitched[0, :height, :width]
 
 

@@ -9,6 +9,7 @@ Boxes are (y0, x0, y1, x1), half-open, in pixels.
 from __future__ import annotations
 
 import functools
+import itertools
 from collections.abc import Sequence
 from typing import Literal, NamedTuple
 
@@ -126,23 +127,37 @@ def blend_window(tile: int, blend: Blend = "cosine") -> np.ndarray:
 
 
 def stitch(
-    tiles: np.ndarray, boxes: Sequence[Box], height: int, width: int, blend: Blend = "cosine"
+    tiles: np.ndarray | Sequence[np.ndarray],
+    boxes: Sequence[Box],
+    height: int,
+    width: int,
+    blend: Blend = "cosine",
 ) -> np.ndarray:
     """Blend tile maps (N, C, t, t) at `boxes` into one (C, H, W) float32 map.
 
-    Each output pixel is the weighted mean of the tiles covering it, with weights normalised to sum to 1
-    at every pixel; parts of boxes outside the image are ignored. Every pixel must be covered.
+    `tiles` is one (N, C, t, t) array or a sequence of (n_i, C, t, t) arrays whose tiles, in order, are
+    the N tiles: a service gets a large image's maps back in several batches, and joining them first
+    would copy every map once more. Each output pixel is the weighted mean of the tiles covering it, with
+    weights normalised to sum to 1 at every pixel; parts of boxes outside the image are ignored. Every
+    pixel must be covered.
     """
-    if tiles.ndim != 4 or tiles.shape[2] != tiles.shape[3]:
-        raise ValueError(f"tiles must be (N, C, t, t), got shape {tiles.shape}")
-    if len(boxes) != tiles.shape[0]:
-        raise ValueError(f"got {tiles.shape[0]} tiles but {len(boxes)} boxes")
-    size = tiles.shape[2]
+    chunks = [tiles] if isinstance(tiles, np.ndarray) else list(tiles)
+    if not chunks:
+        raise ValueError("got no tile maps")
+    first = chunks[0]
+    for chunk in chunks:
+        if chunk.ndim != 4 or chunk.shape[2] != chunk.shape[3] or chunk.shape[1:] != first.shape[1:]:
+            raise ValueError(f"tiles must be (N, C, t, t) of one shape, got shape {chunk.shape}")
+    count = sum(int(chunk.shape[0]) for chunk in chunks)
+    if len(boxes) != count:
+        raise ValueError(f"got {count} tiles but {len(boxes)} boxes")
+    channels, size = first.shape[1], first.shape[2]
     layout = _blend_layout(tuple(Box(*box) for box in boxes), height, width, size, blend)
     # float32 sums: a pixel adds at most four weighted tiles, so float64 bought nothing but 5x the time
-    total = np.zeros((tiles.shape[1], height, width), dtype=np.float32)
-    scratch = np.empty((tiles.shape[1], size, size), dtype=np.float32)
-    for tile_map, (out_box, in_box, window) in zip(tiles, layout.parts, strict=True):
+    total = np.zeros((channels, height, width), dtype=np.float32)
+    scratch = np.empty((channels, size, size), dtype=np.float32)
+    tile_maps = itertools.chain.from_iterable(chunks)
+    for tile_map, (out_box, in_box, window) in zip(tile_maps, layout.parts, strict=True):
         if window is not None:
             total[out_box] += np.multiply(tile_map[in_box], window, out=scratch[in_box])
     total /= layout.weight
