@@ -10,6 +10,7 @@ far its decoding scales with the host's cores. Writes JSON (--out).
 from __future__ import annotations
 
 import argparse
+import functools
 import io
 import json
 import os
@@ -23,6 +24,7 @@ import imagecodecs
 import numpy as np
 from PIL import Image
 
+from cpu_timing import least_cpu_ms
 from fieldkube.vision.imageio import encode_png, read_image
 from fieldkube.vision.synthetic import make_field_image
 
@@ -31,17 +33,6 @@ DECODERS: dict[str, Decoder] = {
     "imagecodecs_spng": imagecodecs.spng_decode,
     "pillow": lambda data: np.asarray(Image.open(io.BytesIO(data)).convert("RGB")),
 }
-
-
-def cpu_ms(decode: Decoder, data: bytes, repeats: int) -> float:
-    """Least over 3 passes of the thread's CPU ms per decode."""
-    best = float("inf")
-    for _ in range(3):
-        began = time.thread_time()
-        for _ in range(repeats):
-            decode(data)
-        best = min(best, (time.thread_time() - began) / repeats)
-    return 1e3 * best
 
 
 def thread_speedup(decode: Decoder, data: bytes, repeats: int, threads: int) -> float:
@@ -72,9 +63,10 @@ def main(argv: list[str] | None = None) -> None:
         for name, decode in DECODERS.items():
             if not np.array_equal(decode(data), read_image(data)):
                 raise SystemExit(f"{name} decodes the {size} px PNG to other pixels than read_image")
+            one = functools.partial(decode, data)
             row = {
                 "png_bytes": len(data),
-                "cpu_ms": round(cpu_ms(decode, data, repeats), 3),
+                "cpu_ms": round(least_cpu_ms(one, calls=repeats, clock=time.thread_time), 3),
                 "thread_speedup": round(thread_speedup(decode, data, repeats, threads), 2),
             }
             results[f"{name}_{size}px"] = row

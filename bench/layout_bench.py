@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from cpu_timing import cpu_ms
 from fieldkube.vision.models import build_model
 
 LAYOUTS = ("contiguous", "channels_last_inputs", "channels_last_model")
@@ -32,12 +33,6 @@ CASES: list[tuple[str, str, dict[str, Any], int, int]] = [
     ("counter-mcnn (default)", "counter-mcnn", {}, 128, 16),
     ("segmenter-unet (default)", "segmenter-unet", {}, 128, 4),
 ]
-
-
-def cpu_ms(run: Callable[[], object]) -> float:
-    began = time.process_time()
-    run()
-    return 1e3 * (time.process_time() - began)
 
 
 Runners = dict[str, dict[str, Callable[[], object]]]

@@ -18,7 +18,6 @@ import json
 import os
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +25,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from cpu_timing import least_cpu_ms
 from fieldkube.contract.config import DataConfig
 from fieldkube.trainer.augment import Augment
 from fieldkube.trainer.loader import PreparedDataset, epoch_batches
@@ -59,18 +59,6 @@ def per_sample(dataset: PreparedDataset, key: tuple[int, int], augment: Augment)
         image = np.clip(pixels * brightness, 0, 255).astype(np.uint8)
     target = np.ascontiguousarray(target) * dataset.density_scale
     return to_tensor(np.ascontiguousarray(image)), torch.from_numpy(target.astype(np.float32))[None]
-
-
-def cpu_ms_per_sample(run_batch: Any, batches: list[list[tuple[int, int]]], rounds: int) -> float:
-    """Least CPU time per sample over ``rounds`` passes (the least disturbed pass)."""
-    best = float("inf")
-    samples = sum(len(b) for b in batches)
-    for _ in range(rounds):
-        began = time.process_time()
-        for keys in batches:
-            run_batch(keys)
-        best = min(best, (time.process_time() - began) / samples * 1e3)
-    return best
 
 
 def main() -> None:
@@ -114,9 +102,11 @@ def main() -> None:
             "gpu_worker_png": png.__getitems__,
             "gpu_worker_raw": raw.__getitems__,
         }
+        samples = sum(len(keys) for keys in batches)
         for name, run_batch in runs.items():
             run_batch(batches[0])  # warm: shards mapped, lazy imports done
-            results[f"{name}_ms"] = round(cpu_ms_per_sample(run_batch, batches, args.rounds), 3)
+            per_pass = least_cpu_ms(lambda run=run_batch: [run(keys) for keys in batches], passes=args.rounds)
+            results[f"{name}_ms"] = round(per_pass / samples, 3)
             print(f"  {name:>20}: {results[f'{name}_ms']:.3f} ms")
     before = results["per_sample_before_ms"]
     for name in list(runs)[1:]:

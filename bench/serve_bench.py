@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import math
 import os
 import platform
 import signal
@@ -47,6 +46,7 @@ import psutil  # noqa: E402
 import requests  # noqa: E402
 import torch  # noqa: E402
 
+from cpu_timing import least_cpu_ms  # noqa: E402
 from fieldkube.serving.inference import cut_tiles, plan_tiles  # noqa: E402
 from fieldkube.serving.served_model import Task, pick_dtype  # noqa: E402
 from fieldkube.serving.settings import default_batch_size  # noqa: E402
@@ -145,25 +145,26 @@ def bare_forward(
 
 
 def own_cpu_by_step(
-    task: str, spec: dict[str, Any], body: bytes, batch: int, repeats: int = 3
+    task: str, spec: dict[str, Any], body: bytes, batch: int, device: torch.device, repeats: int = 3
 ) -> dict[str, float]:
     """CPU ms of each step of the service's own work on one image, each run alone in this process (least
     of `repeats`, after a first call: steady state, e.g. the stitcher's cached blend layout): where the CPU
-    outside the forward goes. The same functions the service calls; what is left of the server's total is
-    HTTP, the upload, routing and the hand-offs between threads."""
-    from fieldkube.serving.inference import binary_mask, grid_counts, total_count
+    outside the forward goes. The same functions the service calls, where it calls them: on CUDA the tiles
+    are cut into pinned memory and normalised on the device (the host's part is the copy's and kernels'
+    launch), and the maps are stitched from the batches they ran in. What is left of the server's total
+    is HTTP, the upload, routing and the hand-offs between threads."""
+    from fieldkube.serving.inference import binary_mask, grid_counts, mask_pixels, total_count
     from fieldkube.serving.uploads import Upload, decode_image, read_header
     from fieldkube.vision.normalize import normalize_batch
     from fieldkube.vision.tiling import stitch
 
-    def cpu_ms(step: Any) -> float:
-        step()
-        best = math.inf
-        for _ in range(repeats):
-            began = time.process_time()
-            step()
-            best = min(best, time.process_time() - began)
-        return best * 1000
+    cuda = device.type == "cuda"
+
+    def normalise(tiles: torch.Tensor) -> None:
+        for i in range(0, len(tiles), batch):
+            normalize_batch(tiles[i : i + batch].to(device, non_blocking=True))
+        if cuda:
+            torch.cuda.synchronize(device)
 
     with tempfile.TemporaryDirectory(prefix="serve-bench-steps-") as tmp:
         upload = Upload(Path(tmp) / "upload.png", "image/png", len(body))
@@ -172,22 +173,23 @@ def own_cpu_by_step(
         image = decode_image(upload, header, 10**9)
         height, width = image.shape[:2]
         plan = plan_tiles(height, width, spec["tile"], spec["overlap"], 100_000)
-        tiles = torch.from_numpy(cut_tiles(image, plan))
+        tiles = torch.from_numpy(cut_tiles(image, plan, pinned=cuda))
         size = spec["tile"]
         maps = np.random.default_rng(0).random((len(plan.boxes), 1, size, size), dtype=np.float32)
-        stitched = stitch(maps, plan.boxes, plan.padded_height, plan.padded_width)[0, :height, :width]
+        pieces = [maps[i : i + batch] for i in range(0, len(maps), batch)]  # as the batches return them
+        stitched = stitch(pieces, plan.boxes, plan.padded_height, plan.padded_width)[0, :height, :width]
         steps = {
             "read_header": lambda: read_header(upload, 10**9),
             "decode": lambda: decode_image(upload, header, 10**9),
-            "cut_tiles": lambda: cut_tiles(image, plan),
-            "normalise": lambda: [normalize_batch(tiles[i : i + batch]) for i in range(0, len(tiles), batch)],
-            "stitch": lambda: stitch(maps, plan.boxes, plan.padded_height, plan.padded_width),
+            "cut_tiles": lambda: cut_tiles(image, plan, pinned=cuda),
+            "normalise": lambda: normalise(tiles),
+            "stitch": lambda: stitch(pieces, plan.boxes, plan.padded_height, plan.padded_width),
         }
         if task == "count":
             steps["counts"] = lambda: (total_count(stitched), grid_counts(stitched, size))
         else:
-            steps["mask"] = lambda: binary_mask(stitched, 0.5).sum(dtype=np.int64)
-        return {name: cpu_ms(step) for name, step in steps.items()}
+            steps["mask"] = lambda: mask_pixels(binary_mask(stitched, 0.5))
+        return {name: least_cpu_ms(step, passes=repeats, warm_up=True) for name, step in steps.items()}
 
 
 def queues_without_waiting(
@@ -410,7 +412,8 @@ def measure_task(
         args.dtype,
     )
     entry["bare_forward_cpu_s_per_image"] = forward_cpu_s
-    entry["own_cpu_ms_by_step"] = own_cpu_by_step(task, spec, body, args.batch_size)
+    device = torch.device(args.device)
+    entry["own_cpu_ms_by_step"] = own_cpu_by_step(task, spec, body, args.batch_size, device)
     entry["prepare_queues_without_waiting"] = queues_without_waiting(task, bundle, image, spec, args)
     for server in servers.values():
         load(server.url + spec["endpoint"], body, 1, 1)  # warm-up
