@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 PKGS := contract/src vision/src trainer/src serving/src operator/src hack/localcluster/src
 # Scripts of hack/ that are not in a package but are type-checked like one.
-TYPED_SCRIPTS := hack/dashboards.py hack/render_dashboards.py hack/dashboards_example.py
+TYPED_SCRIPTS := hack/dashboards.py hack/render_dashboards.py hack/dashboards_example.py hack/vision_constraints.py
 
 -include mk/*.mk
 
@@ -51,7 +51,10 @@ dashboards-example:  ## real training, serving and operator metrics under load, 
 clean:
 	rm -rf .mypy_cache .ruff_cache .pytest_cache
 
-lock:  ## re-pin constraints.txt from the current .venv (after changing a pyproject's dependencies)
+# images/vision-constraints.txt: the pins of fieldkube-vision's dependency closure, all that the images'
+# shared vision-deps stage copies (a pin outside that closure then leaves their torch layer cached).
+lock:  ## re-pin constraints.txt (and images/vision-constraints.txt) from the current .venv (after changing a pyproject's dependencies)
 	@{ echo "# Exact versions for the whole .venv, resolved on Python 3.11 / Debian 12 x86_64. Regenerate with"; \
 	   echo "# 'make lock' after changing a pyproject's dependencies. horovod is built from its sdist by hack/build-horovod.sh."; \
 	   $(PY) -m pip freeze --all --exclude-editable | grep -viE "^(horovod|fieldkube|pip)[=@ ]"; } > constraints.txt
+	$(PY) hack/vision_constraints.py

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Wheels a torch-only GPU host lacks to run fieldkube-prepare, fieldkube-train and fieldkube-serve from src/
-# and the GPU benchmarks (pydantic, FastAPI, uvicorn, the benchmark's HTTP client and their dependencies,
-# at the versions constraints.txt pins), for that host's Python (default 3.12), into build/gpu-wheels/
-# (ignored by git; small enough to carry to the host). Install there with `pip install --no-index --no-deps
-# --target DIR build/gpu-wheels/*.whl`: the list is the whole closure above what the host has (torch,
-# numpy, Pillow, PyYAML, httpx...). Cached: a second run downloads nothing.
+# and the GPU benchmarks (pydantic, FastAPI, uvicorn with httptools and uvloop, the benchmark's HTTP client
+# and their dependencies, at the versions constraints.txt pins), for that host's Python (default 3.12), into
+# build/gpu-wheels/ (ignored by git; small enough to carry to the host). Install there with
+# `pip install --no-index --no-deps --target DIR build/gpu-wheels/*.whl`: the list is the whole closure
+# above what the host has (torch, numpy, Pillow, PyYAML, httpx...). Cached: a second run downloads nothing.
 # Usage: hack/gpu-wheels.sh [python version, e.g. 3.12]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,6 +14,7 @@ pins=()
 names=(
   pydantic pydantic_core annotated-types typing-inspection typing_extensions       # the settings models
   fastapi starlette anyio idna uvicorn click h11 python-multipart annotated-doc    # the service
+  httptools uvloop                                                                 # uvicorn's C parser and event loop
   opentelemetry-api importlib_metadata zipp affine attrs
   psutil requests urllib3 certifi charset-normalizer                               # bench/serve_bench.py
   imagecodecs                                                                      # PNG decoding, compressed TIFF (fieldkube.vision)
