@@ -20,7 +20,7 @@ from fieldkube.trainer.augment import (
     density_maps,
     draw_params,
     finish_batch,
-    jitter_and_normalise,
+    jitter_and_normalise_,
 )
 from fieldkube.vision.density import density_map_from_points
 from fieldkube.vision.normalize import MEAN_RGB, STD_RGB, batch_to_tensor, to_tensor
@@ -81,12 +81,17 @@ def test_segmenter_masks_turn_with_their_images() -> None:
         assert np.array_equal(targets[i, 0].numpy(), _numpy_turn(masks[i], params[i]).astype(np.float32))
 
 
+def _floats(images: np.ndarray) -> torch.Tensor:
+    """uint8 (B, H, W, 3) -> float32 (B, 3, H, W) on the 0..255 scale, as finish_batch converts them."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float().contiguous()
+
+
 def test_colour_jitter_is_saturation_then_contrast_then_brightness() -> None:
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, size=(4, 8, 8, 3), dtype=np.uint8)
     params = np.ones((4, 6), np.float32)
     params[:, 3:] = rng.uniform(0.7, 1.3, size=(4, 3))
-    out = jitter_and_normalise(torch.from_numpy(images), torch.from_numpy(params))
+    out = jitter_and_normalise_(_floats(images), torch.from_numpy(params))
     for i in range(4):
         pixels = images[i].astype(np.float64)
         gray = pixels.mean(axis=2, keepdims=True)
@@ -100,7 +105,7 @@ def test_colour_jitter_is_saturation_then_contrast_then_brightness() -> None:
 def test_unjittered_training_input_is_the_served_input_bit_for_bit() -> None:
     images = np.random.default_rng(1).integers(0, 256, size=(3, 16, 16, 3), dtype=np.uint8)
     params = np.ones((3, 6), np.float32)
-    trained = jitter_and_normalise(torch.from_numpy(images), torch.from_numpy(params), jittered=False)
+    trained = jitter_and_normalise_(_floats(images), torch.from_numpy(params), jittered=False)
     assert torch.equal(trained, batch_to_tensor(images))
 
 

@@ -188,29 +188,29 @@ def _axis_kernels(
     return indices.clamp(0, size - 1), weights
 
 
-def jitter_and_normalise(images: torch.Tensor, params: torch.Tensor, jittered: bool = True) -> torch.Tensor:
-    """uint8 (B, H, W, 3) -> normalised float32 (B, 3, H, W), with each sample's colour jitter.
+def jitter_and_normalise_(pixels: torch.Tensor, params: torch.Tensor, jittered: bool = True) -> torch.Tensor:
+    """float32 (B, 3, H, W) samples on the 0..255 scale -> normalised, with each sample's colour jitter,
+    in place.
 
     Saturation, contrast and brightness are linear in the pixels, so together they are one 3x3 colour
     matrix plus an offset per sample, clipped to [0, 255] before the normalisation serving applies too.
     Nothing here depends on the batch size or the thread count beyond rounding in the last bit: the
     image mean is an exact integer sum, and the result is not re-quantised to 8-bit levels (a floor
     would turn such a last-bit difference into a whole level, and 1 rank would no longer equal N).
+    In place: on a CPU a new tensor per step is one more pass and fresh pages to fault in.
     """
-    batch = images.shape[0]
-    # One pass into contiguous (B, 3, H, W) float32, then in-place arithmetic: no further copies.
-    pixels = images.permute(0, 3, 1, 2).to(torch.float32, memory_format=torch.contiguous_format)
     if jittered:
+        batch = pixels.shape[0]
         b, c, s = params[:, BRIGHTNESS], params[:, CONTRAST], params[:, SATURATION]
         # gray + (p - gray) * s, then (q - mean) * c + mean, then * b; the mean of q equals that of p.
         # Per channel: b*c*s * p + b*c*(1-s)/3 * (sum over channels of p) + b*(1-c) * mean(p).
         # Exact in any summation order: a pixel row sums to at most 255 x W < 2^24 (exact in float32),
         # the rows' sums add up exactly in float64.
         rows = pixels.view(batch, -1, pixels.shape[-1]).sum(dim=2)
-        mean = rows.double().sum(dim=1).div_(images[0].numel()).float()
+        mean = rows.double().sum(dim=1).div_(pixels[0].numel()).float()
         own, shared, offset = b * c * s, b * c * (1 - s) / 3, b * (1 - c) * mean
         gray = pixels.sum(dim=1, keepdim=True).mul_(shared.view(-1, 1, 1, 1)).add_(offset.view(-1, 1, 1, 1))
-        pixels = torch.addcmul(gray, pixels, own.view(-1, 1, 1, 1)).clamp_(0, 255)
+        torch.addcmul(gray, pixels, own.view(-1, 1, 1, 1), out=pixels).clamp_(0, 255)
     return standardise_(pixels)
 
 
@@ -233,10 +233,15 @@ def finish_batch(
     step = CPU_CHUNK if device.type == "cpu" else batch
     for start in range(0, batch, step):
         end = min(batch, start + step)
-        images = raw.images[start:end]
+        pixels = inputs[start:end]
+        # uint8 HWC -> float32 CHW in one copy; a turned tile is read through its turn (a quarter turn is
+        # a transposed view), not copied turned first.
         if turned:
-            images = torch.stack([_turn(raw.images[i], *raw.geometry[i]) for i in range(start, end)])
-        inputs[start:end] = jitter_and_normalise(images, raw.params[start:end], raw.jittered)
+            for i in range(start, end):
+                pixels[i - start].copy_(_turn(raw.images[i], *raw.geometry[i]).permute(2, 0, 1))
+        else:
+            pixels.copy_(raw.images[start:end].permute(0, 3, 1, 2))
+        jitter_and_normalise_(pixels, raw.params[start:end], raw.jittered)
     if task == "counter":
         points = _turn_points(raw.points, raw.params, height, width)
         targets = density_maps(points, batch, height, width, sigma, density_scale)

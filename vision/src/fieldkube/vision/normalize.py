@@ -26,7 +26,7 @@ def standardise_(pixels: torch.Tensor) -> torch.Tensor:
     """float32 (..., 3, H, W) samples on the 0..255 scale -> normalised, in place.
 
     One scale and one shift per channel, x / (255 std) - mean / std: two passes over the floats. The
-    trainer's batched finish (`jitter_and_normalise`) ends here too, so a tile served and the same tile
+    trainer's batched finish (`jitter_and_normalise_`) ends here too, so a tile served and the same tile
     trained on without jitter are the same tensor, bit for bit."""
     scale, shift = _scale_and_shift(pixels.device)
     return pixels.mul_(scale.view(3, 1, 1)).sub_(shift.view(3, 1, 1))
