@@ -246,7 +246,8 @@ async def _admitted_image(
 
 
 def _mask_and_pixels(probability: np.ndarray, threshold: float) -> tuple[np.ndarray, int]:
-    """The 0/1 mask and its building pixels: tens of ms for a large map, so off the event loop."""
+    """The 0/1 mask and its building pixels: ~1 ms for a 2048x2048 map, run off the event loop all the same
+    (the event loop serves every other request meanwhile)."""
     building = binary_mask(probability, threshold)
     return building, mask_pixels(building)
 
