@@ -151,20 +151,25 @@ def own_cpu_by_step(
     of `repeats`, after a first call: steady state, e.g. the stitcher's cached blend layout): where the CPU
     outside the forward goes. The same functions the service calls, where it calls them: on CUDA the tiles
     are cut into pinned memory and normalised on the device (the host's part is the copy's and kernels'
-    launch), and the maps are stitched from the batches they ran in. What is left of the server's total
-    is HTTP, the upload, routing and the hand-offs between threads."""
-    from fieldkube.serving.inference import binary_mask, grid_counts, mask_pixels, total_count
+    launch), and the maps are stitched where they are, from the batches they ran in, and counted or
+    thresholded there (a device step's time includes waiting for the device). What is left of the
+    server's total is HTTP, the upload, routing and the hand-offs between threads."""
+    from fieldkube.serving.inference import PixelMap
     from fieldkube.serving.uploads import Upload, decode_image, read_header
     from fieldkube.vision.normalize import normalize_batch
     from fieldkube.vision.tiling import stitch
 
     cuda = device.type == "cuda"
 
+    def finished(result: Any = None) -> Any:
+        if cuda:
+            torch.cuda.synchronize(device)
+        return result
+
     def normalise(tiles: torch.Tensor) -> None:
         for i in range(0, len(tiles), batch):
             normalize_batch(tiles[i : i + batch].to(device, non_blocking=True))
-        if cuda:
-            torch.cuda.synchronize(device)
+        finished()
 
     with tempfile.TemporaryDirectory(prefix="serve-bench-steps-") as tmp:
         upload = Upload(Path(tmp) / "upload.png", "image/png", len(body))
@@ -175,28 +180,31 @@ def own_cpu_by_step(
         plan = plan_tiles(height, width, spec["tile"], spec["overlap"], 100_000)
         tiles = torch.from_numpy(cut_tiles(image, plan, pinned=cuda))
         size = spec["tile"]
-        maps = np.random.default_rng(0).random((len(plan.boxes), 1, size, size), dtype=np.float32)
-        pieces = [maps[i : i + batch] for i in range(0, len(maps), batch)]  # as the batches return them
-        stitched = stitch(pieces, plan.boxes, plan.padded_height, plan.padded_width)[0, :height, :width]
+        generator = torch.Generator().manual_seed(0)
+        maps = torch.rand((len(plan.boxes), 1, size, size), generator=generator).to(device)
+        pieces = list(maps.split(batch))  # as the batches return them
+        stitched = PixelMap(
+            stitch(pieces, plan.boxes, plan.padded_height, plan.padded_width)[0, :height, :width]
+        )
         steps = {
             "read_header": lambda: read_header(upload, 10**9),
             "decode": lambda: decode_image(upload, header, 10**9),
             "cut_tiles": lambda: cut_tiles(image, plan, pinned=cuda),
             "normalise": lambda: normalise(tiles),
-            "stitch": lambda: stitch(pieces, plan.boxes, plan.padded_height, plan.padded_width),
+            "stitch": lambda: finished(stitch(pieces, plan.boxes, plan.padded_height, plan.padded_width)),
         }
         if task == "count":
-            steps["counts"] = lambda: (total_count(stitched), grid_counts(stitched, size))
+            steps["counts"] = lambda: (stitched.total(), stitched.grid_counts(size))
         else:
-            steps["mask"] = lambda: mask_pixels(binary_mask(stitched, 0.5))
+            steps["mask"] = lambda: stitched.mask(0.5)
         return {name: least_cpu_ms(step, passes=repeats, warm_up=True) for name, step in steps.items()}
 
 
 def queues_without_waiting(
     task: str, bundle: Path, image: np.ndarray, spec: dict[str, Any], args: Any
 ) -> str | None:
-    """On CUDA: whether the service's model queues two batches (copy in, normalisation, forward, copy
-    out) without the host waiting for the device, checked by torch's sync debug mode, which raises on
+    """On CUDA: whether the service's model queues two batches (copy in, normalisation, forward) without
+    the host waiting for the device, checked by torch's sync debug mode, which raises on
     any call that synchronises: "ok", or what synchronised. In the GPU mode's dry run on a CPU the same
     batches run unchecked and the answer is None; the CPU mode skips it (None)."""
     if not args.gpu:

@@ -70,12 +70,12 @@ def test_concurrent_requests_share_batches_and_get_their_own_results() -> None:
     requests = [rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8) for n in (3, 2, 3)]
     expected = [model.forward(tiles) for tiles in requests]
 
-    async def scenario(batcher: TileBatcher) -> list[list[np.ndarray]]:
+    async def scenario(batcher: TileBatcher) -> list[list[torch.Tensor]]:
         return list(await asyncio.gather(*(batcher.infer(model, tiles) for tiles in requests)))
 
     results, metrics = _run(scenario)
     for got, want in zip(results, expected, strict=True):
-        np.testing.assert_allclose(np.concatenate(got), want, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(torch.cat(got).numpy(), want, rtol=1e-4, atol=1e-5)
     batches, tiles = _batch_sizes(metrics)
     assert tiles == 8
     assert batches < 3, "tiles of concurrent requests should have shared forward passes"
@@ -85,12 +85,12 @@ def test_batches_never_exceed_the_maximum_size() -> None:
     model = _model()
     tiles = np.random.default_rng(2).integers(0, 256, (10, 32, 32, 3), dtype=np.uint8)
 
-    async def scenario(batcher: TileBatcher) -> list[np.ndarray]:
+    async def scenario(batcher: TileBatcher) -> list[torch.Tensor]:
         return await batcher.infer(model, tiles)
 
     result, metrics = _run(scenario, max_batch_size=4)
     assert [piece.shape for piece in result] == [(4, 1, 32, 32), (4, 1, 32, 32), (2, 1, 32, 32)]
-    np.testing.assert_allclose(np.concatenate(result), model.forward(tiles), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(torch.cat(result).numpy(), model.forward(tiles), rtol=1e-4, atol=1e-5)
     assert _batch_sizes(metrics) == (3, 10)  # 4 + 4 + 2
 
 
@@ -103,13 +103,13 @@ def test_a_request_split_over_batches_gets_its_maps_in_tile_order() -> None:
     expected = [model.forward(tiles) for tiles in requests]
     assert float(np.abs(expected[0] - expected[1]).max()) > 0, "the maps must tell the requests apart"
 
-    async def scenario(batcher: TileBatcher) -> list[list[np.ndarray]]:
+    async def scenario(batcher: TileBatcher) -> list[list[torch.Tensor]]:
         return list(await asyncio.gather(*(batcher.infer(model, tiles) for tiles in requests)))
 
     results, metrics = _run(scenario, max_batch_size=4)
     assert [[piece.shape[0] for piece in pieces] for pieces in results] == [[4, 1], [3, 2]]
     for got, want in zip(results, expected, strict=True):
-        np.testing.assert_allclose(np.concatenate(got), want, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(torch.cat(got).numpy(), want, rtol=1e-4, atol=1e-5)
     assert _batch_sizes(metrics) == (3, 10)
 
 
@@ -124,12 +124,12 @@ def test_larger_tiles_run_in_batches_held_to_the_pixel_budget() -> None:
     model = _model()
     tiles = np.random.default_rng(5).integers(0, 256, (5, 64, 64, 3), dtype=np.uint8)
 
-    async def scenario(batcher: TileBatcher) -> list[np.ndarray]:
+    async def scenario(batcher: TileBatcher) -> list[torch.Tensor]:
         return await batcher.infer(model, tiles)
 
     result, metrics = _run(scenario, max_batch_size=4, max_batch_pixels=2 * 64 * 64)
     assert [piece.shape[0] for piece in result] == [2, 2, 1]
-    np.testing.assert_allclose(np.concatenate(result), model.forward(tiles), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(torch.cat(result).numpy(), model.forward(tiles), rtol=1e-4, atol=1e-5)
     assert _batch_sizes(metrics) == (3, 5)
 
 
@@ -214,7 +214,7 @@ def test_the_next_batch_is_prepared_while_one_runs_and_no_further() -> None:
             await asyncio.sleep(0.01)
         raise AssertionError(f"expected {count} steps, saw {log}")
 
-    async def scenario(batcher: TileBatcher) -> list[list[np.ndarray]]:
+    async def scenario(batcher: TileBatcher) -> list[list[torch.Tensor]]:
         jobs = [asyncio.create_task(batcher.infer(model, tiles)) for tiles in requests]
         try:
             await until(3)  # batch 1 prepared and running; batch 2 prepared meanwhile
@@ -230,7 +230,7 @@ def test_the_next_batch_is_prepared_while_one_runs_and_no_further() -> None:
 
     results, metrics = _run(scenario)
     for got, want in zip(results, expected, strict=True):
-        np.testing.assert_array_equal(np.concatenate(got), want)
+        np.testing.assert_array_equal(torch.cat(got).numpy(), want)
     assert _batch_sizes(metrics) == (3, 24)
 
 
@@ -242,7 +242,7 @@ def test_a_failed_forward_fails_its_requests_and_the_next_batch_still_runs() -> 
     broken = _LoggedModel(**{**plain.__dict__, "module": torch.nn.Conv2d(1, 1, 1), "log": log})
     tiles = np.random.default_rng(4).integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)
 
-    async def scenario(batcher: TileBatcher) -> list[np.ndarray]:
+    async def scenario(batcher: TileBatcher) -> list[torch.Tensor]:
         gated.gate.release()
         failing = asyncio.create_task(batcher.infer(broken, tiles))
         working = asyncio.create_task(batcher.infer(model, tiles))
@@ -251,4 +251,4 @@ def test_a_failed_forward_fails_its_requests_and_the_next_batch_still_runs() -> 
         return await working
 
     result, _ = _run(scenario)
-    np.testing.assert_array_equal(np.concatenate(result), plain.forward(tiles))
+    np.testing.assert_array_equal(torch.cat(result).numpy(), plain.forward(tiles))

@@ -49,13 +49,15 @@ def test_local_bundle_is_versioned_by_its_weights_and_serves_tiles(counter_bundl
 
 
 def test_a_prepared_batch_is_its_parts_in_order_and_reports_the_models_cpu_time(counter_bundle) -> None:
+    """Its maps are a float32 tensor where the model runs (stitched there, not copied back per batch)."""
     model = load_served_model(counter_bundle, "counter", None, None, torch.device("cpu"), "here")
     tiles = np.random.default_rng(0).integers(0, 256, (64, 32, 32, 3), dtype=np.uint8)
     pending = model.prepare([tiles[:40], tiles[40:]])
     began = time.thread_time()
     out, model_cpu_s = pending.result()
     result_cpu_s = time.thread_time() - began
-    np.testing.assert_array_equal(out, model.forward(tiles))
+    assert isinstance(out, torch.Tensor) and out.device == model.device and out.dtype == torch.float32
+    np.testing.assert_array_equal(out.numpy(), model.forward(tiles))
     assert 0 < model_cpu_s <= result_cpu_s
 
 

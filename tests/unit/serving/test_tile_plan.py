@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fieldkube.serving.inference import TilingError, cut_tiles, grid_counts, plan_tiles
+from fieldkube.serving.inference import TilingError, cut_tiles, plan_tiles
 
 
 def test_plan_covers_the_image_with_in_bounds_boxes() -> None:
@@ -35,10 +35,3 @@ def test_small_image_is_padded_to_one_tile() -> None:
 def test_unusable_options_are_refused(tile: int, overlap: int, max_tiles: int, message: str) -> None:
     with pytest.raises(TilingError, match=message):
         plan_tiles(200, 200, tile, overlap, max_tiles)
-
-
-def test_grid_counts_sum_to_the_total() -> None:
-    density = np.random.default_rng(0).random((100, 130)).astype(np.float32)
-    cells = grid_counts(density, 64)
-    assert len(cells) == 2 * 3
-    assert sum(c.count for c in cells) == pytest.approx(float(density.sum()), rel=1e-6)

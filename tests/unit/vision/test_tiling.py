@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from fieldkube.vision.density import count_from_density, density_map_from_points
 from fieldkube.vision.tiling import (
@@ -109,8 +110,8 @@ def test_uncovered_pixels_are_an_error() -> None:
 def test_stitching_again_with_the_same_layout_reuses_it_without_carrying_anything_over(
     rng: np.random.Generator,
 ) -> None:
-    """The blend layout (windows, weight sum) is cached per boxes and size: a second image stitched on it
-    gets exactly what a fresh layout gives, and the cached sum cannot be written to."""
+    """The blend layout (windows, weight sum) is cached per boxes, size and device: a second image
+    stitched on it gets exactly what a fresh layout gives."""
     boxes = tile_boxes(300, 500, 128, overlap=40)
     first = rng.random((len(boxes), 1, 128, 128)).astype(np.float32)
     second = rng.random((len(boxes), 1, 128, 128)).astype(np.float32)
@@ -119,10 +120,10 @@ def test_stitching_again_with_the_same_layout_reuses_it_without_carrying_anythin
     stitch(first, boxes, 300, 500)
     again = stitch(second, boxes, 300, 500)
     assert np.array_equal(again, expected)
-    layout = _blend_layout(tuple(boxes), 300, 500, 128, "cosine")
-    assert layout is _blend_layout(tuple(boxes), 300, 500, 128, "cosine")
-    with pytest.raises(ValueError, match="read-only"):
-        layout.weight[0, 0] = 0.0
+    cpu = torch.device("cpu")
+    assert _blend_layout(tuple(boxes), 300, 500, 128, "cosine", cpu) is _blend_layout(
+        tuple(boxes), 300, 500, 128, "cosine", cpu
+    )
 
 
 def test_maps_in_several_batches_stitch_as_the_joined_maps(rng: np.random.Generator) -> None:
@@ -136,3 +137,23 @@ def test_maps_in_several_batches_stitch_as_the_joined_maps(rng: np.random.Genera
         stitch(pieces[:1] + pieces[2:], boxes, 300, 500)
     with pytest.raises(ValueError, match="of one shape"):
         stitch([maps[:5], maps[5:, :, :64, :64]], boxes, 300, 500)
+
+
+def test_tensors_stitch_to_a_tensor_where_they_are_the_same_map_as_arrays(rng: np.random.Generator) -> None:
+    """The service stitches maps where the model ran (a GPU's stay on the GPU): tensor pieces give a
+    tensor on their device, bit for bit the map their arrays give."""
+    boxes = tile_boxes(300, 500, 128, overlap=40)
+    maps = rng.random((len(boxes), 1, 128, 128)).astype(np.float32)
+    stitched = stitch([torch.from_numpy(maps[:5]), torch.from_numpy(maps[5:])], boxes, 300, 500)
+    assert isinstance(stitched, torch.Tensor) and stitched.device == torch.device("cpu")
+    assert stitched.dtype == torch.float32 and stitched.shape == (1, 300, 500)
+    assert np.array_equal(stitched.numpy(), stitch(maps, boxes, 300, 500))
+
+
+def test_read_only_maps_are_stitched_and_left_as_they_were(rng: np.random.Generator) -> None:
+    boxes = tile_boxes(300, 500, 128, overlap=40)
+    maps = rng.random((len(boxes), 1, 128, 128)).astype(np.float32)
+    frozen = maps.copy()
+    frozen.flags.writeable = False
+    assert np.array_equal(stitch(frozen, boxes, 300, 500), stitch(maps, boxes, 300, 500))
+    assert np.array_equal(frozen, maps)

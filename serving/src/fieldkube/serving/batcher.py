@@ -23,6 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 
 from fieldkube.serving.metrics import ServeMetrics
 from fieldkube.serving.served_model import PendingBatch, ServedModel
@@ -56,13 +57,13 @@ class InferenceTimeoutError(RuntimeError):
 class _Job:
     model: ServedModel
     tiles: np.ndarray  # (N, t, t, 3) uint8
-    future: asyncio.Future[list[np.ndarray]]
+    future: asyncio.Future[list[torch.Tensor]]
     enqueued_at: float = field(default_factory=time.perf_counter)
     next_tile: int = 0
     done_tiles: int = 0
     started: bool = False
     # (first tile, maps) per batch its tiles ran in: slices of the batches' maps, never copied
-    pieces: list[tuple[int, np.ndarray]] = field(default_factory=list)
+    pieces: list[tuple[int, torch.Tensor]] = field(default_factory=list)
 
     @property
     def key(self) -> tuple[int, tuple[int, ...]]:
@@ -154,11 +155,11 @@ class TileBatcher:
         rate = self._tiles_per_s or 10.0
         return max(1, min(60, math.ceil(tiles / rate)))
 
-    async def infer(self, model: ServedModel, tiles: np.ndarray) -> list[np.ndarray]:
-        """Maps for uint8 tiles (N, t, t, 3), computed in shared batches: (n_i, 1, t, t) arrays whose
-        tiles, in order, are the N tiles' maps. Each is a slice of the maps of the batch it ran in; they
-        are not joined, since joining would copy every map once more (21 MB for a 2048x2048 image) and
-        the stitcher reads them where they are."""
+    async def infer(self, model: ServedModel, tiles: np.ndarray) -> list[torch.Tensor]:
+        """Maps for uint8 tiles (N, t, t, 3), computed in shared batches: (n_i, 1, t, t) float32 tensors
+        on the model's device whose tiles, in order, are the N tiles' maps. Each is a slice of the maps of
+        the batch it ran in; they are not joined, since joining would copy every map once more (21 MB for
+        a 2048x2048 image) and the stitcher reads them where they are."""
         count = int(tiles.shape[0])
         if count == 0:
             return []

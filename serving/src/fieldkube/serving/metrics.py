@@ -47,7 +47,7 @@ class ServeMetrics:
         )
         self.inference_seconds = Histogram(
             "fieldkube_serve_batch_inference_seconds",
-            "time from a batch taken off the queue to its maps on the host (a forward pass, and the wait for "
+            "time from a batch taken off the queue to its maps being ready (a forward pass, and the wait for "
             "the batch before it when this one was prepared while that one ran)",
             ["task"],
             buckets=LATENCY_BUCKETS,

@@ -21,7 +21,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
 
 from fieldkube.serving.errors import ApiError
-from fieldkube.serving.inference import MAX_TILE, MIN_TILE, binary_mask, total_count
+from fieldkube.serving.inference import MAX_TILE, MIN_TILE, PixelMap
 from fieldkube.serving.metrics import ServeMetrics
 from fieldkube.serving.oip import (
     INPUT_NAME,
@@ -270,24 +270,27 @@ def _parse(body: bytes, header_length: str | None, max_pixels: int, model: Serve
 
 
 def _serialise(
-    parsed: _Parsed, model: ServedModel, results: list[np.ndarray], metrics: ServeMetrics
+    parsed: _Parsed, model: ServedModel, results: list[PixelMap], metrics: ServeMetrics
 ) -> tuple[bytes, int | None]:
-    """Outputs and the response body (seconds for full-size FP32 maps as JSON: run in a worker thread)."""
-    maps = np.stack(results)
+    """Outputs and the response body (seconds for full-size FP32 maps as JSON: run in a worker thread).
+    Only the outputs asked for are computed, each where the maps are (a mask on the device, not a
+    float32 map copied back first)."""
     tensors: dict[str, np.ndarray] = {}
+    masks: list[tuple[np.ndarray, int]] = []
+    if {"mask", "building_fraction"} & set(parsed.wanted):
+        masks = [m.mask(parsed.threshold) for m in results]
     for out in parsed.wanted:
         if out == "count":
-            counts = np.array([total_count(m) for m in maps], dtype=np.float32)
+            counts = np.array([m.total() for m in results], dtype=np.float32)
             for c in counts[np.isfinite(counts)]:
                 metrics.predicted_count.observe(max(float(c), 0.0))
             tensors[out] = counts
         elif out in {"density", "probability"}:
-            tensors[out] = maps.astype(np.float32)
+            tensors[out] = np.stack([m.host() for m in results])
         elif out == "mask":
-            tensors[out] = binary_mask(maps, parsed.threshold)
+            tensors[out] = np.stack([mask for mask, _ in masks])
         elif out == "building_fraction":
-            mask = binary_mask(maps, parsed.threshold)
-            fractions = mask.reshape(len(maps), -1).mean(axis=1).astype(np.float32)
+            fractions = np.array([pixels / mask.size for mask, pixels in masks], dtype=np.float32)
             for f in fractions:
                 metrics.mask_fraction.observe(float(f))
             tensors[out] = fractions

@@ -58,14 +58,15 @@ def pick_dtype(requested: Precision, device: torch.device) -> torch.dtype:
 
 
 class PendingBatch:
-    """A batch staged by `ServedModel.prepare`: `result()` gives its maps (N, 1, t, t) and the CPU seconds
-    the model took on the calling threads (launching kernels or running them; not preparing the batch),
-    so the service can tell its own CPU work from the model's. Call it once."""
+    """A batch staged by `ServedModel.prepare`: `result()` gives its maps (N, 1, t, t), a float32 tensor
+    where the model runs, and the CPU seconds the model took on the calling threads (launching kernels
+    or running them; not preparing the batch), so the service can tell its own CPU work from the
+    model's. Call it once."""
 
-    def __init__(self, finish: Callable[[], tuple[np.ndarray, float]]) -> None:
+    def __init__(self, finish: Callable[[], tuple[torch.Tensor, float]]) -> None:
         self._finish = finish
 
-    def result(self) -> tuple[np.ndarray, float]:
+    def result(self) -> tuple[torch.Tensor, float]:
         return self._finish()
 
 
@@ -98,8 +99,9 @@ class ServedModel:
     _stream: torch.cuda.Stream | None = field(default=None, repr=False)
 
     def forward(self, tiles: np.ndarray) -> np.ndarray:
-        """Run one batch; safe to call from worker threads (one forward at a time per model)."""
-        return self.prepare([tiles]).result()[0]
+        """Run one batch and bring its maps to the host; safe to call from worker threads (one forward at
+        a time per model)."""
+        return self.prepare([tiles]).result()[0].cpu().numpy()
 
     def prepare(self, parts: Sequence[np.ndarray | torch.Tensor]) -> PendingBatch:
         """Stage one batch, the concatenation of `parts`, where the model runs; `result()` runs it.
@@ -107,9 +109,10 @@ class ServedModel:
         Splitting a batch's life in two lets the batcher prepare the next batch while this one runs. On
         the CPU, preparing is concatenating and normalising the uint8 tiles, and `result()` is the forward
         pass. On a GPU, preparing copies each part to the device (asynchronously from pinned memory: the
-        parts stay referenced until the result is read), normalises there and queues the forward pass and
-        the copy of its maps back on the model's stream; `result()` only waits for them, so the device
-        runs batches back to back while the host prepares the next. uint8 (N, t, t, 3) parts are
+        parts stay referenced until the result is read), normalises there and queues the forward pass on
+        the model's stream; `result()` only waits for it, so the device runs batches back to back while
+        the host prepares the next. The maps stay on the device: the service stitches them there and
+        copies back only what it answers with. uint8 (N, t, t, 3) parts are
         normalised; float32 (N, 3, t, t) ones are taken as already normalised (the warm-up's zero tile).
         """
         tensors = [
@@ -120,17 +123,16 @@ class ServedModel:
         x = self._normalised(tensors[0] if len(tensors) == 1 else torch.cat(tensors))
         return PendingBatch(lambda: self._forward_here(x))
 
-    def _forward_here(self, x: torch.Tensor) -> tuple[np.ndarray, float]:
+    def _forward_here(self, x: torch.Tensor) -> tuple[torch.Tensor, float]:
         """Maps of a normalised batch on this thread, and the CPU seconds the model took."""
         with self._lock, torch.inference_mode():
             began = time.thread_time()
             y = self._maps(x)
             model_cpu_s = time.thread_time() - began
-        out: np.ndarray = y.numpy()
-        return out, model_cpu_s
+        return y, model_cpu_s
 
     def _queue_on_device(self, tensors: list[torch.Tensor]) -> PendingBatch:
-        """Queue copy in, normalisation, forward and copy out on the model's stream; nothing waits here."""
+        """Queue copy in, normalisation and forward on the model's stream; nothing waits here."""
         first = tensors[0]
         count = sum(int(t.shape[0]) for t in tensors)
         with self._lock, torch.inference_mode():
@@ -144,18 +146,18 @@ class ServedModel:
                 x = self._normalised(x)
                 began = time.thread_time()
                 y = self._maps(x)
-                host = torch.empty(y.shape, dtype=y.dtype, pin_memory=True)
-                host.copy_(y, non_blocking=True)
                 done = torch.cuda.Event()
                 done.record(stream)
                 launch_cpu_s = time.thread_time() - began
 
-        def wait() -> tuple[np.ndarray, float]:
+        def wait() -> tuple[torch.Tensor, float]:
             began = time.thread_time()
             done.synchronize()
             del tensors[:]  # the copies in have finished: the host memory they read may go
-            out: np.ndarray = host.numpy()
-            return out, launch_cpu_s + time.thread_time() - began
+            # The maps are read on the default stream (stitching, counts): their memory, allocated on the
+            # model's stream, must not be reused for that stream's next batch before those reads ran.
+            y.record_stream(torch.cuda.default_stream(self.device))
+            return y, launch_cpu_s + time.thread_time() - began
 
         return PendingBatch(wait)
 
@@ -195,7 +197,8 @@ class ServedModel:
         else:
             x = torch.from_numpy(self.golden.image[None].copy())
         try:
-            out, _ = self.prepare([x]).result()
+            maps, _ = self.prepare([x]).result()
+            out = maps.cpu().numpy()
         except torch.cuda.OutOfMemoryError:
             raise  # the device, not the model: worth retrying
         except Exception as error:

@@ -16,7 +16,7 @@ from fastapi import Request
 
 from fieldkube.serving.admission import PixelBudget
 from fieldkube.serving.batcher import BATCHES_IN_FLIGHT, TileBatcher
-from fieldkube.serving.inference import TilePlan, TilingError, plan_tiles, predict_map
+from fieldkube.serving.inference import PixelMap, TilePlan, TilingError, plan_tiles, predict_map
 from fieldkube.serving.metrics import ServeMetrics
 from fieldkube.serving.registry import ModelRegistry
 from fieldkube.serving.served_model import TASKS, ServedModel, Task
@@ -107,7 +107,7 @@ class Service:
 
     async def predict(
         self, task: Task, image: np.ndarray, tile: int | None, overlap: int | None
-    ) -> tuple[np.ndarray, TilePlan, ServedModel]:
+    ) -> tuple[PixelMap, TilePlan, ServedModel]:
         """Full-size map of `image` from `task`'s current model (held for the whole request)."""
         model = self.registry.get(task)
         result, plan = await self._predict_with(model, image, tile, overlap)
@@ -115,7 +115,7 @@ class Service:
 
     async def predict_batch(
         self, model: ServedModel, images: np.ndarray, tile: int | None, overlap: int | None
-    ) -> list[np.ndarray]:
+    ) -> list[PixelMap]:
         """Maps of a batch of images, all from `model` (so one version answers for the whole batch).
 
         The images' tiles are queued together and share forward passes; if one image fails (queue
@@ -140,7 +140,7 @@ class Service:
 
     async def _predict_with(
         self, model: ServedModel, image: np.ndarray, tile: int | None, overlap: int | None
-    ) -> tuple[np.ndarray, TilePlan]:
+    ) -> tuple[PixelMap, TilePlan]:
         size = tile or model.tile
         return await predict_map(
             self.batchers[model.task], model, image, size, self._overlap(size, overlap), self.max_tiles

@@ -11,9 +11,10 @@ from __future__ import annotations
 import functools
 import itertools
 from collections.abc import Sequence
-from typing import Literal, NamedTuple
+from typing import Literal, NamedTuple, overload
 
 import numpy as np
+import torch
 
 TileMode = Literal["shift", "pad", "drop"]
 Blend = Literal["cosine", "mean"]
@@ -126,42 +127,78 @@ def blend_window(tile: int, blend: Blend = "cosine") -> np.ndarray:
     raise ValueError(f"blend must be 'cosine' or 'mean', got {blend!r}")
 
 
+@overload
 def stitch(
     tiles: np.ndarray | Sequence[np.ndarray],
     boxes: Sequence[Box],
     height: int,
     width: int,
+    blend: Blend = ...,
+) -> np.ndarray: ...
+
+
+@overload
+def stitch(
+    tiles: torch.Tensor | Sequence[torch.Tensor],
+    boxes: Sequence[Box],
+    height: int,
+    width: int,
+    blend: Blend = ...,
+) -> torch.Tensor: ...
+
+
+def stitch(
+    tiles: np.ndarray | torch.Tensor | Sequence[np.ndarray] | Sequence[torch.Tensor],
+    boxes: Sequence[Box],
+    height: int,
+    width: int,
     blend: Blend = "cosine",
-) -> np.ndarray:
+) -> np.ndarray | torch.Tensor:
     """Blend tile maps (N, C, t, t) at `boxes` into one (C, H, W) float32 map.
 
-    `tiles` is one (N, C, t, t) array or a sequence of (n_i, C, t, t) arrays whose tiles, in order, are
-    the N tiles: a service gets a large image's maps back in several batches, and joining them first
-    would copy every map once more. Each output pixel is the weighted mean of the tiles covering it, with
-    weights normalised to sum to 1 at every pixel; parts of boxes outside the image are ignored. Every
-    pixel must be covered.
+    `tiles` is one (N, C, t, t) array or tensor, or a sequence of (n_i, C, t, t) ones whose tiles, in
+    order, are the N tiles: a service gets a large image's maps back in several batches, and joining them
+    first would copy every map once more. Each output pixel is the weighted mean of the tiles covering
+    it, with weights normalised to sum to 1 at every pixel; parts of boxes outside the image are ignored.
+    Every pixel must be covered.
+
+    numpy maps give a numpy map. Tensors give a tensor on their device, stitched there: a service keeps
+    a GPU's maps on the GPU and copies back only what it answers with (a count, a uint8 mask). One
+    implementation serves both: on a CPU, torch's fused multiply-add into the map is as fast as numpy's
+    two passes or faster (1.1-1.6x here).
     """
-    chunks = [tiles] if isinstance(tiles, np.ndarray) else list(tiles)
+    chunks: list[np.ndarray | torch.Tensor] = (
+        [tiles] if isinstance(tiles, np.ndarray | torch.Tensor) else list(tiles)
+    )
     if not chunks:
         raise ValueError("got no tile maps")
-    first = chunks[0]
-    for chunk in chunks:
+    as_numpy = isinstance(chunks[0], np.ndarray)
+    tensors = [_tensor(chunk) for chunk in chunks]
+    first = tensors[0]
+    for chunk in tensors:
         if chunk.ndim != 4 or chunk.shape[2] != chunk.shape[3] or chunk.shape[1:] != first.shape[1:]:
-            raise ValueError(f"tiles must be (N, C, t, t) of one shape, got shape {chunk.shape}")
-    count = sum(int(chunk.shape[0]) for chunk in chunks)
+            raise ValueError(f"tiles must be (N, C, t, t) of one shape, got shape {tuple(chunk.shape)}")
+    count = sum(int(chunk.shape[0]) for chunk in tensors)
     if len(boxes) != count:
         raise ValueError(f"got {count} tiles but {len(boxes)} boxes")
-    channels, size = first.shape[1], first.shape[2]
-    layout = _blend_layout(tuple(Box(*box) for box in boxes), height, width, size, blend)
+    channels, size = int(first.shape[1]), int(first.shape[2])
+    layout = _blend_layout(tuple(Box(*box) for box in boxes), height, width, size, blend, first.device)
     # float32 sums: a pixel adds at most four weighted tiles, so float64 bought nothing but 5x the time
-    total = np.zeros((channels, height, width), dtype=np.float32)
-    scratch = np.empty((channels, size, size), dtype=np.float32)
-    tile_maps = itertools.chain.from_iterable(chunks)
+    total = torch.zeros((channels, height, width), dtype=torch.float32, device=first.device)
+    tile_maps = itertools.chain.from_iterable(tensors)
     for tile_map, (out_box, in_box, window) in zip(tile_maps, layout.parts, strict=True):
         if window is not None:
-            total[out_box] += np.multiply(tile_map[in_box], window, out=scratch[in_box])
+            total[out_box].addcmul_(tile_map[in_box].float(), window)
     total /= layout.weight
-    return total
+    return total.numpy() if as_numpy else total
+
+
+def _tensor(maps: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """A tensor over the same memory (stitching only reads it; a read-only array is copied, since torch
+    has no read-only tensors)."""
+    if isinstance(maps, torch.Tensor):
+        return maps
+    return torch.from_numpy(maps if maps.flags.writeable else maps.copy())
 
 
 _Slices = tuple[slice, slice, slice]
@@ -169,20 +206,24 @@ _Slices = tuple[slice, slice, slice]
 
 class _BlendLayout(NamedTuple):
     """Per box: where it lands in the (C, H, W) map, which part of the tile that is, and that part of the
-    blend window (None for a box wholly outside); and the (H, W) sum of the windows (read-only)."""
+    blend window (None for a box wholly outside); and the (H, W) sum of the windows. Tensors on the
+    device the maps are stitched on; not to be written to."""
 
-    parts: tuple[tuple[_Slices, _Slices, np.ndarray | None], ...]
-    weight: np.ndarray
+    parts: tuple[tuple[_Slices, _Slices, torch.Tensor | None], ...]
+    weight: torch.Tensor
 
 
 @functools.lru_cache(maxsize=4)
-def _blend_layout(boxes: tuple[Box, ...], height: int, width: int, size: int, blend: Blend) -> _BlendLayout:
+def _blend_layout(
+    boxes: tuple[Box, ...], height: int, width: int, size: int, blend: Blend, device: torch.device
+) -> _BlendLayout:
     """Cached: a service stitches images of a few sizes over and over, and the weight sum (a pass over
     the map per tile, half the work for a one-channel map) depends on nothing else. Each layout held
-    costs 4 bytes per pixel of its map (104 MB for the largest image the service takes by default)."""
-    window = blend_window(size, blend).astype(np.float32)
-    weight = np.zeros((height, width), dtype=np.float32)
-    parts: list[tuple[_Slices, _Slices, np.ndarray | None]] = []
+    costs 4 bytes per pixel of its map (104 MB for the largest image the service takes by default), on
+    the device it serves."""
+    window = torch.from_numpy(blend_window(size, blend).astype(np.float32)).to(device)
+    weight = torch.zeros((height, width), dtype=torch.float32, device=device)
+    parts: list[tuple[_Slices, _Slices, torch.Tensor | None]] = []
     for y0, x0, y1, x1 in boxes:
         if y1 - y0 != size or x1 - x0 != size:
             raise ValueError(f"box {(y0, x0, y1, x1)} does not match the tile size {size}")
@@ -195,8 +236,7 @@ def _blend_layout(boxes: tuple[Box, ...], height: int, width: int, size: int, bl
         part = window[in_box[1:]]
         weight[out_box[1:]] += part
         parts.append((out_box, in_box, part))
-    if not np.all(weight > 0):
-        missing = int(np.count_nonzero(weight == 0))
+    if not bool(torch.all(weight > 0)):
+        missing = int(torch.count_nonzero(weight == 0))
         raise ValueError(f"the boxes leave {missing} pixels of the {height}x{width} image uncovered")
-    weight.flags.writeable = False
     return _BlendLayout(tuple(parts), weight)
