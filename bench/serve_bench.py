@@ -1,6 +1,7 @@
 """Load benchmark of fieldkube-serve: req/s and latency percentiles at concurrency 1, 4 and 16 on a
 1280x720 count and a 2048x2048 segment, with batching on and off, side by side with the bare model's
-batched forward pass over the same tiles (serving overhead as a ratio). Writes bench/results/serve.json.
+batched forward pass over the same tiles, measured just before each level (serving overhead as a
+ratio). Writes bench/results/serve.json.
 
 It also reports the service's own CPU time per megapixel outside the forward pass (upload, decode, tile
 cutting, stitching, encoding): the server process's CPU time over sequential requests minus the CPU time
@@ -102,46 +103,54 @@ def make_image(task: str) -> np.ndarray:
     return make_aerial_scene(rng, height, width).image
 
 
-def bare_forward(
-    bundle: Path,
-    image: np.ndarray,
-    tile: int,
-    overlap: int,
-    batch: int,
-    seconds: float,
-    device: torch.device,
-    dtype: torch.dtype,
-) -> tuple[float, float]:
-    """Images/s of the model alone (the same tiles, batched forward passes, no HTTP, decode or stitch),
-    and its CPU seconds per image (this process's CPU time: the same on a loaded machine). The tiles are
-    where the model is already, normalised, and model and tiles are channels_last, as the service runs
-    them on every device, in the service's precision; on CUDA the clock stops after the device has
-    finished."""
-    model = load_bundle(bundle, device=device).model
-    plan = plan_tiles(image.shape[0], image.shape[1], tile, overlap, max_tiles=100_000)
-    tiles = batch_to_tensor(cut_tiles(image, plan)).to(device)
-    model.to(memory_format=torch.channels_last)
+class BareForward:
+    """The model alone over one image's tiles (batched forward passes, no HTTP, decode or stitch), loaded
+    once and measured as often as asked: next to each served measurement, so that the served / bare ratio
+    compares two figures taken within seconds of each other. On a shared VM the forward's speed drifts by
+    10-20 % from one minute to the next (the server's own forward CPU for the same 16 images read
+    15.1-18.9 s over six runs), and one bare figure taken minutes before moved every ratio with it. The
+    tiles are where the model is already, normalised, and model and tiles are channels_last, as the
+    service runs them on every device, in the service's precision; on CUDA the clock stops after the
+    device has finished."""
 
-    def one_image() -> None:
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            for i in range(0, len(tiles), batch):
-                model(tiles[i : i + batch])
+    def __init__(
+        self,
+        bundle: Path,
+        image: np.ndarray,
+        tile: int,
+        overlap: int,
+        batch: int,
+        device: torch.device,
+        dtype: torch.dtype,
+    ) -> None:
+        self.model = load_bundle(bundle, device=device).model
+        plan = plan_tiles(image.shape[0], image.shape[1], tile, overlap, max_tiles=100_000)
+        self.tiles = batch_to_tensor(cut_tiles(image, plan)).to(device)
+        self.model.to(memory_format=torch.channels_last)
+        self.batch, self.device, self.dtype = batch, device, dtype
+        with torch.inference_mode():
+            for _ in range(2):  # warm-up (cuDNN picks its kernels)
+                self._one_image()
 
-    with torch.inference_mode():
-        for _ in range(2):  # warm-up (cuDNN picks its kernels)
-            one_image()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        images = 0
-        start, cpu_start = time.perf_counter(), time.process_time()
-        while True:
-            one_image()
-            images += 1
-            if time.perf_counter() - start >= seconds:
-                break
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-    return images / (time.perf_counter() - start), (time.process_time() - cpu_start) / images
+    def _one_image(self) -> None:
+        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
+            for i in range(0, len(self.tiles), self.batch):
+                self.model(self.tiles[i : i + self.batch])
+
+    def measure(self, seconds: float) -> tuple[float, float]:
+        """Images/s over at least `seconds` (two images at least), and CPU seconds per image (this
+        process's CPU time: the same on a loaded machine)."""
+        with torch.inference_mode():
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            images = 0
+            start, cpu_start = time.perf_counter(), time.process_time()
+            while images < 2 or time.perf_counter() - start < seconds:
+                self._one_image()
+                images += 1
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+        return images / (time.perf_counter() - start), (time.process_time() - cpu_start) / images
 
 
 def own_cpu_by_step(
@@ -409,16 +418,10 @@ def measure_task(
         "tiles_per_image": len(plan.boxes),
         "png_bytes": len(body),
     }
-    entry["bare_forward_rps"], forward_cpu_s = bare_forward(
-        bundle,
-        image,
-        spec["tile"],
-        spec["overlap"],
-        args.batch_size,
-        args.bare_seconds,
-        torch.device(args.device),
-        args.dtype,
+    bare = BareForward(
+        bundle, image, spec["tile"], spec["overlap"], args.batch_size, torch.device(args.device), args.dtype
     )
+    entry["bare_forward_rps"], forward_cpu_s = bare.measure(args.bare_seconds)
     entry["bare_forward_cpu_s_per_image"] = forward_cpu_s
     device = torch.device(args.device)
     entry["own_cpu_ms_by_step"] = own_cpu_by_step(task, spec, body, args.batch_size, device)
@@ -438,8 +441,10 @@ def measure_task(
         total = args.requests or max(2, concurrency) * (4 if args.gpu else 1)
         for mode, server in servers.items():
             print(f"[{task}] {mode} concurrency {concurrency}: {total} requests ...", flush=True)
+            bare_rps, _ = bare.measure(args.bare_seconds)  # just before: the same state of the machine
             level = load(server.url + spec["endpoint"], body, concurrency, total)
-            level["ratio_to_bare"] = level["rps"] / entry["bare_forward_rps"]
+            level["bare_forward_rps"] = bare_rps
+            level["ratio_to_bare"] = level["rps"] / bare_rps
             entry[mode][str(concurrency)] = level
     return entry
 
@@ -451,7 +456,10 @@ def main() -> int:
         "--requests", type=int, default=0, help="requests per concurrency level c (default: max(2, c))"
     )
     parser.add_argument(
-        "--bare-seconds", type=float, default=3.0, help="time spent measuring each bare forward"
+        "--bare-seconds",
+        type=float,
+        default=3.0,
+        help="time spent measuring each bare forward (one before each level)",
     )
     parser.add_argument(
         "--threads", type=int, default=os.cpu_count() or 1, help="torch threads (server and bare)"
@@ -540,13 +548,13 @@ def main() -> int:
             best = max(CONCURRENCY, key=lambda c: entry["batching_on"][str(c)]["rps"])
             best_on = entry["batching_on"][str(best)]["rps"]
             entry["best_concurrency"] = best
-            entry["overhead_ratio"] = best_on / entry["bare_forward_rps"]
+            entry["overhead_ratio"] = entry["batching_on"][str(best)]["ratio_to_bare"]
             if "batching_off" in entry:
                 best_off = max(level["rps"] for level in entry["batching_off"].values())
                 entry["batching_gain"] = best_on / best_off
             if "baseline" in entry:
-                old = max(level["rps"] for level in entry["baseline"].values())
-                entry["baseline_overhead_ratio"] = old / entry["bare_forward_rps"]
+                old = max(entry["baseline"].values(), key=lambda level: level["rps"])
+                entry["baseline_overhead_ratio"] = old["ratio_to_bare"]
                 used = entry["service_cpu"]
                 this_code = used["batching_on"]["outside_forward_cpu_s_per_mp"]
                 by_thread = used["baseline"]["outside_forward_cpu_s_per_mp_by_thread"]
@@ -572,9 +580,11 @@ def main() -> int:
         },
         "definitions": {
             "rps": "completed requests per second (closed loop, PNG upload to JSON answer)",
-            "ratio_to_bare": "rps at this concurrency / bare_forward_rps",
-            "bare_forward_rps": "images per second of the model's batched forward over the same tiles alone",
-            "overhead_ratio": "served rps with batching at the best concurrency / bare_forward_rps",
+            "ratio_to_bare": "rps at this concurrency / the bare forward's images per second measured just "
+            "before it (the level's own bare_forward_rps)",
+            "bare_forward_rps": "images per second of the model's batched forward over the same tiles alone "
+            "(per task: at the start; per level: just before that level's requests)",
+            "overhead_ratio": "ratio_to_bare of the served rps with batching at the best concurrency",
             "batching_gain": "best rps with batching on / best rps with batching off (max batch size 1)",
             "outside_forward_cpu_s_per_mp": "server CPU s per megapixel served, minus the CPU of its forward "
             "passes as the server measured it (fieldkube_serve_forward_cpu_seconds_total)",

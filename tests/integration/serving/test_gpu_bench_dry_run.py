@@ -19,7 +19,8 @@ def test_the_gpu_serving_benchmark_runs_end_to_end_on_a_cpu(
         assert row["bare_forward_rps"] > 0
         assert set(row["batching_on"]) == {"1", "4", "16"}
         for level in row["batching_on"].values():
-            assert level["rps"] > 0 and level["ratio_to_bare"] > 0
+            assert level["rps"] > 0 and level["bare_forward_rps"] > 0  # its own, measured just before it
+            assert level["ratio_to_bare"] == level["rps"] / level["bare_forward_rps"]
             assert 0 < level["p50_s"] <= level["p95_s"] <= level["p99_s"]
         assert "batching_off" not in row and "baseline" not in row  # GPU minutes go to batching on only
         assert row["prepare_queues_without_waiting"] is None  # checked on CUDA only, run here unchecked
