@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -197,19 +196,11 @@ def _chunks(png: bytes) -> list[tuple[bytes, bytes]]:
     return chunks
 
 
-def _png(chunks: list[tuple[bytes, bytes]]) -> bytes:
-    body = b"".join(
-        len(data).to_bytes(4, "big") + kind + data + zlib.crc32(kind + data).to_bytes(4, "big")
-        for kind, data in chunks
-    )
-    return b"\x89PNG\r\n\x1a\n" + body
-
-
 def _no_pillow(*args: object, **kwargs: object) -> None:
     raise AssertionError("Pillow was asked to decode")
 
 
-def test_an_exif_chunk_after_the_pixels_is_found_and_applied(picture: np.ndarray) -> None:
+def test_an_exif_chunk_after_the_pixels_is_found_and_applied(picture: np.ndarray, png_from_chunks) -> None:
     exif = Image.Exif()
     exif[0x0112] = 6
     buffer = io.BytesIO()
@@ -217,18 +208,18 @@ def test_an_exif_chunk_after_the_pixels_is_found_and_applied(picture: np.ndarray
     chunks = _chunks(buffer.getvalue())
     exif_chunk = next(c for c in chunks if c[0] == b"eXIf")
     rest = [c for c in chunks if c[0] != b"eXIf"]
-    late = _png([*rest[:-1], exif_chunk, rest[-1]])  # eXIf between the last IDAT and IEND
+    late = png_from_chunks([*rest[:-1], exif_chunk, rest[-1]])  # eXIf between the last IDAT and IEND
     assert [kind for kind, _ in _chunks(late)][-2:] == [b"eXIf", b"IEND"]
     np.testing.assert_array_equal(read_image(late, exif_orientation=True), np.rot90(picture, k=-1))
 
 
 def test_exif_named_in_a_text_chunk_keeps_the_fast_decoder(
-    picture: np.ndarray, monkeypatch: pytest.MonkeyPatch
+    picture: np.ndarray, monkeypatch: pytest.MonkeyPatch, png_from_chunks
 ) -> None:
     """Only an eXIf chunk sends a PNG to Pillow, not the four bytes elsewhere in the file."""
     chunks = _chunks(encode_png(picture))
     text = (b"tEXt", b"Comment\x00no eXIf here")
-    data = _png([chunks[0], text, *chunks[1:]])
+    data = png_from_chunks([chunks[0], text, *chunks[1:]])
     assert b"eXIf" in data
     monkeypatch.setattr(Image, "open", _no_pillow)
     np.testing.assert_array_equal(read_image(data, exif_orientation=True), picture)
