@@ -37,6 +37,7 @@ from fieldkube.trainer.dataset_format import write_json_atomic
 from fieldkube.trainer.early_stopping import EarlyStopping
 from fieldkube.trainer.errors import ConfigError, DataError
 from fieldkube.trainer.freezing import frozen_factor, split_frozen
+from fieldkube.trainer.heap import keep_freed_memory
 from fieldkube.trainer.init_source import (
     InitSource,
     adopt_architecture,
@@ -327,6 +328,7 @@ def _unwrap(model: nn.Module) -> nn.Module:
 def run_training(config: TrainingConfig) -> TrainingResult:
     """Train on this rank until done, early-stopped or interrupted; rank 0 also evaluates and registers."""
     env = detect_launch_env()
+    keep_freed_memory()
     if config.runtime.threads:
         torch.set_num_threads(config.runtime.threads)
     wanted = config.runtime.device
