@@ -213,8 +213,8 @@ def queues_without_waiting(
     task: str, bundle: Path, image: np.ndarray, spec: dict[str, Any], args: Any
 ) -> str | None:
     """On CUDA: whether the service's model queues two batches (copy in, normalisation, forward) without
-    the host waiting for the device, checked by torch's sync debug mode, which raises on
-    any call that synchronises: "ok", or what synchronised. In the GPU mode's dry run on a CPU the same
+    the host waiting for the device, checked by torch's sync debug mode, which raises on any call that
+    synchronises: "ok", or what synchronised. In the GPU mode's dry run on a CPU the same
     batches run unchecked and the answer is None; the CPU mode skips it (None)."""
     if not args.gpu:
         return None

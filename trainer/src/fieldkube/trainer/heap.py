@@ -8,8 +8,9 @@ loop with the same model, batch and layout, and with freed memory kept at 0.96-1
 `make bench-train`). Keeping it costs nothing a step does not use anyway: the heap stays at the size of
 the largest step, which it reaches on the first one.
 
-Set once, before the first tensor, with `mallopt` (the same settings as glibc's `MALLOC_MMAP_THRESHOLD_`,
-`MALLOC_TRIM_THRESHOLD_` and `MALLOC_TOP_PAD_`); loader worker processes forked after it inherit it.
+Set at the start of each run, before its model and loader allocate, with `mallopt` (the same settings
+as glibc's `MALLOC_MMAP_THRESHOLD_`, `MALLOC_TRIM_THRESHOLD_` and `MALLOC_TOP_PAD_`); loader worker
+processes forked after it inherit it.
 Other C libraries (musl, macOS) keep their own policy.
 """
 
